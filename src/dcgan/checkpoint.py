@@ -1,0 +1,130 @@
+"""Checkpoints: the whole training state in one file, written atomically, loaded safely.
+
+A checkpoint is a dict of tensors, numbers and strings only (so `torch.load(weights_only=True)`
+reads it without running code): model and optimizer state dicts, step, epoch, data position,
+every RNG state, and the resolved config as YAML text, which is all `gan-sample` needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from dcgan.config import UserError
+
+FORMAT_VERSION = 1
+LAST = "last.pt"
+STEP_PATTERN = re.compile(r"^step_(\d{6,})\.pt$")
+log = logging.getLogger(__name__)
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}.pt"
+
+
+def save(state: Dict[str, Any], directory: Path, step: int, keep_last: int) -> Path:
+    """Write `step_NNNNNN.pt` and replace `last.pt` with it; a kill at any moment leaves the old files whole.
+
+    The bytes go to a temporary file that is fsynced, hard-linked as the step file, and renamed over
+    last.pt; renames within a folder are atomic, so readers see either the old or the new file.
+    Old step files beyond `keep_last` are removed only after the new ones are safely on disk.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {**state, "format_version": FORMAT_VERSION}
+    temporary = directory / f".{step_name(step)}.tmp"
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        step_path = directory / step_name(step)
+        step_path.unlink(missing_ok=True)
+        try:
+            os.link(temporary, step_path)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(temporary, step_path)
+        os.replace(temporary, directory / LAST)
+        _fsync_directory(directory)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise UserError(
+            f"could not write a checkpoint to {directory} ({error.strerror or error}); free some disk space or "
+            "point hydra.run.dir at a writable folder (earlier checkpoints are untouched)"
+        ) from None
+    _prune(directory, keep_last)
+    return step_path
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in step_checkpoints(directory)[:-keep_last]:
+        old.unlink(missing_ok=True)
+
+
+def step_checkpoints(directory: Path) -> list:
+    """Step checkpoints in a folder, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+    """Read a checkpoint written by `save`, or raise UserError saying what is wrong with the file."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest(path) or latest(path / "checkpoints")
+        if found is None:
+            raise UserError(f"{path} is a folder with no checkpoints in it; pass a .pt file")
+        path = found
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path (checkpoints are in RUN_DIR/checkpoints/)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, wrong format, pickled code: all mean "not our checkpoint"
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(
+            f"checkpoint {path} is unreadable ({reason}); it may be truncated or not a checkpoint of this tool: "
+            "use another one, e.g. an earlier step_NNNNNN.pt beside it"
+        ) from None
+    required = ("generator", "discriminator", "config_yaml", "step")
+    if not isinstance(state, dict) or any(key not in state for key in required):
+        raise UserError(f"{path} is a PyTorch file but not a checkpoint of this tool (it lacks {', '.join(required)})")
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer version of this tool; upgrade the package to read it")
+    return state
+
+
+def latest(directory: Path) -> Optional[Path]:
+    """The newest loadable checkpoint in `directory`: last.pt, else the newest step file."""
+    candidates = [directory / LAST] + list(reversed(step_checkpoints(directory)))
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            load(candidate)
+        except UserError as error:
+            log.warning("skipping %s: %s", candidate, error)
+            continue
+        return candidate
+    return None

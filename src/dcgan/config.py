@@ -1,0 +1,281 @@
+"""Typed configuration: the dataclass schemas behind every Hydra config group, and their checks.
+
+The YAML files in `configs/` fill these schemas, so a misspelt key or a wrong type fails when the
+config is composed; `validate()` then holds the checks that a type cannot express (a batch size of 0,
+an image size the architecture cannot make). Every user-facing problem is raised as `UserError`,
+which the command-line entry points turn into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, checkpoint): reported without a traceback."""
+
+
+def config_dir() -> Path:
+    """The `configs/` tree: inside the installed package, or at the top of a source checkout.
+
+    Hydra resolves a relative `config_path` through the Python package when it runs as a console
+    script, which misses a top-level folder (hydra issue #2125), so we hand it an absolute path.
+    """
+    packaged = Path(__file__).resolve().parent / "configs"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    if checkout.is_dir():
+        return checkout
+    raise UserError(f"the configs/ folder is missing (looked in {packaged} and {checkout}); reinstall the package")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "mnist_tiny"  # mnist | fashion_mnist | celeba | folder | mnist_tiny
+    root: str = "data"  # where the data set lives (or is downloaded to)
+    image_size: int = 28  # square side in pixels, after crop and resize
+    channels: int = 1  # 1 (grayscale) or 3 (RGB); images are converted to this
+    split: str = "train"  # train | test (mnist, fashion_mnist); celeba: train | valid | test | all
+    download: bool = True  # try torchvision's downloader when the files are missing
+    crop: int = 0  # side of the centered square cropped before resizing; 0 = the largest square
+    max_images: int = 0  # use only the first N images (0 = all)
+    on_bad_file: str = "skip"  # folder/celeba: skip unreadable images with a warning, or error
+    cache_dir: Optional[str] = None  # decoded-image cache; None = beside the data (or ~/.cache)
+    num_workers: int = 0  # processes for the one-time JPEG decode; 0 = one per core
+
+
+@dataclass
+class GeneratorConfig:
+    arch: str = "dcgan"  # a name in models.GENERATORS
+    z_dim: int = 100  # length of the latent vector
+    z_distribution: str = "normal"  # normal (N(0,1)) | uniform (U(-1,1))
+    width: float = 1.0  # multiplies every hidden layer's channel count (1.0 = the published model)
+    dropout: float = 0.0  # used by architectures that have dropout layers
+    init: str = "dcgan"  # dcgan: N(0, 0.02) weights, BN N(1, 0.02) | default: PyTorch's own
+
+
+@dataclass
+class DiscriminatorConfig:
+    arch: str = "dcgan"  # a name in models.DISCRIMINATORS
+    width: float = 1.0
+    dropout: float = 0.0
+    norm: str = "batch"  # batch | none: normalization of the hidden conv layers
+    init: str = "dcgan"
+
+
+@dataclass
+class LossConfig:
+    name: str = "ns"  # ns (non-saturating BCE) | hinge | lsgan | wgan_gp
+    real_label: float = 1.0  # target for real images; 0.9 is one-sided label smoothing (ns, lsgan)
+    gp_weight: float = 10.0  # gradient-penalty weight (wgan_gp)
+
+
+@dataclass
+class OptimizerSettings:
+    name: str = "Adam"  # any class in torch.optim
+    lr: float = 2e-4
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])  # for optimizers that take betas
+    weight_decay: float = 0.0
+    extra: Dict[str, Any] = field(default_factory=dict)  # further keyword arguments, e.g. {momentum: 0.9}
+
+
+@dataclass
+class OptimizerConfig:
+    generator: OptimizerSettings = field(default_factory=OptimizerSettings)
+    discriminator: OptimizerSettings = field(default_factory=OptimizerSettings)
+
+
+@dataclass
+class TrainerConfig:
+    batch_size: int = 128  # real images per D update (and fakes per G update)
+    max_steps: int = 0  # generator updates to run; 0 = run `epochs` epochs
+    epochs: int = 5  # passes over the data set (counted in D's real batches), when max_steps = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    d_steps: int = 1  # discriminator updates per generator update
+    sample_every: int = 500  # steps between fixed-noise grids in samples/
+    ckpt_every: int = 1000  # steps between step_NNNNNN.pt checkpoints (last.pt is written with them)
+    log_every: int = 50  # steps between metrics.jsonl rows (the only GPU syncs of the loop)
+    resume: Optional[str] = None  # a checkpoint path, or "auto" for checkpoints/last.pt of the run dir
+    amp: bool = False  # bf16 autocast (CUDA; also allowed on CPU)
+    ema: float = 0.999  # decay of the generator's moving average; 0 turns it off
+    keep_last: int = 3  # step checkpoints kept (0 = keep all); last.pt is always kept
+    grid_size: int = 64  # images in each progress grid
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = "???"  # the checkpoint to sample from
+    mode: str = "grid"  # grid | seeds | interpolate
+    n: int = 64  # images in the grid
+    nrow: int = 8  # images per grid row
+    seed: int = 0  # first seed: image i of the grid comes from seed + i
+    seeds: str = ""  # mode=seeds: e.g. "0-15" or "3,7,42"; mode=interpolate: the key seeds to pass through
+    frames: int = 16  # mode=interpolate: frames between two key seeds
+    fps: int = 12  # mode=interpolate: GIF frame rate
+    out: str = "grid.png"  # file (grid, interpolate) or folder (seeds)
+    device: str = "auto"
+    ema: bool = True  # use the EMA generator when the checkpoint has one
+
+
+def _register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="sample_schema", node=SampleConfig)
+
+
+_register()
+
+DATASETS = ("mnist", "fashion_mnist", "celeba", "folder", "mnist_tiny")
+LOSSES = ("ns", "hinge", "lsgan", "wgan_gp")
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+
+
+def compose(config_name: str, overrides: List[str]) -> DictConfig:
+    """Compose `configs/<config_name>.yaml` with command-line style overrides, as Hydra would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    # Keep only config overrides; Hydra's own settings (hydra.run.dir=...) don't change the config.
+    config_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.") and not o.startswith("-")]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=config_overrides)
+    except UserError:
+        raise
+    except Exception as error:  # Hydra and OmegaConf report bad overrides with their own exception types
+        raise UserError(describe_config_error(error)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def describe_config_error(error: Exception) -> str:
+    """One readable sentence from a Hydra/OmegaConf composition error, with what to do about it."""
+    messages = []
+    while error is not None:
+        text = " ".join(str(error).split())
+        messages.append(text.split(" Config search path")[0].split(" full_key:")[0])
+        error = error.__cause__ or error.__context__
+    # Outer first; OmegaConf repeats itself with "$VALUE" templates further down the chain.
+    message = ": ".join(list(dict.fromkeys(m for m in messages if m and "$VALUE" not in m))[:2])
+    if "Could not override" in message or "not in" in message:
+        key = message.split("'")[1] if "'" in message else "?"
+        return f"unknown config key {key}: check its spelling; the valid keys are in configs/ and src/dcgan/config.py"
+    if "Could not find" in message:
+        return f"{message.replace('In ' + repr('train') + ': ', '')}; pick one of those"
+    return f"bad configuration: {message}"
+
+
+def validate_train(cfg: TrainConfig | DictConfig) -> None:
+    """Checks that span fields or need more than a type; raises UserError naming key and fix."""
+    d, t = cfg.dataset, cfg.trainer
+    _one_of("dataset.name", d.name, DATASETS)
+    _one_of("dataset.channels", d.channels, (1, 3))
+    _at_least("dataset.image_size", d.image_size, 8)
+    _at_least("dataset.max_images", d.max_images, 0)
+    _at_least("dataset.crop", d.crop, 0)
+    _one_of("dataset.on_bad_file", d.on_bad_file, ("skip", "error"))
+    _one_of("dataset.split", d.split, ("train", "test", "valid", "all"))
+    _at_least("generator.z_dim", cfg.generator.z_dim, 1)
+    _one_of("generator.z_distribution", cfg.generator.z_distribution, ("normal", "uniform"))
+    for part in ("generator", "discriminator"):
+        section = cfg[part]
+        if not section.width > 0:
+            raise UserError(f"{part}.width must be > 0, got {section.width}")
+        if not 0.0 <= section.dropout < 1.0:
+            raise UserError(f"{part}.dropout must be in [0, 1), got {section.dropout}")
+        _one_of(f"{part}.init", section.init, ("dcgan", "default"))
+    _one_of("discriminator.norm", cfg.discriminator.norm, ("batch", "none"))
+    _one_of("loss.name", cfg.loss.name, LOSSES)
+    if not 0.0 < cfg.loss.real_label <= 1.0:
+        raise UserError(f"loss.real_label must be in (0, 1], got {cfg.loss.real_label}")
+    if cfg.loss.gp_weight < 0:
+        raise UserError(f"loss.gp_weight must be >= 0, got {cfg.loss.gp_weight}")
+    for part in ("generator", "discriminator"):
+        settings = cfg.optimizer[part]
+        if not settings.lr > 0:
+            raise UserError(f"optimizer.{part}.lr must be > 0, got {settings.lr}")
+        if len(settings.betas) != 2 or not all(0.0 <= b < 1.0 for b in settings.betas):
+            raise UserError(f"optimizer.{part}.betas must be two numbers in [0, 1), got {list(settings.betas)}")
+        if settings.weight_decay < 0:
+            raise UserError(f"optimizer.{part}.weight_decay must be >= 0, got {settings.weight_decay}")
+    _at_least("trainer.batch_size", t.batch_size, 1)
+    _at_least("trainer.max_steps", t.max_steps, 0)
+    _at_least("trainer.epochs", t.epochs, 0)
+    if t.max_steps == 0 and t.epochs == 0:
+        raise UserError("nothing to train: set trainer.max_steps or trainer.epochs above 0")
+    _at_least("trainer.d_steps", t.d_steps, 1)
+    for key in ("sample_every", "ckpt_every", "log_every", "grid_size"):
+        _at_least(f"trainer.{key}", t[key], 1)
+    _at_least("trainer.keep_last", t.keep_last, 0)
+    if not 0.0 <= t.ema < 1.0:
+        raise UserError(f"trainer.ema must be in [0, 1) (0 turns it off), got {t.ema}")
+    validate_device("trainer.device", t.device)
+    # Building the networks on the meta device costs no memory and proves the architecture can
+    # make images of this size and channel count.
+    from dcgan import models
+
+    models.check_shapes(cfg)
+
+
+def validate_device(key: str, device: str) -> None:
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return
+    raise UserError(f"{key} must be {DEVICES_HELP}, got {device!r}")
+
+
+def resolve_device(name: str) -> "torch.device":
+    import torch
+
+    validate_device("device", name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name} was asked for but CUDA is not available here; use cpu (or auto)")
+    return torch.device(name)
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        options = ", ".join(str(a) for a in allowed)
+        raise UserError(f"{key} must be one of {options}; got {value!r}")
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UserError(f"{key} must be >= {minimum}, got {value}")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def train_config_from_yaml(text: str) -> DictConfig:
+    """The training config stored in a checkpoint, checked against today's schema."""
+    schema = OmegaConf.structured(TrainConfig)
+    return OmegaConf.merge(schema, OmegaConf.create(text))
+
+
+def exit_with(error: UserError, program: str) -> None:
+    print(f"{program}: error: {error}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,127 @@
+"""GAN losses as small objects: `discriminator(D, real, fake)` and `generator(D, fake)`.
+
+D always returns logits (never a Sigmoid followed by BCELoss: autocast rejects that pair, and
+softplus on logits is the numerically stable form). A loss owns its calls to D so that penalties
+which need D itself (WGAN-GP) fit the same interface, and the training loop never knows which
+loss it runs. Each `discriminator` call also returns detached statistics for logging; reading them
+is left to the logger, so nothing here syncs the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcgan.config import LossConfig
+
+Stats = Dict[str, torch.Tensor]
+
+
+class GANLoss:
+    # Logit threshold between "real" and "fake" for D's accuracy.
+    decision_threshold = 0.0
+
+    def __init__(self, cfg: LossConfig):
+        self.real_label = cfg.real_label
+        self.gp_weight = cfg.gp_weight
+
+    def d_terms(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generator(self, D: nn.Module, fake: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """What D(x) means in the logs: a probability for ns, the raw score otherwise."""
+        return logits
+
+    def discriminator(self, D: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
+        # Separate calls for real and fake keep BatchNorm statistics per batch, as in the DCGAN paper.
+        real_logits, fake_logits = D(real).float(), D(fake).float()
+        loss = self.d_terms(real_logits, fake_logits)
+        with torch.no_grad():
+            accuracy = 0.5 * (
+                (real_logits > self.decision_threshold).float().mean()
+                + (fake_logits < self.decision_threshold).float().mean()
+            )
+            stats = {
+                "d_real": self.score(real_logits).mean(),
+                "d_fake": self.score(fake_logits).mean(),
+                "d_accuracy": accuracy,
+            }
+        return loss, stats
+
+
+class NonSaturating(GANLoss):
+    """Goodfellow et al.'s non-saturating loss: binary cross-entropy on logits."""
+
+    def d_terms(self, real_logits, fake_logits):
+        # -real_label*log(sigmoid(r)) - (1-real_label)*log(1-sigmoid(r)) - log(1 - sigmoid(f));
+        # real_label < 1 is one-sided label smoothing (Salimans et al. 2016).
+        real = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, self.real_label))
+        fake = F.softplus(fake_logits).mean()  # -log(1 - sigmoid(f))
+        return real + fake
+
+    def generator(self, D, fake):
+        return F.softplus(-D(fake).float()).mean()  # -log(sigmoid(D(G(z))))
+
+    def score(self, logits):
+        return torch.sigmoid(logits)
+
+
+class Hinge(GANLoss):
+    """Hinge loss (Lim & Ye 2017; SAGAN, BigGAN)."""
+
+    def d_terms(self, real_logits, fake_logits):
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+    def generator(self, D, fake):
+        return -D(fake).float().mean()
+
+
+class LeastSquares(GANLoss):
+    """LSGAN (Mao et al. 2017) with targets a=0 (fake), b=real_label (real), c=1 (G's target)."""
+
+    decision_threshold = 0.5
+
+    def d_terms(self, real_logits, fake_logits):
+        return 0.5 * ((real_logits - self.real_label) ** 2).mean() + 0.5 * (fake_logits**2).mean()
+
+    def generator(self, D, fake):
+        return 0.5 * ((D(fake).float() - 1) ** 2).mean()
+
+
+class WassersteinGP(GANLoss):
+    """WGAN-GP (Gulrajani et al. 2017): critic E[D(fake)] - E[D(real)] + gp_weight * E[(|grad D(x_hat)| - 1)^2]."""
+
+    def d_terms(self, real_logits, fake_logits):
+        return fake_logits.mean() - real_logits.mean()
+
+    def discriminator(self, D, real, fake):
+        loss, stats = super().discriminator(D, real, fake)
+        # The penalty runs outside autocast: its second-order gradient is poorly conditioned in bf16.
+        with torch.autocast(device_type=real.device.type, enabled=False):
+            alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+            mixed = (alpha * real.float() + (1 - alpha) * fake.float()).requires_grad_(True)
+            (grad,) = torch.autograd.grad(D(mixed).sum(), mixed, create_graph=True)
+            penalty = ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+        stats["gradient_penalty"] = penalty.detach()
+        return loss + self.gp_weight * penalty, stats
+
+    def generator(self, D, fake):
+        return -D(fake).float().mean()
+
+
+LOSSES: Dict[str, Callable[[LossConfig], GANLoss]] = {
+    "ns": NonSaturating,
+    "hinge": Hinge,
+    "lsgan": LeastSquares,
+    "wgan_gp": WassersteinGP,
+}
+
+
+def build_loss(cfg: LossConfig) -> GANLoss:
+    return LOSSES[cfg.name](cfg)

@@ -1,0 +1,364 @@
+"""Generators and discriminators, registered by name; every discriminator returns logits.
+
+Each builder takes the image geometry and its config section and returns an `nn.Module`. The
+published systems fix one image size; the builders here keep each system's layer recipe and adapt
+the number of upsampling (downsampling) stages to `dataset.image_size`, so every architecture makes
+28, 32, 64 and 128 pixel images. `width` scales every hidden layer's channel count (1.0 = as published).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+
+from dcgan.config import DiscriminatorConfig, GeneratorConfig, UserError
+
+GeneratorBuilder = Callable[[int, int, GeneratorConfig], nn.Module]
+DiscriminatorBuilder = Callable[[int, int, DiscriminatorConfig], nn.Module]
+GENERATORS: Dict[str, GeneratorBuilder] = {}
+DISCRIMINATORS: Dict[str, DiscriminatorBuilder] = {}
+
+
+def generator(name: str):
+    def register(builder: GeneratorBuilder) -> GeneratorBuilder:
+        GENERATORS[name] = builder
+        return builder
+
+    return register
+
+
+def discriminator(name: str):
+    def register(builder: DiscriminatorBuilder) -> DiscriminatorBuilder:
+        DISCRIMINATORS[name] = builder
+        return builder
+
+    return register
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def spatial_plan(image_size: int) -> Tuple[int, int]:
+    """(start side, number of x2 stages) with start * 2**stages == image_size and start in 4..7.
+
+    28 -> (7, 2), 32 -> (4, 3), 64 -> (4, 4), 128 -> (4, 5), 96 -> (6, 4).
+    """
+    start, stages = image_size, 0
+    while start % 2 == 0 and start // 2 >= 4:
+        start, stages = start // 2, stages + 1
+    if start > 7 or stages < 2:
+        raise UserError(
+            f"dataset.image_size={image_size} can't be made by x2 upsampling from a 4..7 pixel start; "
+            "use a size such as 28, 32, 48, 64, 96 or 128"
+        )
+    return start, stages
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+def activation(name: str) -> nn.Module:
+    return {"relu": nn.ReLU(True), "leaky_relu": nn.LeakyReLU(0.2, True), "selu": nn.SELU(True)}[name]
+
+
+class Reshape(nn.Module):
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+
+class Upsample(nn.Sequential):
+    """Keras' UpSampling2D (nearest, x2) followed by a 'same'-padded convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5):
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+        )
+
+
+def deconv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = False) -> nn.ConvTranspose2d:
+    """A x2 transposed conv ('same' in Keras terms) for kernel 4 or 5."""
+    if kernel_size == 4:
+        return nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=bias)
+    # Kernel 5: padding 2 and output_padding 1 give exactly 2x, as TF's padding="same".
+    return nn.ConvTranspose2d(in_channels, out_channels, 5, 2, 2, output_padding=1, bias=bias)
+
+
+def dense_to_start(z_dim: int, channels: int, start: int, bias: bool = False) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(z_dim, channels * start * start, bias=bias), Reshape(channels, start, start))
+
+
+def downsample_layers(
+    in_channels: int, widths: list, kernel_size: int, norm: str, dropout: float, strides: list | None = None
+) -> nn.Sequential:
+    """Strided convs with LeakyReLU 0.2; BN on every layer but the first, as in the DCGAN paper."""
+    layers: list = []
+    strides = strides or [2] * len(widths)
+    for i, (out_channels, stride) in enumerate(zip(widths, strides)):
+        use_norm = norm == "batch" and i > 0
+        layers.append(nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=not use_norm))
+        if use_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(nn.LeakyReLU(0.2, True))
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+def conv_output_side(image_size: int, kernel_size: int, strides: list) -> int:
+    side = image_size
+    for stride in strides:
+        side = (side + 2 * (kernel_size // 2) - kernel_size) // stride + 1
+    return side
+
+
+class Logits(nn.Sequential):
+    """Features -> one logit per image, shape [N]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).reshape(x.shape[0])
+
+
+# ---------------------------------------------------------------- generators
+
+
+@generator("dcgan")
+def dcgan_generator(image_size: int, channels: int, cfg: GeneratorConfig) -> nn.Module:
+    """Radford et al.: z as a 1x1 map, 4x4 transposed convs halving channels (512-256-128-64 at 64 px), BN+ReLU, tanh."""
+    start, stages = spatial_plan(image_size)
+    widths = [scaled(64 * 2 ** (stages - 1 - i), cfg.width) for i in range(stages)]
+    layers: list = [
+        Reshape(cfg.z_dim, 1, 1),
+        nn.ConvTranspose2d(cfg.z_dim, widths[0], start, 1, 0, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(True),
+    ]
+    for in_channels, out_channels in zip(widths, widths[1:]):
+        layers += [deconv(in_channels, out_channels, 4), nn.BatchNorm2d(out_channels), nn.ReLU(True)]
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+    layers += [deconv(widths[-1], channels, 4), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def dense_deconv_generator(image_size: int, channels: int, cfg: GeneratorConfig, top_channels: int) -> nn.Module:
+    """TF-tutorial style: dense z -> 4x4xtop, BN, LeakyReLU (+dropout); a valid transposed conv to the
+    start side when it is not 4 (4 -> 7 for 28 px); 4x4 x2 transposed convs halving channels; a 5x5 x2
+    transposed conv to the image, tanh."""
+    start, stages = spatial_plan(image_size)
+
+    def block(out_channels: int) -> list:
+        layers = [nn.BatchNorm2d(out_channels), nn.LeakyReLU(0.2, True)]
+        return layers + ([nn.Dropout(cfg.dropout)] if cfg.dropout > 0 else [])
+
+    width = scaled(top_channels, cfg.width)
+    layers: list = [dense_to_start(cfg.z_dim, width, 4), *block(width)]
+    if start != 4:
+        narrower = max(1, width // 2)
+        layers += [nn.ConvTranspose2d(width, narrower, start - 3, 1, 0, bias=False), *block(narrower)]
+        width = narrower
+    for _ in range(stages - 1):
+        narrower = max(1, width // 2)
+        layers += [deconv(width, narrower, 4), *block(narrower)]
+        width = narrower
+    layers += [deconv(width, channels, 5, bias=True), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+@generator("tf_dcgan28")
+def tf_dcgan28_generator(image_size: int, channels: int, cfg: GeneratorConfig) -> nn.Module:
+    """Dense to 4x4x512; 256 (k4 valid -> 7x7), 128 (k4 s2 -> 14x14), out (k5 s2 -> 28x28) at 28 px."""
+    return dense_deconv_generator(image_size, channels, cfg, top_channels=512)
+
+
+@generator("tf_celeba28")
+def tf_celeba28_generator(image_size: int, channels: int, cfg: GeneratorConfig) -> nn.Module:
+    """Transposed convs from 1024 channels down: 1024 (4x4) - 512 (7x7) - 256 (14x14) - out (28x28)."""
+    return dense_deconv_generator(image_size, channels, cfg, top_channels=1024)
+
+
+@generator("keras_mnist")
+def keras_mnist_generator(image_size: int, channels: int, cfg: GeneratorConfig) -> nn.Module:
+    """Dense 128 x s/4 x s/4 with LeakyReLU 0.2, then (upsample x2 + 5x5 conv) twice: 64 then out, tanh."""
+    if image_size % 4:
+        raise UserError(f"generator keras_mnist needs dataset.image_size divisible by 4, got {image_size}")
+    start, hidden, out = image_size // 4, scaled(128, cfg.width), scaled(64, cfg.width)
+    layers: list = [dense_to_start(cfg.z_dim, hidden, start, bias=True), nn.LeakyReLU(0.2, True)]
+    layers += [Upsample(hidden, out), nn.LeakyReLU(0.2, True)]
+    if cfg.dropout > 0:
+        layers.append(nn.Dropout(cfg.dropout))
+    layers += [Upsample(out, channels), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+@generator("keras_fashion")
+def keras_fashion_generator(image_size: int, channels: int, cfg: GeneratorConfig) -> nn.Module:
+    """Dense 128 x s/4 x s/4, BN; 5x5 x2 transposed conv 64 with SELU, BN; 5x5 x2 transposed conv out, tanh."""
+    if image_size % 4:
+        raise UserError(f"generator keras_fashion needs dataset.image_size divisible by 4, got {image_size}")
+    start, hidden, out = image_size // 4, scaled(128, cfg.width), scaled(64, cfg.width)
+    return nn.Sequential(
+        dense_to_start(cfg.z_dim, hidden, start, bias=True),
+        nn.BatchNorm2d(hidden),
+        deconv(hidden, out, 5, bias=True),
+        nn.SELU(True),
+        nn.BatchNorm2d(out),
+        deconv(out, channels, 5, bias=True),
+        nn.Tanh(),
+    )
+
+
+@generator("keras_celeba64")
+def keras_celeba64_generator(image_size: int, channels: int, cfg: GeneratorConfig) -> nn.Module:
+    """Dense 4096 + LeakyReLU + BN, reshape to 16 channels at s/4 (16x16x16 at 64 px),
+    upsample + 5x5 conv 128 + LeakyReLU + BN, upsample + 5x5 conv out, tanh."""
+    if image_size % 4:
+        raise UserError(f"generator keras_celeba64 needs dataset.image_size divisible by 4, got {image_size}")
+    start = image_size // 4
+    features = 16 * start * start  # 4096 at 64 px, as published
+    hidden = scaled(128, cfg.width)
+    return nn.Sequential(
+        nn.Linear(cfg.z_dim, features),
+        nn.LeakyReLU(0.2, True),
+        nn.BatchNorm1d(features),
+        Reshape(16, start, start),
+        Upsample(16, hidden),
+        nn.LeakyReLU(0.2, True),
+        nn.BatchNorm2d(hidden),
+        Upsample(hidden, channels),
+        nn.Tanh(),
+    )
+
+
+# ---------------------------------------------------------------- discriminators
+
+
+@discriminator("dcgan")
+def dcgan_discriminator(image_size: int, channels: int, cfg: DiscriminatorConfig) -> nn.Module:
+    """Radford et al.: 4x4 stride-2 convs 64-128-256-512 (at 64 px), BN but on the first, LeakyReLU 0.2,
+    then a conv over the whole remaining map to one logit."""
+    start, stages = spatial_plan(image_size)
+    widths = [scaled(64 * 2**i, cfg.width) for i in range(stages)]
+    layers: list = []
+    in_channels = channels
+    for i, out_channels in enumerate(widths):
+        use_norm = cfg.norm == "batch" and i > 0
+        layers.append(nn.Conv2d(in_channels, out_channels, 4, 2, 1, bias=not use_norm))
+        if use_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(nn.LeakyReLU(0.2, True))
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        in_channels = out_channels
+    return Logits(*layers, nn.Conv2d(in_channels, 1, start, 1, 0))
+
+
+def conv_then_dense(image_size: int, channels: int, cfg: DiscriminatorConfig, widths: list, strides: list) -> nn.Module:
+    widths = [scaled(w, cfg.width) for w in widths]
+    side = conv_output_side(image_size, 5, strides)
+    features = downsample_layers(channels, widths, 5, cfg.norm, cfg.dropout, strides)
+    return Logits(features, nn.Flatten(), nn.Linear(widths[-1] * side * side, 1))
+
+
+@discriminator("tf_dcgan28")
+def tf_dcgan28_discriminator(image_size: int, channels: int, cfg: DiscriminatorConfig) -> nn.Module:
+    """Convs 64/128/256, 5x5 stride 2, BN on all but the first, LeakyReLU 0.2, dense to one logit."""
+    return conv_then_dense(image_size, channels, cfg, [64, 128, 256], [2, 2, 2])
+
+
+@discriminator("keras_mnist")
+def keras_mnist_discriminator(image_size: int, channels: int, cfg: DiscriminatorConfig) -> nn.Module:
+    """Convs 64 and 128, 5x5 stride 2, LeakyReLU 0.2, dropout (0.3 in the presets), dense to one logit."""
+    return conv_then_dense(image_size, channels, cfg, [64, 128], [2, 2])
+
+
+@discriminator("tf_celeba28")
+def tf_celeba28_discriminator(image_size: int, channels: int, cfg: DiscriminatorConfig) -> nn.Module:
+    """Four 5x5 convs 64-128-256-512 (strides 2, 2, 2, 1), BN but on the input layer, LeakyReLU, dense."""
+    return conv_then_dense(image_size, channels, cfg, [64, 128, 256, 512], [2, 2, 2, 1])
+
+
+@discriminator("mlp")
+def mlp_discriminator(image_size: int, channels: int, cfg: DiscriminatorConfig) -> nn.Module:
+    """The Keras CelebA MLP: flatten (12288 at 64x64x3) - 512 - 256 - 1, LeakyReLU 0.2."""
+    hidden = [scaled(512, cfg.width), scaled(256, cfg.width)]
+    layers: list = [nn.Flatten()]
+    in_features = channels * image_size * image_size
+    for out_features in hidden:
+        layers += [nn.Linear(in_features, out_features), nn.LeakyReLU(0.2, True)]
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        in_features = out_features
+    return Logits(*layers, nn.Linear(in_features, 1))
+
+
+# ---------------------------------------------------------------- building
+
+
+def init_dcgan(module: nn.Module) -> None:
+    """DCGAN init: conv/linear weights N(0, 0.02), BN scale N(1, 0.02), biases zero."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def build_generator(cfg, device: torch.device | str = "cpu") -> nn.Module:
+    """The generator for a full training config (uses dataset geometry and the generator section)."""
+    section = cfg.generator
+    builder = _lookup(GENERATORS, "generator.arch", section.arch)
+    with torch.device(device):
+        model = builder(cfg.dataset.image_size, cfg.dataset.channels, section)
+    if section.init == "dcgan" and str(device) != "meta":
+        init_dcgan(model)
+    return model
+
+
+def build_discriminator(cfg, device: torch.device | str = "cpu") -> nn.Module:
+    section = cfg.discriminator
+    builder = _lookup(DISCRIMINATORS, "discriminator.arch", section.arch)
+    with torch.device(device):
+        model = builder(cfg.dataset.image_size, cfg.dataset.channels, section)
+    if section.init == "dcgan" and str(device) != "meta":
+        init_dcgan(model)
+    return model
+
+
+def _lookup(registry: dict, key: str, name: str):
+    if name not in registry:
+        raise UserError(f"{key}={name!r} is not an architecture; choose one of {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def check_shapes(cfg) -> None:
+    """Build both networks on the meta device and prove G makes [N, C, S, S] and D returns [N] logits."""
+    size, channels = cfg.dataset.image_size, cfg.dataset.channels
+    G, D = build_generator(cfg, "meta"), build_discriminator(cfg, "meta")
+    z = torch.empty(2, cfg.generator.z_dim, device="meta")
+    try:
+        images = G(z)
+    except RuntimeError as error:
+        raise UserError(f"generator {cfg.generator.arch} can't make {size}x{size} images: {error}") from None
+    if tuple(images.shape) != (2, channels, size, size):
+        raise UserError(
+            f"generator {cfg.generator.arch} makes images of shape {tuple(images.shape[1:])}, but the data set is "
+            f"{(channels, size, size)}; pick another dataset.image_size or generator.arch"
+        )
+    try:
+        logits = D(images)
+    except RuntimeError as error:
+        raise UserError(f"discriminator {cfg.discriminator.arch} can't read {size}x{size} images: {error}") from None
+    if tuple(logits.shape) != (2,):
+        raise UserError(f"discriminator {cfg.discriminator.arch} returned shape {tuple(logits.shape)}, not one logit per image")
