@@ -1,0 +1,584 @@
+"""Training images: finding and decoding a data set once, then serving endless shuffled batches.
+
+`load_images(cfg)` returns every image of the configured data set as one uint8 tensor
+[N, C, S, S]. MNIST-like sets are small, so their IDX files are parsed on every load. CelebA and
+image folders are decoded once (crop, resize, colour conversion) into a `.npy` cache that later
+loads memory-map, so a 200k-image set starts in a second instead of minutes.
+
+`ImageBatches` draws batches from that tensor. Its order is a pure function of (seed, epoch), so
+a checkpoint only needs {"epoch", "position"} to continue with exactly the batches an
+uninterrupted run would have seen.
+
+Every problem with the user's files is raised as `UserError` with a sentence saying what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import struct
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dcgan.config import DatasetConfig, UserError
+
+log = logging.getLogger(__name__)
+
+MNIST_TINY = Path(__file__).parent / "assets" / "mnist_tiny.npz"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# Bump when decoding changes (filter, colour handling), so caches made by older code are not used.
+CACHE_FORMAT_VERSION = 1
+# Starting worker processes costs more than decoding a few hundred small images in-process.
+POOL_MIN_FILES = 256
+CELEBA_SPLITS = {"train": "0", "valid": "1", "test": "2"}
+IDX_IMAGES_MAGIC = 0x00000803
+BAD_FILES_SHOWN = 10
+
+
+def load_images(cfg: DatasetConfig) -> torch.Tensor:
+    """All images of the data set as a uint8 CPU tensor [N, C, S, S], S = cfg.image_size, C = cfg.channels.
+
+    CelebA and folder data sets come back memory-mapped from the decode cache.
+    """
+    if cfg.name == "mnist_tiny":
+        with np.load(MNIST_TINY) as archive:
+            gray = torch.from_numpy(archive["images"])
+        return _gray_to_config(_first(gray, cfg.max_images), cfg)
+    if cfg.name in ("mnist", "fashion_mnist"):
+        return _gray_to_config(_first(_load_mnist_like(cfg), cfg.max_images), cfg)
+    if cfg.name == "celeba":
+        source = _find_celeba(cfg)
+    elif cfg.name == "folder":
+        source = _find_folder(cfg)
+    else:
+        raise UserError(f"unknown dataset.name {cfg.name!r}; use mnist, fashion_mnist, celeba, folder or mnist_tiny")
+    return _cached_decode(source, cfg)
+
+
+def describe(cfg: DatasetConfig, num_images: Optional[int] = None) -> str:
+    """A short line for logs, e.g. "mnist (train, 60000 images, 28x28x1) from data"."""
+    parts = [] if cfg.name in ("folder", "mnist_tiny") else [cfg.split]
+    if num_images is not None:
+        parts.append(f"{num_images} images")
+    parts.append(f"{cfg.image_size}x{cfg.image_size}x{cfg.channels}")
+    origin = "the bundled MNIST subset" if cfg.name == "mnist_tiny" else cfg.root
+    return f"{cfg.name} ({', '.join(parts)}) from {origin}"
+
+
+def _first(images: torch.Tensor, max_images: int) -> torch.Tensor:
+    return images[:max_images] if max_images > 0 else images
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST and Fashion-MNIST
+
+
+def _load_mnist_like(cfg: DatasetConfig) -> torch.Tensor:
+    """The split's images as uint8 [N, 28, 28]: from IDX files on disk, else via torchvision."""
+    if cfg.split not in ("train", "test"):
+        raise UserError(f"dataset.split must be train or test for {cfg.name}, got {cfg.split!r}")
+    root = Path(cfg.root).expanduser()
+    folder = "MNIST" if cfg.name == "mnist" else "FashionMNIST"
+    stem = "train-images-idx3-ubyte" if cfg.split == "train" else "t10k-images-idx3-ubyte"
+    for directory in (root, root / folder / "raw", root / "raw"):
+        # The uncompressed file, when torchvision left both, skips a gunzip.
+        for path in (directory / stem, directory / f"{stem}.gz"):
+            if path.is_file():
+                return torch.from_numpy(read_idx_images(path))
+    return _download_mnist_like(cfg, root, stem)
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """Parse an IDX image file (optionally gzipped): uint8 [N, rows, cols]."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as file:
+            data = file.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise UserError(f"{path} cannot be read ({error}); delete it and download it again") from None
+    if len(data) < 16:
+        raise UserError(f"{path} is too short to be an IDX image file ({len(data)} bytes); delete it and download it again")
+    magic, count, rows, cols = struct.unpack(">IIII", data[:16])
+    if magic != IDX_IMAGES_MAGIC:
+        raise UserError(f"{path} is not an IDX image file (magic number {magic:#010x}, expected {IDX_IMAGES_MAGIC:#010x}); check that it is the *-images-idx3-ubyte file")
+    expected = 16 + count * rows * cols
+    if len(data) != expected:
+        raise UserError(f"{path} is truncated or corrupt ({len(data)} bytes, expected {expected} for {count} images of {rows}x{cols}); delete it and download it again")
+    # A copy, because torch warns about tensors over read-only buffers.
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols).copy()
+
+
+def _download_mnist_like(cfg: DatasetConfig, root: Path, stem: str) -> torch.Tensor:
+    from torchvision import datasets
+
+    dataset_class, title = (datasets.MNIST, "MNIST") if cfg.name == "mnist" else (datasets.FashionMNIST, "Fashion-MNIST")
+    try:
+        return dataset_class(str(root), train=cfg.split == "train", download=cfg.download).data
+    except Exception as error:  # offline downloads fail as URLError, RuntimeError, socket errors...
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise UserError(
+            f"could not find or download {title} under {root} ({reason}). With no internet, put the IDX image "
+            f"file {stem}.gz in {root}, or point dataset.root at a folder that holds it."
+        ) from None
+
+
+def _gray_to_config(gray: torch.Tensor, cfg: DatasetConfig) -> torch.Tensor:
+    """uint8 [N, H, W] -> uint8 [N, C, S, S]: resized once here so training never resizes."""
+    images = gray.unsqueeze(1)
+    size = cfg.image_size
+    if images.shape[-2:] != (size, size):
+        resized = torch.empty((len(images), 1, size, size), dtype=torch.uint8)
+        # Chunks keep the float copy small (60k images at 64x64 would be a gigabyte at once).
+        for start in range(0, len(images), 4096):
+            chunk = images[start : start + 4096].float()
+            chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            resized[start : start + 4096] = chunk.round_().clamp_(0, 255).to(torch.uint8)
+        images = resized
+    if cfg.channels == 3:
+        images = images.repeat(1, 3, 1, 1)
+    return images.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Where encoded images come from: a folder or a zip archive
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The encoded images of a data set: files in a folder, or members of a zip archive."""
+
+    location: Path  # the folder or the zip file
+    entries: Tuple[Tuple[str, int, int], ...]  # (relative name, size, mtime or CRC), in data set order
+    is_zip: bool
+    cache_home: Path  # the data folder the user named, where .dcgan-cache/ goes
+
+    @property
+    def names(self) -> List[str]:
+        return [entry[0] for entry in self.entries]
+
+    def select(self, keep: Sequence[bool]) -> "_Source":
+        return replace(self, entries=tuple(entry for entry, kept in zip(self.entries, keep) if kept))
+
+    def first(self, count: int) -> "_Source":
+        return replace(self, entries=self.entries[:count]) if count > 0 else self
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _folder_source(folder: Path, recursive: bool, cache_home: Path) -> _Source:
+    if recursive:
+        paths = []
+        for directory, subdirectories, files in os.walk(folder):
+            # Hidden folders hold tool output (our own .dcgan-cache, .ipynb_checkpoints), not data.
+            subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+            paths.extend(Path(directory) / f for f in files if _is_image_name(f))
+    else:
+        paths = [p for p in folder.iterdir() if p.is_file() and _is_image_name(p.name)]
+    entries = []
+    for path in sorted(paths):
+        stat = path.stat()
+        entries.append((path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return _Source(folder, tuple(entries), is_zip=False, cache_home=cache_home)
+
+
+def _zip_source(archive: Path, cache_home: Path) -> _Source:
+    _reject_non_zip(archive)
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            members = [m for m in zipped.infolist() if not m.is_dir() and _is_image_name(m.filename) and not m.filename.startswith("__MACOSX/")]
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UserError(f"{archive} is not a readable zip file ({error}); delete it and download it again") from None
+    members.sort(key=lambda m: m.filename)
+    entries = tuple((m.filename, m.file_size, m.CRC) for m in members)
+    return _Source(archive, entries, is_zip=True, cache_home=cache_home)
+
+
+def _reject_non_zip(archive: Path) -> None:
+    """Explain the usual non-zip found here: Google Drive's quota page saved under the zip's name."""
+    if zipfile.is_zipfile(archive):
+        return
+    with open(archive, "rb") as file:
+        head = file.read(65536).decode("utf-8", errors="replace")
+    lowered = head.lstrip().lower()
+    if lowered.startswith(("<!doctype html", "<html")) or "quota exceeded" in lowered or "google drive" in lowered:
+        raise UserError(
+            f"{archive} is a Google Drive web page (download quota exceeded), not the data: delete it and download "
+            "img_align_celeba.zip by hand (from the CelebA page, mmlab.ie.cuhk.edu.hk/projects/CelebA.html) into the same folder."
+        )
+    raise UserError(f"{archive} is not a zip file (an interrupted or corrupt download?); delete it and download it again")
+
+
+def _find_celeba(cfg: DatasetConfig) -> _Source:
+    """CelebA's aligned images, from the first layout that exists, filtered to cfg.split."""
+    root = Path(cfg.root).expanduser()
+    source = _celeba_layout(root)
+    if source is None and cfg.download:
+        _try_torchvision_celeba(root)
+        source = _celeba_layout(root)
+    if source is None:
+        raise UserError(
+            f"no CelebA images found under {root}. Put them in one of the accepted layouts: {root}/celeba/img_align_celeba/*.jpg "
+            f"(torchvision's), the aligned JPEGs directly in {root} or {root}/img_align_celeba/, or img_align_celeba.zip in "
+            f"{root} or {root}/celeba/ (read in place). torchvision's Google Drive download often hits a quota, so "
+            "download img_align_celeba.zip by hand from mmlab.ie.cuhk.edu.hk/projects/CelebA.html."
+        )
+    return _celeba_split(source, root, cfg.split)
+
+
+def _celeba_layout(root: Path) -> Optional[_Source]:
+    # Extracted folders first: reading loose files is faster than inflating a zip.
+    for folder in (root / "celeba" / "img_align_celeba", root / "img_align_celeba", root):
+        if folder.is_dir():
+            source = _folder_source(folder, recursive=False, cache_home=root)
+            if source.names:
+                return source
+    for archive in (root / "celeba" / "img_align_celeba.zip", root / "img_align_celeba.zip"):
+        if archive.is_file():
+            return _zip_source(archive, cache_home=root)
+    return None
+
+
+def _try_torchvision_celeba(root: Path) -> None:
+    from torchvision import datasets
+
+    try:
+        datasets.CelebA(str(root), split="all", download=True)
+    except Exception as error:  # any failure leads to the same advice, given by the caller
+        log.warning("torchvision could not download CelebA: %s", " ".join(str(error).split()))
+
+
+def _celeba_split(source: _Source, root: Path, split: str) -> _Source:
+    if split != "all" and split not in CELEBA_SPLITS:
+        raise UserError(f"dataset.split must be train, valid, test or all for celeba, got {split!r}")
+    # The partition file sits beside the image folder or zip, or at the top of the root.
+    beside = source.location.parent if source.location != root else root
+    candidates = (beside, root / "celeba", root)
+    partition_file = next((folder / "list_eval_partition.txt" for folder in candidates if (folder / "list_eval_partition.txt").is_file()), None)
+    if partition_file is None:
+        log.info("no list_eval_partition.txt beside the CelebA images: using all %d images for split=%s", len(source.names), split)
+        return source
+    if split == "all":
+        return source
+    partition: Dict[str, str] = {}
+    for line in partition_file.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2:
+            partition[fields[0]] = fields[1]
+    wanted = CELEBA_SPLITS[split]
+    return source.select([partition.get(Path(name).name) == wanted for name in source.names])
+
+
+def _find_folder(cfg: DatasetConfig) -> _Source:
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset.root {root} is not a folder; point dataset.root at a folder of images")
+    return _folder_source(root, recursive=True, cache_home=root)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding one image
+
+
+def _decode_image(file: BinaryIO, size: int, channels: int, crop: int) -> np.ndarray:
+    """One encoded image -> uint8 [C, size, size]: centre square crop, antialiased resize, colour convert."""
+    with Image.open(file) as opened:
+        opened.load()  # decode fully now, so a truncated file fails here and not later
+        image = _convert_mode(opened, channels)
+        width, height = image.size
+        side = min(crop or min(width, height), width, height)  # a crop larger than the image takes the largest square
+        left, top = (width - side) // 2, (height - side) // 2
+        # Pillow's resize filters widen with the scale factor when shrinking, so BICUBIC is antialiased.
+        square = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        pixels = np.asarray(square, dtype=np.uint8)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def _convert_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode -> "L" or "RGB".
+
+    Transparent pixels are composited onto black, matching the dark background of digit-like data.
+    16-bit images are scaled to 8 bits (Pillow's own convert would clip everything above 255).
+    """
+    target = "L" if channels == 1 else "RGB"
+    if image.mode.startswith("I"):
+        sixteen_bit = np.asarray(image).astype(np.float64).clip(0, 65535)
+        image = Image.fromarray(np.rint(sixteen_bit / 257).astype(np.uint8), mode="L")
+    elif image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return image if image.mode == target else image.convert(target)
+
+
+class _Decoder:
+    """Decodes one name of a `_Source`. Picklable, so pool workers each open the zip for themselves."""
+
+    def __init__(self, source: _Source, size: int, channels: int, crop: int) -> None:
+        self.location, self.is_zip = source.location, source.is_zip
+        self.size, self.channels, self.crop = size, channels, crop
+        self._zip: Optional[zipfile.ZipFile] = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_zip": None}
+
+    def __call__(self, name: str) -> Tuple[Optional[np.ndarray], str]:
+        """(pixels, "") or (None, why the file could not be decoded)."""
+        try:
+            if self.is_zip:
+                if self._zip is None:
+                    self._zip = zipfile.ZipFile(self.location)
+                file: BinaryIO = io.BytesIO(self._zip.read(name))
+            else:
+                file = open(self.location / name, "rb")
+            with file:
+                return _decode_image(file, self.size, self.channels, self.crop), ""
+        except Exception as error:  # a bad file can fail in many ways inside Pillow; each just makes it "bad"
+            return None, f"{type(error).__name__}: {error}"
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+
+# --------------------------------------------------------------------------------------------
+# The decode-once cache
+
+
+def _cached_decode(source: _Source, cfg: DatasetConfig) -> torch.Tensor:
+    source = source.first(cfg.max_images)
+    if not source.names:
+        raise UserError(
+            f"no images found in {source.location} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            "point dataset.root at a folder that holds images"
+        )
+    key_fields = {
+        "version": CACHE_FORMAT_VERSION,
+        "files": source.entries,
+        "image_size": cfg.image_size,
+        "channels": cfg.channels,
+        "crop": cfg.crop,
+        "split": cfg.split,
+        "max_images": cfg.max_images,
+        "on_bad_file": cfg.on_bad_file,  # an "error" run must not accept a cache that skipped bad files
+    }
+    key = hashlib.sha1(json.dumps(key_fields).encode()).hexdigest()
+    file_name = f"{cfg.name}-{cfg.image_size}px-{cfg.channels}ch-{key[:16]}.npy"
+    folders = _cache_folders(cfg, source)
+    for folder in folders:
+        cached = _open_cache(folder / file_name)
+        if cached is not None:
+            return cached
+    folder = _writable_folder(folders)
+    path = folder / file_name
+    try:
+        _decode_into(path, source, cfg)
+    except OSError as error:  # bad image files are caught per file, so this is the cache itself
+        raise UserError(f"cannot write the decoded-image cache {path} ({error}); free some disk space or set dataset.cache_dir to another folder") from None
+    cached = _open_cache(path)
+    assert cached is not None, f"{path} was just written"
+    return cached
+
+
+def _cache_folders(cfg: DatasetConfig, source: _Source) -> List[Path]:
+    if cfg.cache_dir:
+        return [Path(cfg.cache_dir).expanduser()]
+    return [source.cache_home / ".dcgan-cache", Path.home() / ".cache" / "dcgan"]
+
+
+def _writable_folder(folders: List[Path]) -> Path:
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise UserError(f"cannot write the decoded-image cache to {' or '.join(map(str, folders))}; set dataset.cache_dir to a writable folder")
+
+
+def _open_cache(path: Path) -> Optional[torch.Tensor]:
+    if not path.is_file():
+        return None
+    try:
+        # Copy-on-write mapping: pages are shared with the page cache, and the array is writable,
+        # which torch.from_numpy wants (it warns about read-only arrays).
+        return torch.from_numpy(np.load(path, mmap_mode="c"))
+    except (OSError, ValueError) as error:
+        log.warning("ignoring unreadable cache %s (%s); decoding again", path, error)
+        return None
+
+
+def _decode_into(path: Path, source: _Source, cfg: DatasetConfig) -> None:
+    """Decode every image of `source` into the .npy file `path`, atomically."""
+    from tqdm import tqdm
+
+    count = len(source.names)
+    size, channels = cfg.image_size, cfg.channels
+    log.info("decoding %d images from %s into %s (once; later runs reuse it)", count, source.location, path)
+    handle, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    os.close(handle)
+    temporary = Path(temporary_name)
+    decoder = _Decoder(source, size, channels, cfg.crop)
+    workers = cfg.num_workers or os.cpu_count() or 1
+    pool = multiprocessing.Pool(workers) if count >= POOL_MIN_FILES and workers > 1 else None
+    try:
+        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(count, channels, size, size))
+        # imap hands results back in order as they are ready, so memory holds only a few chunks.
+        results = pool.imap(decoder, source.names, chunksize=64) if pool else map(decoder, source.names)
+        written, bad = 0, []
+        for name, (pixels, reason) in tqdm(zip(source.names, results), total=count, desc="decoding images", disable=count < POOL_MIN_FILES):
+            if pixels is None:
+                bad.append((name, reason))
+            else:
+                array[written] = pixels
+                written += 1
+        array.flush()
+        del array
+        _report_bad_files(bad, count, source.location, cfg.on_bad_file)
+        if written < count:
+            _shrink_npy(temporary, written)
+        os.replace(temporary, path)  # only a complete cache ever gets the name that is trusted
+    finally:
+        if pool is not None:
+            pool.terminate()
+        decoder.close()
+        temporary.unlink(missing_ok=True)
+
+
+def _report_bad_files(bad: List[Tuple[str, str]], count: int, location: Path, on_bad_file: str) -> None:
+    if not bad:
+        return
+    names = ", ".join(name for name, _ in bad[:BAD_FILES_SHOWN])
+    if len(bad) > BAD_FILES_SHOWN:
+        names += f" and {len(bad) - BAD_FILES_SHOWN} more"
+    first_reason = bad[0][1]
+    if on_bad_file == "error":
+        raise UserError(
+            f"{len(bad)} image files in {location} cannot be read: {names} (first error: {first_reason}); "
+            "fix or delete them, or set dataset.on_bad_file=skip"
+        )
+    if len(bad) == count:
+        raise UserError(f"no images found in {location}: all {count} image files are unreadable ({names}; first error: {first_reason})")
+    log.warning("skipped %d unreadable image files in %s: %s", len(bad), location, names)
+
+
+def _shrink_npy(path: Path, rows: int) -> None:
+    """Keep the first `rows` images of an .npy file (the others were left blank by skipped files)."""
+    full = np.load(path, mmap_mode="r")
+    shrunk_path = path.with_suffix(".shrink.tmp")
+    try:
+        shrunk = np.lib.format.open_memmap(shrunk_path, mode="w+", dtype=full.dtype, shape=(rows, *full.shape[1:]))
+        for start in range(0, rows, 4096):
+            stop = min(start + 4096, rows)
+            shrunk[start:stop] = full[start:stop]
+        shrunk.flush()
+        del shrunk, full
+        os.replace(shrunk_path, path)
+    finally:
+        shrunk_path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+class ImageBatches:
+    """Endless, shuffled batches of float images in [-1, 1] on `device`, drawn from uint8 data.
+
+    Epoch e visits the images in the order torch.randperm(N) under seed (seed * 1_000_003 + e); with
+    several processes every rank computes that same order and takes its own contiguous share, so the
+    ranks together see each image at most once per epoch (the N % world_size left over, and each
+    rank's last partial batch, are dropped; they differ from epoch to epoch). The images of a batch
+    are gathered in sorted order, which reads a memory-mapped cache sequentially.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.device = torch.device(device)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_images = len(images)
+        self.shard_size = self.num_images // world_size
+        self.batches_per_epoch = self.shard_size // batch_size
+        if self.batches_per_epoch == 0:
+            per_rank = f" per process over {world_size} processes" if world_size > 1 else ""
+            raise UserError(f"the data set has {self.num_images} images, fewer than one batch of {batch_size}{per_rank}; lower trainer.batch_size")
+        self.on_device = self.device.type == "cuda" and _fits_on_gpu(images, self.device)
+        # Holding all images on the GPU makes a batch a single gather, with no host copy per step.
+        self.images = images.to(self.device) if self.on_device else images
+        self.epoch = 0
+        self.position = 0
+        self._order_epoch = -1
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def _shard_order(self) -> torch.Tensor:
+        """This rank's indices for the current epoch, computed once per epoch."""
+        if self._order_epoch != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            permutation = torch.randperm(self.num_images, generator=generator)
+            self._order = permutation[self.rank * self.shard_size : (self.rank + 1) * self.shard_size]
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next(self) -> torch.Tensor:
+        """The next batch: float32 [B, C, H, W] in [-1, 1] on the device."""
+        start = self.position * self.batch_size
+        indices = self._shard_order()[start : start + self.batch_size].sort().values
+        self.position += 1
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self.on_device:
+            batch = self.images[indices.to(self.device)]
+        else:
+            batch = self.images[indices]
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+        # Converting on the device moves a quarter of the bytes a float batch would.
+        return batch.float().div_(127.5).sub_(1)
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": int(self.epoch), "position": int(self.position)}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"the checkpoint's data position {state!r} is not {{'epoch': int, 'position': int}}; the checkpoint is damaged") from None
+        if position >= self.batches_per_epoch:
+            # A smaller data set or a larger batch since the checkpoint: start the next epoch cleanly.
+            log.warning(
+                "the checkpoint was at batch %d of epoch %d, but an epoch now has %d batches; continuing at epoch %d",
+                position, epoch, self.batches_per_epoch, epoch + 1,
+            )
+            epoch, position = epoch + 1, 0
+        self.epoch, self.position = epoch, position
+
+
+def _fits_on_gpu(images: torch.Tensor, device: torch.device) -> bool:
+    free, _total = torch.cuda.mem_get_info(device)
+    # Half of what is free leaves room for the networks, their activations and optimizer state.
+    return images.numel() * images.element_size() < free // 2
