@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -68,6 +69,7 @@ class DiscriminatorConfig:
     dropout: float = 0.0
     norm: str = "batch"  # batch | none: normalization of the hidden conv layers
     init: str = "dcgan"
+    spectral_norm: bool = False  # divide every conv/linear weight by its largest singular value (Miyato et al. 2018)
 
 
 @dataclass
@@ -75,6 +77,15 @@ class LossConfig:
     name: str = "ns"  # ns (non-saturating BCE) | hinge | lsgan | wgan_gp
     real_label: float = 1.0  # target for real images; 0.9 is one-sided label smoothing (ns, lsgan)
     gp_weight: float = 10.0  # gradient-penalty weight (wgan_gp)
+    r1_weight: float = 0.0  # R1 penalty gamma on real images, gamma/2 * |grad D(x)|^2 (Mescheder et al. 2018); 0 = off
+
+
+@dataclass
+class AugmentConfig:
+    # DiffAugment (Zhao et al. 2020): the same random, differentiable transforms applied to every image D
+    # sees, real and fake, in both D and G updates. Any of color, translation, cutout; [] = off.
+    # e.g. augment.policy=[color,translation,cutout]
+    policy: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +120,35 @@ class TrainerConfig:
     keep_last: int = 3  # step checkpoints kept (0 = keep all); last.pt is always kept
     grid_size: int = 64  # images in each progress grid
     progress: bool = True  # tqdm progress bar
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
+    dist_timeout_s: float = 1800.0  # under torchrun: a collective waiting longer than this ends the job
+    eval_every: int = 0  # steps between FID/KID evaluations of the sampling generator (see `eval`); 0 = never
+
+
+@dataclass
+class MetricsConfig:
+    """How FID and KID are measured (through torch-fidelity): gan-eval's settings, and `eval.*` of gan-train."""
+
+    n: int = 10000  # generated images; image i comes from latent seed `seed + i`
+    reference_n: int = 10000  # real images: a seeded random subset of the data set (0 = all of it)
+    metrics: List[str] = field(default_factory=lambda: ["fid", "kid"])
+    inception_weights: Optional[str] = None  # a local weights file (offline use); None = torch-fidelity downloads its own
+    batch_size: int = 64  # images per Inception forward pass
+    kid_subsets: int = 100  # KID averages the MMD over this many random subsets...
+    kid_subset_size: int = 1000  # ...of this many images each (capped at the smaller image count)
+    seed: int = 0
+    cache_dir: Optional[str] = None  # reference-feature cache; None = ~/.cache/dcgan/fidelity
+
+
+@dataclass
+class EvalConfig(MetricsConfig):
+    ckpt: Optional[str] = None  # the checkpoint whose generator makes the `n` images (EMA weights when present)
+    input1: Optional[str] = None  # or: a folder of images made by any tool
+    input2: Optional[str] = None  # a folder of reference images, instead of a data set
+    dataset: Optional[DatasetConfig] = None  # the reference data set (dataset=NAME); None = the checkpoint's training set
+    ema: bool = True  # use the EMA generator when the checkpoint has one
+    device: str = "auto"
+    out: Optional[str] = None  # results JSON; None = beside the checkpoint (last.pt -> last.eval.json) or input1's folder
 
 
 @dataclass
@@ -119,33 +159,55 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # FID/KID during training (trainer.eval_every): fewer images than gan-eval's 10,000, for speed.
+    eval: MetricsConfig = field(default_factory=lambda: MetricsConfig(n=2000))
+    # Where metrics go: jsonl (metrics.jsonl, always) plus optional trackers, e.g. logger=[jsonl,tensorboard].
+    logger: List[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "???"  # the checkpoint to sample from
-    mode: str = "grid"  # grid | seeds | interpolate
+    ckpt: str = ""  # the checkpoint to sample from (required)
+    mode: str = "grid"  # grid | seeds | interpolate | neighbors | export
     n: int = 64  # images in the grid
     nrow: int = 8  # images per grid row
     seed: int = 0  # first seed: image i of the grid comes from seed + i
-    seeds: str = ""  # mode=seeds: e.g. "0-15" or "3,7,42"; mode=interpolate: the key seeds to pass through
+    seeds: str = ""  # mode=seeds, neighbors: e.g. "0-15" or "3,7,42"; mode=interpolate: the key seeds to pass through
     frames: int = 16  # mode=interpolate: frames between two key seeds
     fps: int = 12  # mode=interpolate: GIF frame rate
-    out: str = "grid.png"  # file (grid, interpolate) or folder (seeds)
+    # File (grid, interpolate: .gif = movie, .png = grid with a row per leg; neighbors; export) or folder (seeds);
+    # "" = grid.png, seeds/, interpolation.gif, neighbors.png, generator.pt (torchscript) or generator.onnx.
+    out: str = ""
     device: str = "auto"
     ema: bool = True  # use the EMA generator when the checkpoint has one
+    truncation: Optional[float] = None  # truncation trick: normal latents redrawn beyond +-t; uniform scaled by t
+    k: int = 5  # mode=neighbors: nearest training images shown beside each sample
+    dataset_root: Optional[str] = None  # mode=neighbors: the training data, if not at the checkpoint's dataset.root
+    format: str = "torchscript"  # mode=export: torchscript | onnx
+
+
+@dataclass
+class ReportConfig:
+    run: str = ""  # a gan-train run folder (required): reads metrics.jsonl and samples/, writes the figures there
+    fps: int = 4  # progress movie frame rate
+    max_frames: int = 100  # progress movie: at most this many grids, evenly spaced (the first and last kept)
 
 
 def _register() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="sample_schema", node=SampleConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="report_schema", node=ReportConfig)
 
 
 _register()
 
 DATASETS = ("mnist", "fashion_mnist", "celeba", "folder", "mnist_tiny")
 LOSSES = ("ns", "hinge", "lsgan", "wgan_gp")
+METRICS = ("fid", "kid")
+LOGGERS = ("jsonl", "tensorboard")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 
 
@@ -188,14 +250,8 @@ def describe_config_error(error: Exception) -> str:
 
 def validate_train(cfg: TrainConfig | DictConfig) -> None:
     """Checks that span fields or need more than a type; raises UserError naming key and fix."""
-    d, t = cfg.dataset, cfg.trainer
-    _one_of("dataset.name", d.name, DATASETS)
-    _one_of("dataset.channels", d.channels, (1, 3))
-    _at_least("dataset.image_size", d.image_size, 8)
-    _at_least("dataset.max_images", d.max_images, 0)
-    _at_least("dataset.crop", d.crop, 0)
-    _one_of("dataset.on_bad_file", d.on_bad_file, ("skip", "error"))
-    _one_of("dataset.split", d.split, ("train", "test", "valid", "all"))
+    t = cfg.trainer
+    validate_dataset(cfg.dataset)
     _at_least("generator.z_dim", cfg.generator.z_dim, 1)
     _one_of("generator.z_distribution", cfg.generator.z_distribution, ("normal", "uniform"))
     for part in ("generator", "discriminator"):
@@ -211,6 +267,11 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
         raise UserError(f"loss.real_label must be in (0, 1], got {cfg.loss.real_label}")
     if cfg.loss.gp_weight < 0:
         raise UserError(f"loss.gp_weight must be >= 0, got {cfg.loss.gp_weight}")
+    if cfg.loss.r1_weight < 0:
+        raise UserError(f"loss.r1_weight must be >= 0 (0 turns R1 off), got {cfg.loss.r1_weight}")
+    from dcgan import augment
+
+    augment.parse_policy(cfg.augment.policy)
     for part in ("generator", "discriminator"):
         settings = cfg.optimizer[part]
         if not settings.lr > 0:
@@ -219,6 +280,9 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
             raise UserError(f"optimizer.{part}.betas must be two numbers in [0, 1), got {list(settings.betas)}")
         if settings.weight_decay < 0:
             raise UserError(f"optimizer.{part}.weight_decay must be >= 0, got {settings.weight_decay}")
+        from dcgan.optim import build_optimizer
+
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], settings, f"optimizer.{part}")  # name and arguments exist
     _at_least("trainer.batch_size", t.batch_size, 1)
     _at_least("trainer.max_steps", t.max_steps, 0)
     _at_least("trainer.epochs", t.epochs, 0)
@@ -228,8 +292,21 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
     for key in ("sample_every", "ckpt_every", "log_every", "grid_size"):
         _at_least(f"trainer.{key}", t[key], 1)
     _at_least("trainer.keep_last", t.keep_last, 0)
+    _at_least("trainer.eval_every", t.eval_every, 0)
+    if t.eval_every:
+        validate_metrics("eval.", cfg.eval)
+    if not t.dist_timeout_s > 0:
+        raise UserError(f"trainer.dist_timeout_s must be > 0 seconds, got {t.dist_timeout_s}")
     if not 0.0 <= t.ema < 1.0:
         raise UserError(f"trainer.ema must be in [0, 1) (0 turns it off), got {t.ema}")
+    for name in cfg.logger:
+        _one_of("logger", name, LOGGERS)
+    if "jsonl" not in cfg.logger:
+        raise UserError(f"logger must include jsonl (metrics.jsonl feeds gan-report and resume), got {list(cfg.logger)}; e.g. logger=[jsonl,tensorboard]")
+    if "tensorboard" in cfg.logger:
+        from dcgan.log import import_summary_writer
+
+        import_summary_writer()  # fails here, before a run folder exists, when the package is missing
     validate_device("trainer.device", t.device)
     # Building the networks on the meta device costs no memory and proves the architecture can
     # make images of this size and channel count.
@@ -238,15 +315,59 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
     models.check_shapes(cfg)
 
 
+def validate_dataset(d: DatasetConfig | DictConfig) -> None:
+    _one_of("dataset.name", d.name, DATASETS)
+    _one_of("dataset.channels", d.channels, (1, 3))
+    _at_least("dataset.image_size", d.image_size, 8)
+    _at_least("dataset.max_images", d.max_images, 0)
+    _at_least("dataset.crop", d.crop, 0)
+    _one_of("dataset.on_bad_file", d.on_bad_file, ("skip", "error"))
+    _one_of("dataset.split", d.split, ("train", "test", "valid", "all"))
+
+
+def validate_metrics(prefix: str, m: MetricsConfig | DictConfig) -> None:
+    """FID/KID settings, shared by gan-eval (prefix "") and gan-train's eval section (prefix "eval.")."""
+    if not m.metrics:
+        raise UserError(f"{prefix}metrics is empty; ask for fid, kid or both, e.g. {prefix}metrics=[fid,kid]")
+    for name in m.metrics:
+        _one_of(f"{prefix}metrics", name, METRICS)
+    # FID needs a covariance and KID subsets of two or more images, from both sets.
+    for key in ("n", "reference_n"):
+        if m[key] < 2 and not (key == "reference_n" and m[key] == 0):
+            raise UserError(f"{prefix}{key} must be at least 2 (FID needs a covariance, KID subsets of 2+ images), got {m[key]}; use 1000 or more for a meaningful score")
+    _at_least(f"{prefix}batch_size", m.batch_size, 1)
+    _at_least(f"{prefix}kid_subsets", m.kid_subsets, 1)
+    _at_least(f"{prefix}kid_subset_size", m.kid_subset_size, 2)
+    if m.inception_weights and not Path(m.inception_weights).expanduser().is_file():
+        raise UserError(
+            f"{prefix}inception_weights={m.inception_weights} is not a file; point it at a torch-fidelity Inception weights "
+            "file (e.g. inception-2015-12-05-fidelity.pth), or leave it unset to let torch-fidelity download its own copy"
+        )
+
+
+def validate_eval(cfg: EvalConfig | DictConfig) -> None:
+    """gan-eval: one thing to evaluate (a checkpoint or a folder), one reference (a data set or a folder)."""
+    validate_metrics("", cfg)
+    validate_device("device", cfg.device)
+    if cfg.ckpt and cfg.input1:
+        raise UserError("evaluate either ckpt=PATH or input1=FOLDER, not both")
+    if not cfg.ckpt and not cfg.input1:
+        raise UserError("nothing to evaluate: pass ckpt=PATH (a checkpoint) or input1=FOLDER (images from any tool)")
+    if cfg.input2 and cfg.dataset is not None:
+        raise UserError("compare with either input2=FOLDER or dataset=NAME, not both")
+    if cfg.input1 and not cfg.input2 and cfg.dataset is None:
+        raise UserError("input1 needs a reference: input2=FOLDER, or dataset=NAME (e.g. dataset=fashion_mnist dataset.root=PATH)")
+    if cfg.dataset is not None:
+        validate_dataset(cfg.dataset)
+
+
 def validate_device(key: str, device: str) -> None:
     if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
         return
     raise UserError(f"{key} must be {DEVICES_HELP}, got {device!r}")
 
 
-def resolve_device(name: str) -> "torch.device":
-    import torch
-
+def resolve_device(name: str) -> torch.device:
     validate_device("device", name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -501,11 +501,11 @@ def _shrink_npy(path: Path, rows: int) -> None:
 class ImageBatches:
     """Endless, shuffled batches of float images in [-1, 1] on `device`, drawn from uint8 data.
 
-    Epoch e visits the images in the order torch.randperm(N) under seed (seed * 1_000_003 + e); with
-    several processes every rank computes that same order and takes its own contiguous share, so the
-    ranks together see each image at most once per epoch (the N % world_size left over, and each
-    rank's last partial batch, are dropped; they differ from epoch to epoch). The images of a batch
-    are gathered in sorted order, which reads a memory-mapped cache sequentially.
+    Epoch e visits the images in the order torch.randperm(N) under seed (seed * 1_000_003 + e), in
+    global batches of batch_size * world_size; rank r takes the r-th slice of each global batch. So N
+    processes together train on exactly the batches one process would with the whole batch, and each
+    image is seen at most once per epoch (the last partial global batch is dropped). The images of a
+    batch are gathered in sorted order, which reads a memory-mapped cache sequentially.
     """
 
     def __init__(
@@ -522,8 +522,7 @@ class ImageBatches:
         self.device = torch.device(device)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_images = len(images)
-        self.shard_size = self.num_images // world_size
-        self.batches_per_epoch = self.shard_size // batch_size
+        self.batches_per_epoch = self.num_images // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             per_rank = f" per process over {world_size} processes" if world_size > 1 else ""
             raise UserError(f"the data set has {self.num_images} images, fewer than one batch of {batch_size}{per_rank}; lower trainer.batch_size")
@@ -540,7 +539,8 @@ class ImageBatches:
         if self._order_epoch != self.epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             permutation = torch.randperm(self.num_images, generator=generator)
-            self._order = permutation[self.rank * self.shard_size : (self.rank + 1) * self.shard_size]
+            global_batches = permutation[: self.batches_per_epoch * self.batch_size * self.world_size]
+            self._order = global_batches.view(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
             self._order_epoch = self.epoch
         return self._order
 

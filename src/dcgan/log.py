@@ -1,7 +1,9 @@
-"""Training logs: a JSONL file of averaged metrics and a tqdm progress bar.
+"""Training logs: a JSONL file of averaged metrics, a tqdm progress bar and, optionally, TensorBoard.
 
 Per-step statistics arrive as device tensors and are summed on the device; they are read back
-(one GPU sync) only every `log_every` steps, so logging never stalls the loop.
+(one GPU sync) only every `log_every` steps, so logging never stalls the loop. With
+`logger=[jsonl,tensorboard]` every row also goes to TensorBoard (in RUN_DIR/tensorboard/) as
+scalars, and each fixed-noise grid as an image; TensorBoard is an optional package.
 """
 
 from __future__ import annotations
@@ -10,21 +12,59 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
+
+from dcgan import distributed
+
+from dcgan.config import UserError
+
+# TensorBoard groups charts by the part of a tag before "/"; keys not listed keep their own name.
+TENSORBOARD_TAGS = {
+    "loss_d": "Loss/D",
+    "loss_g": "Loss/G",
+    "gradient_penalty": "Loss/gradient_penalty",
+    "d_real": "D/real_score",  # D(x)
+    "d_fake": "D/fake_score",  # D(G(z))
+    "d_accuracy": "D/accuracy",
+    "fid": "Metrics/FID",
+    "images_per_s": "Speed/images_per_s",
+    "lr_g": "LearningRate/G",
+    "lr_d": "LearningRate/D",
+}
 
 
 class MetricsLog:
-    def __init__(self, path: Path, start_step: int, total_steps: int, images_per_step: int, show_progress: bool):
+    def __init__(
+        self,
+        path: Path,
+        start_step: int,
+        total_steps: int,
+        images_per_step: int,
+        show_progress: bool,
+        loggers: Sequence[str] = ("jsonl",),
+        optimizers: Optional[Mapping[str, torch.optim.Optimizer]] = None,
+    ):
+        """`optimizers` by short name ({"g": opt_g}) add their learning rate to every row as lr_<name>."""
         self.path = path
         self.images_per_step = images_per_step
+        # Under torchrun every rank averages its statistics with the others; only rank 0 writes.
+        self.is_main = distributed.world().is_main
+        self.optimizers = dict(optimizers or {})
+        self.tensorboard = None
+        if "tensorboard" in loggers and self.is_main:
+            # On resume, purge_step hides events a crashed run logged after its checkpoint (as _truncate_after does).
+            self.tensorboard = import_summary_writer()(str(path.parent / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self._sums: Dict[str, torch.Tensor] = {}
         self._count = 0
         self._clock = time.perf_counter()
-        self._truncate_after(start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not show_progress, unit="step", dynamic_ncols=True)
+        if self.is_main:
+            self._truncate_after(start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (show_progress and self.is_main), unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint, so the file reads as one continuous run."""
@@ -50,22 +90,49 @@ class MetricsLog:
         now = time.perf_counter()
         names = list(self._sums)
         # This is the loop's only CPU-GPU sync point.
-        values = torch.stack([self._sums[k] for k in names]).div(self._count).tolist()
+        sums = distributed.sum_over_ranks(torch.stack([self._sums[k] for k in names]))
+        values = sums.div(self._count * distributed.world().size).tolist()
         row: Dict[str, float] = {"step": step, "epoch": epoch}
         row.update({k: round(v, 6) for k, v in zip(names, values)})
         row["images_per_s"] = round(self._count * self.images_per_step / max(now - self._clock, 1e-9), 1)
+        row.update({f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()})
         row.update(extra or {})
+        self._sums, self._count, self._clock = {}, 0, now
+        if not self.is_main:
+            return row
         with open(self.path, "a") as file:
             file.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(TENSORBOARD_TAGS.get(key, key), value, step)
         self.bar.set_postfix(
             {k: f"{row[k]:.3g}" for k in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s") if k in row},
             refresh=False,
         )
-        self._sums, self._count, self._clock = {}, 0, now
         return row
+
+    def add_grid(self, grid: Image.Image, step: int) -> None:
+        """Show a fixed-noise grid (as saved in samples/) in TensorBoard's image tab."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_image("samples/fixed_noise", np.asarray(grid), step, dataformats="HW" if grid.mode == "L" else "HWC")
 
     def close(self) -> None:
         self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def import_summary_writer():
+    """torch's TensorBoard `SummaryWriter` class, or a UserError saying how to install TensorBoard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises it when the tensorboard package is missing
+        raise UserError(
+            "logger=[jsonl,tensorboard] needs the tensorboard package: pip install 'dcgan[tensorboard]' "
+            "(or pip install tensorboard), or leave tensorboard out of logger"
+        ) from None
+    return SummaryWriter
 
 
 def all_finite(row: Dict[str, float]) -> bool:

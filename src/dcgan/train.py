@@ -7,10 +7,12 @@ To resume, run the same command again with `trainer.resume=auto` (and the same `
 
 from __future__ import annotations
 
+import datetime
 import logging
+import re
 import signal
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -19,8 +21,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dcgan import checkpoint, data, models
-from dcgan.config import UserError, compose, config_dir, exit_with, resolve_device, to_yaml, validate_train
+from dcgan import augment, checkpoint, data, distributed, evaluate, models, report
+from dcgan.config import UserError, compose, config_dir, exit_with, to_yaml, validate_train
 from dcgan.log import MetricsLog
 from dcgan.losses import build_loss
 from dcgan.optim import EMA, build_optimizer
@@ -36,12 +38,17 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     """Train from `cfg` (a composed TrainConfig) writing into `run_dir`; returns the last metrics row."""
     validate_train(cfg)
     t = cfg.trainer
-    device = resolve_device(t.device)
-    torch.manual_seed(t.seed)
+    device, rank = distributed.setup(t.device, t.dist_timeout_s), distributed.world()
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     images = data.load_images(cfg.dataset)
-    batches = data.ImageBatches(images, t.batch_size, device, seed=t.seed)
+    local_batch = distributed.per_rank_batch(t.batch_size)  # batch_size is global: split over ranks
+    batches = data.ImageBatches(images, local_batch, device, t.seed, rank.rank, rank.size)
     G, D = models.build_generator(cfg, device), models.build_discriminator(cfg, device)
     G_ema = EMA(G, t.ema) if t.ema > 0 else None
+    G_ddp, D_ddp = distributed.wrap(G, device, t.sync_bn), distributed.wrap(D, device, t.sync_bn)
+    # The losses judge every image through DiffAugment (augment.policy); with no policy these are D itself.
+    D_for_d_step, D_for_g_step = augment.wrap(D_ddp, cfg.augment.policy), augment.wrap(D, cfg.augment.policy)
+    torch.manual_seed(t.seed + rank.rank)  # dropout differs between ranks
     opt_g = build_optimizer(G.parameters(), cfg.optimizer.generator, "optimizer.generator")
     opt_d = build_optimizer(D.parameters(), cfg.optimizer.discriminator, "optimizer.discriminator")
     loss = build_loss(cfg.loss)
@@ -50,45 +57,57 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.amp else nullcontext()
     total_steps = t.max_steps or max(1, t.epochs * batches.batches_per_epoch // t.d_steps)
     checkpoints, samples = run_dir / "checkpoints", run_dir / "samples"
+    run_dir.mkdir(parents=True, exist_ok=True)
     parts = dict(G=G, D=D, G_ema=G_ema, opt_g=opt_g, opt_d=opt_d, batches=batches, noise=noise)
 
     step = resume(t.resume, checkpoints, cfg, parts)
+    evaluator = evaluate.TrainingEvaluator(cfg, images, device, checkpoints, resumed=step > 0) if t.eval_every and rank.is_main else None
     log.info("data: %d images %s; %d steps of batch %d on %s -> %s", len(images), tuple(images.shape[1:]), total_steps, t.batch_size, device, run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", step, total_steps, t.batch_size * t.d_steps, t.progress)
-    stop = StopRequest()
+    metrics = MetricsLog(run_dir / "metrics.jsonl", step, total_steps, t.batch_size * t.d_steps, t.progress, cfg.logger, {"g": opt_g, "d": opt_d})
+    stop = StopRequest(check_every=t.log_every if rank.enabled else 1, device=device)
     row: Dict[str, Any] = {}
-    while step < total_steps and not stop.signal:
+    stopping = False
+    while step < total_steps and not stopping:
         # D update(s): fakes come from a no-grad G forward, since D's step needs no gradient through G.
         for _ in range(t.d_steps):
             real = batches.next()
             with torch.no_grad(), autocast:
-                fake = G(sample_z(t.batch_size, cfg, noise, device))
+                fake = G_ddp(sample_z(t.batch_size, cfg, noise, device, rank))
             with autocast:
-                loss_d, stats = loss.discriminator(D, real, fake)
+                loss_d, stats = loss.discriminator(D_for_d_step, real, fake)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
 
-        # G update on fresh latents.
-        with autocast:
-            loss_g = loss.generator(D, G(sample_z(t.batch_size, cfg, noise, device)))
+        # G update on fresh latents; D's weights need no gradient here, so the plain D (no DDP) is frozen.
+        with autocast, frozen(D):
+            loss_g = loss.generator(D_for_g_step, G_ddp(sample_z(t.batch_size, cfg, noise, device, rank)))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
         if G_ema is not None:
+            distributed.broadcast_buffers(G)  # BatchNorm statistics are per rank; keep every EMA copy equal
             G_ema.update(G, step)
         step += 1
 
-        # Logging, grids and checkpoints; the metrics write is the only GPU sync.
+        # Evaluation, logging, grids and checkpoints; the metrics write is the only GPU sync.
         metrics.add({"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **stats})
-        last = step == total_steps or stop.signal is not None
-        if step % t.log_every == 0 or last:
-            row = metrics.write(step, batches.epoch)
-        if step % t.sample_every == 0 or last:
-            save_grid(generate(sampling_generator(G, G_ema), grid_z), samples / f"step_{step:06d}.png", nrow=8)
+        stopping = stop.agreed(step)
+        last = step == total_steps or stopping
+        # FID/KID (rank 0) go into this step's metrics row; best.pt follows the best FID.
+        evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == total_steps)
+        scores = evaluator(step, sampling_generator(G, G_ema), lambda: training_state(cfg, step, parts)) if evaluator and evaluating else {}
+        if step % t.log_every == 0 or last or evaluating:
+            row = metrics.write(step, batches.epoch, scores)
+        if rank.is_main and (step % t.sample_every == 0 or last):
+            metrics.add_grid(save_grid(generate(sampling_generator(G, G_ema), grid_z), samples / f"step_{step:06d}.png", nrow=8), step)
         if step % t.ckpt_every == 0 or last:
-            checkpoint.save(training_state(cfg, step, parts), checkpoints, step, t.keep_last)
+            replicas = distributed.replica_checksums(G, D, *([G_ema.model] if G_ema else []))
+            if rank.is_main:
+                checkpoint.save({**training_state(cfg, step, parts), "replica_checksums": replicas}, checkpoints, step, t.keep_last)
     metrics.close()
+    if rank.is_main:
+        report.write_report(run_dir)  # loss_curves.png and progress.gif
     stop.restore()
     if stop.signal is not None:
         log.warning("stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto", stop.signal, step)
@@ -96,10 +115,24 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     return row
 
 
-def sample_z(n: int, cfg: DictConfig, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def sample_z(batch_size: int, cfg: DictConfig, generator: torch.Generator, device: torch.device, rank: distributed.World) -> torch.Tensor:
+    """This rank's slice of the global batch of latents: every rank draws the same global batch, so N
+    processes train on the latents one process would (drawing is cheap next to the networks)."""
     if cfg.generator.z_distribution == "uniform":
-        return torch.rand(n, cfg.generator.z_dim, generator=generator, device=device).mul_(2).sub_(1)
-    return torch.randn(n, cfg.generator.z_dim, generator=generator, device=device)
+        z = torch.rand(batch_size, cfg.generator.z_dim, generator=generator, device=device).mul_(2).sub_(1)
+    else:
+        z = torch.randn(batch_size, cfg.generator.z_dim, generator=generator, device=device)
+    return z.chunk(rank.size)[rank.rank]
+
+
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """No weight gradients for `model` inside the block (gradients still flow through it)."""
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        model.requires_grad_(True)
 
 
 def sampling_generator(G: torch.nn.Module, G_ema: Optional[EMA]) -> torch.nn.Module:
@@ -109,14 +142,27 @@ def sampling_generator(G: torch.nn.Module, G_ema: Optional[EMA]) -> torch.nn.Mod
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag, so the current step finishes and a checkpoint is written."""
 
-    def __init__(self):
+    def __init__(self, check_every: int, device: torch.device):
         self.signal: Optional[int] = None
+        self.check_every, self.device = check_every, device
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
         if self.signal is not None:  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
         self.signal = signum
+
+    def agreed(self, step: int) -> bool:
+        """Stop now? Alone: as soon as a signal came. Under torchrun the ranks agree every
+        check_every steps, so no rank leaves while another still waits for it in a collective."""
+        if self.check_every == 1:
+            return self.signal is not None
+        if step % self.check_every:
+            return False
+        stop = distributed.any_rank(self.signal is not None, self.device)
+        if stop and self.signal is None:
+            self.signal = signal.SIGTERM
+        return stop
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -203,7 +249,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     # Flags (--help, --cfg job, --multirun) are Hydra's business; plain overrides are checked here first.
     if not any(arg.startswith("-") for arg in args):
         try:
-            validate_train(compose("train", args))
+            cfg = compose("train", args)
+            validate_train(cfg)
+            if distributed.world().enabled:  # under torchrun: join the job, use rank 0's run folder
+                distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+                args = distributed.shared_run_dir(args, run_dir_from(args))
         except UserError as error:
             exit_with(error, "gan-train")
     sys.argv = [sys.argv[0], *args]
@@ -212,6 +262,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     except SystemExit as exit:
         # Hydra reports its own config errors with exit code 1; they are usage errors like ours.
         raise SystemExit(2 if exit.code == 1 else exit.code)
+    finally:
+        distributed.shutdown()
+
+
+def run_dir_from(args: List[str]) -> str:
+    """The run folder Hydra would pick for these args: hydra.run.dir=..., or train.yaml's dated default."""
+    for arg in args:
+        if arg.startswith("hydra.run.dir="):
+            return arg.split("=", 1)[1]
+    template = OmegaConf.load(config_dir() / "train.yaml").hydra.run._get_node("dir")._value()
+    now = datetime.datetime.now()
+    return re.sub(r"\$\{now:([^}]*)\}", lambda match: now.strftime(match.group(1)), template)
 
 
 if __name__ == "__main__":

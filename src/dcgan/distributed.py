@@ -1,0 +1,155 @@
+"""Multi-process training under `torchrun` (PyTorch DDP): process group, devices, the shared run folder.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything here is a no-op, so the same
+`gan-train` command runs on one process or many. `trainer.batch_size` is the global batch: each of
+the N processes trains on batch_size / N images per step, and DDP averages the gradients, so N
+processes compute the same update as one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dcgan.config import UserError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place in the job, from torchrun's environment variables."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def setup(device_setting: str, timeout_s: float) -> torch.device:
+    """Join the process group (once) and return this process's device.
+
+    NCCL for CUDA, gloo for CPU. The timeout bounds every collective: a dead or missing peer ends
+    the job with an error instead of a silent hang.
+    """
+    w = world()
+    wants_cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
+    if wants_cuda and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={device_setting} but CUDA is not available here; use trainer.device=cpu (or auto)")
+    device = torch.device("cuda", w.local_rank) if wants_cuda and w.enabled else None
+    if w.enabled and not dist.is_initialized():
+        if device is not None:
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend="nccl" if wants_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device,
+        )
+    if device is not None:
+        return device
+    if device_setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device_setting)
+
+
+def shared_run_dir(args: List[str], run_dir: str) -> List[str]:
+    """Command-line args with rank 0's run folder, so the whole job writes into one Hydra run dir.
+
+    Other ranks also stop Hydra from writing its .hydra/ record and log file there (rank 0 does).
+    """
+    w = world()
+    if not w.enabled:
+        return args
+    chosen = [run_dir]
+    dist.broadcast_object_list(chosen, src=0)
+    args = [a for a in args if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={chosen[0]}"]
+    if not w.is_main:
+        args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return args
+
+
+def per_rank_batch(batch_size: int) -> int:
+    size = world().size
+    if batch_size % size:
+        raise UserError(
+            f"trainer.batch_size={batch_size} is the global batch and must divide evenly over {size} processes; "
+            f"use a multiple of {size}"
+        )
+    return batch_size // size
+
+
+def wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
+    """DDP around a model when running distributed; the model itself otherwise."""
+    if not world().enabled:
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("trainer.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); set it false on CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), so copies of G stay identical."""
+    if world().enabled:
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    if world().enabled:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any (a CPU-GPU sync point)."""
+    if not world().enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
+def replica_checksums(*models: nn.Module) -> List[float]:
+    """Every rank's checksum of these models' weights and buffers (a CPU-GPU sync point).
+
+    DDP keeps replicas identical by construction; this proves it at each checkpoint, and a drift
+    (a non-deterministic kernel, a rank-dependent code path) stops the job instead of saving it.
+    """
+    tensors = [t.detach().double().flatten() for m in models for t in (*unwrap(m).parameters(), *unwrap(m).buffers())]
+    flat = torch.cat(tensors) if tensors else torch.zeros(1, dtype=torch.double)
+    # Position weights make the sum sensitive to which element changed, not only to the total.
+    local = (flat * torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.double, device=flat.device)).sum().reshape(1)
+    if not world().enabled:
+        return [local.item()]
+    gathered = [torch.zeros_like(local) for _ in range(world().size)]
+    dist.all_gather(gathered, local)
+    checksums = [g.item() for g in gathered]
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"the ranks' model replicas differ (checksums {checksums}); not saving a checkpoint of one of them")
+    return checksums
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

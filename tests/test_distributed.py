@@ -1,0 +1,113 @@
+"""gan-train under torchrun (DDP, gloo on CPU): one job, one run folder, the same result as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BIN, run_cli
+from dcgan import checkpoint
+
+# BatchNorm-free networks: without SyncBatchNorm (CUDA only) each rank normalizes its own half batch,
+# which one process can't reproduce; with these, N ranks must compute exactly one process's update.
+# SGD, because Adam's first steps move each weight by about lr * sign(gradient), which turns the last-bit
+# differences of a differently ordered sum into whole steps wherever a gradient is near zero.
+SMALL = [
+    "optimizer.generator.name=SGD", "optimizer.discriminator.name=SGD",
+    "optimizer.generator.lr=0.01", "optimizer.discriminator.lr=0.01",
+    "generator=keras_mnist", "discriminator=keras_mnist", "generator.width=0.25", "discriminator.width=0.25",
+    "trainer.batch_size=16", "trainer.log_every=2", "trainer.ckpt_every=4", "trainer.device=cpu",
+    "trainer.progress=false", "trainer.ema=0.9",
+]
+
+
+def torchrun(args: list, cwd: Path, nproc: int = 2, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--standalone", "-m", "dcgan.train", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
+    for part in ("generator", "discriminator", "generator_ema"):
+        for key, value in a[part].items():
+            assert torch.allclose(value.float(), b[part][key].float(), atol=atol, rtol=1e-5), (part, key)
+
+
+def test_two_ranks_match_one_process(tmp_path: Path):
+    torchrun([*SMALL, "trainer.max_steps=8"], cwd=tmp_path)
+    # Rank 0 chose the one run folder (Hydra's dated default) and every output is in it.
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs
+    ddp_dir = runs[0]
+    assert (ddp_dir / ".hydra" / "config.yaml").is_file() and (ddp_dir / "samples" / "step_000008.png").is_file()
+    rows = [json.loads(line) for line in (ddp_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]  # one writer: no duplicated rows
+
+    single_dir = tmp_path / "single"
+    run_cli("gan-train", [*SMALL, "trainer.max_steps=8", f"hydra.run.dir={single_dir}"], cwd=tmp_path)
+    ddp = checkpoint.load(ddp_dir / "checkpoints" / "last.pt")
+    single = checkpoint.load(single_dir / "checkpoints" / "last.pt")
+    # Both ranks held identical G, D and EMA weights at every checkpoint.
+    assert len(ddp["replica_checksums"]) == 2 and len(set(ddp["replica_checksums"])) == 1
+    assert_same_weights(ddp, single)
+    single_rows = [json.loads(line) for line in (single_dir / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, single_rows):
+        assert abs(a["loss_d"] - b["loss_d"]) < 1e-4 and abs(a["loss_g"] - b["loss_g"]) < 1e-4
+
+    # The DDP checkpoint is an ordinary one: gan-sample reads it in a single process.
+    run_cli("gan-sample", [f"ckpt={ddp_dir / 'checkpoints' / 'last.pt'}", "n=4", "out=g.png"], cwd=tmp_path)
+    assert (tmp_path / "g.png").is_file()
+
+
+def test_resume_under_ddp(tmp_path: Path):
+    run = tmp_path / "run"
+    torchrun([*SMALL, "trainer.max_steps=4", f"hydra.run.dir={run}"], cwd=tmp_path)
+    torchrun([*SMALL, "trainer.max_steps=8", "trainer.resume=auto", f"hydra.run.dir={run}"], cwd=tmp_path)
+    straight = tmp_path / "straight"
+    run_cli("gan-train", [*SMALL, "trainer.max_steps=8", f"hydra.run.dir={straight}"], cwd=tmp_path)
+    resumed = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert resumed["step"] == 8
+    assert_same_weights(resumed, checkpoint.load(straight / "checkpoints" / "last.pt"))
+
+
+def test_global_batch_must_split_evenly(tmp_path: Path):
+    result = torchrun([*SMALL, "trainer.batch_size=15", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}"],
+                      cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "multiple of 2" in result.stderr
+
+
+def test_a_dead_rank_ends_the_job(tmp_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [str(BIN / "torchrun"), "--nproc_per_node=2", "--standalone", "-m", "dcgan.train", *SMALL,
+               "trainer.max_steps=100000", "trainer.dist_timeout_s=30", f"hydra.run.dir={tmp_path / 'run'}"]
+    job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+            assert job.poll() is None, job.stderr.read()[-2000:]
+            time.sleep(0.5)
+        assert metrics.exists(), "training never started"
+        workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        killed_at = time.time()
+        job.wait(timeout=90)
+        assert job.returncode != 0
+        assert time.time() - killed_at < 90
+    finally:
+        if job.poll() is None:
+            job.kill()
+    # What was written before the failure is intact.
+    assert checkpoint.latest(tmp_path / "run" / "checkpoints") is not None
