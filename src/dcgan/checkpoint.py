@@ -20,6 +20,7 @@ from dcgan.config import UserError
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
+BEST = "best.pt"  # the checkpoint with the best FID so far (trainer.eval_every); ignored by latest()
 STEP_PATTERN = re.compile(r"^step_(\d{6,})\.pt$")
 log = logging.getLogger(__name__)
 
@@ -28,21 +29,18 @@ def step_name(step: int) -> str:
     return f"step_{step:06d}.pt"
 
 
-def save(state: Dict[str, Any], directory: Path, step: int, keep_last: int) -> Path:
+def save(state: Dict[str, Any], directory: Path, step: int, keep_last: int, keep_step: Optional[int] = None) -> Path:
     """Write `step_NNNNNN.pt` and replace `last.pt` with it; a kill at any moment leaves the old files whole.
 
     The bytes go to a temporary file that is fsynced, hard-linked as the step file, and renamed over
     last.pt; renames within a folder are atomic, so readers see either the old or the new file.
-    Old step files beyond `keep_last` are removed only after the new ones are safely on disk.
+    Old step files beyond `keep_last` are removed only after the new ones are safely on disk, except
+    the newest one at or before `keep_step` (the health guard's last trusted step; see health.py).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    state = {**state, "format_version": FORMAT_VERSION}
     temporary = directory / f".{step_name(step)}.tmp"
     try:
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
+        _write_fsynced(state, temporary)
         step_path = directory / step_name(step)
         step_path.unlink(missing_ok=True)
         try:
@@ -53,12 +51,37 @@ def save(state: Dict[str, Any], directory: Path, step: int, keep_last: int) -> P
         _fsync_directory(directory)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise UserError(
-            f"could not write a checkpoint to {directory} ({error.strerror or error}); free some disk space or "
-            "point hydra.run.dir at a writable folder (earlier checkpoints are untouched)"
-        ) from None
-    _prune(directory, keep_last)
+        raise _write_error(directory, error) from None
+    _prune(directory, keep_last, keep_step)
     return step_path
+
+
+def save_as(state: Dict[str, Any], path: Path) -> Path:
+    """Write one named checkpoint (e.g. checkpoints/best.pt) atomically: temporary file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        _write_fsynced(state, temporary)
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise _write_error(path.parent, error) from None
+    return path
+
+
+def _write_fsynced(state: Dict[str, Any], path: Path) -> None:
+    with open(path, "wb") as file:
+        torch.save({**state, "format_version": FORMAT_VERSION}, file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _write_error(directory: Path, error: OSError) -> UserError:
+    return UserError(
+        f"could not write a checkpoint to {directory} ({error.strerror or error}); free some disk space or "
+        "point hydra.run.dir at a writable folder (earlier checkpoints are untouched)"
+    )
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -74,11 +97,21 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _prune(directory: Path, keep_last: int) -> None:
+def _prune(directory: Path, keep_last: int, keep_step: Optional[int]) -> None:
+    for stale in directory.glob(".*.pt.tmp"):  # left by a save that was killed; this one has finished
+        stale.unlink(missing_ok=True)
     if keep_last <= 0:
         return
-    for old in step_checkpoints(directory)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    steps = step_checkpoints(directory)
+    trusted = [p for p in steps if keep_step is not None and step_of(p) <= keep_step][-1:]
+    for old in steps[:-keep_last]:
+        if old not in trusted:
+            old.unlink(missing_ok=True)
+
+
+def step_of(path: Path) -> int:
+    """The step of a step_NNNNNN.pt file."""
+    return int(STEP_PATTERN.match(path.name).group(1))
 
 
 def step_checkpoints(directory: Path) -> list:

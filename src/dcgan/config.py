@@ -104,6 +104,18 @@ class OptimizerConfig:
 
 
 @dataclass
+class HealthConfig:
+    """The health guard's thresholds (health.py); the defaults never trip on a run that is learning."""
+
+    collapse_steps: int = 1000  # a collapse signature must hold this many steps to count; 0 = watch NaN/Inf only
+    collapse_d_accuracy: float = 0.99  # collapse: D's accuracy at or above this ...
+    collapse_loss_g: float = 10.0  # ... while G's loss is at or above this (ns loss: D(G(z)) < 5e-5)
+    min_diversity: float = 0.05  # or the fixed-noise grid varies less than this fraction of real images
+    max_rollbacks: int = 3  # on_divergence=rollback: stop after this many rollbacks
+    rollback_lr_factor: float = 0.5  # the k-th rollback trains on with both learning rates x factor**k
+
+
+@dataclass
 class TrainerConfig:
     batch_size: int = 128  # real images per D update (and fakes per G update)
     max_steps: int = 0  # generator updates to run; 0 = run `epochs` epochs
@@ -116,8 +128,17 @@ class TrainerConfig:
     log_every: int = 50  # steps between metrics.jsonl rows (the only GPU syncs of the loop)
     resume: Optional[str] = None  # a checkpoint path, or "auto" for checkpoints/last.pt of the run dir
     amp: bool = False  # bf16 autocast (CUDA; also allowed on CPU)
+    # Speed options (speed.py; measured in docs/PERFORMANCE.md): the same maths on other layouts and kernels.
+    channels_last: bool = True  # NHWC layout for G and D
+    compile: bool = False  # torch.compile G and D; a failure in the trial step before training falls back to eager
+    cuda_graphs: bool = False  # CUDA only: compile in reduce-overhead mode (CUDA graphs of G's and D's passes); unmeasured
+    fused_optimizer: bool = True  # fused kernels for Adam/AdamW/SGD/Adagrad (CUDA and CPU); other optimizers ignore it
+    cudnn_benchmark: bool = True  # CUDA: cuDNN picks the fastest conv algorithm for our fixed shapes
     ema: float = 0.999  # decay of the generator's moving average; 0 turns it off
-    keep_last: int = 3  # step checkpoints kept (0 = keep all); last.pt is always kept
+    keep_last: int = 3  # step checkpoints kept (0 = keep all); last.pt and the newest healthy one are always kept
+    on_divergence: str = "stop"  # stop | rollback: what NaN/Inf or a collapse does (health.py; thresholds in `health`)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    deterministic: bool = False  # PyTorch's deterministic algorithms (a warning where an op has none)
     grid_size: int = 64  # images in each progress grid
     progress: bool = True  # tqdm progress bar
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
@@ -292,6 +313,13 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
     for key in ("sample_every", "ckpt_every", "log_every", "grid_size"):
         _at_least(f"trainer.{key}", t[key], 1)
     _at_least("trainer.keep_last", t.keep_last, 0)
+    _one_of("trainer.on_divergence", t.on_divergence, ("stop", "rollback"))
+    _at_least("trainer.health.collapse_steps", t.health.collapse_steps, 0)
+    _at_least("trainer.health.max_rollbacks", t.health.max_rollbacks, 0)
+    if not 0.0 < t.health.rollback_lr_factor < 1.0:
+        raise UserError(f"trainer.health.rollback_lr_factor must be in (0, 1), got {t.health.rollback_lr_factor}")
+    if not 0.0 <= t.health.collapse_d_accuracy <= 1.0 or t.health.min_diversity < 0:
+        raise UserError("trainer.health.collapse_d_accuracy must be in [0, 1] and trainer.health.min_diversity >= 0")
     _at_least("trainer.eval_every", t.eval_every, 0)
     if t.eval_every:
         validate_metrics("eval.", cfg.eval)
@@ -308,6 +336,8 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
 
         import_summary_writer()  # fails here, before a run folder exists, when the package is missing
     validate_device("trainer.device", t.device)
+    if t.cuda_graphs and (t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())):
+        raise UserError("trainer.cuda_graphs=true needs a CUDA device (CUDA graphs replay GPU kernels); set it false on CPU")
     # Building the networks on the meta device costs no memory and proves the architecture can
     # make images of this size and channel count.
     from dcgan import models

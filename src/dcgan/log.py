@@ -32,6 +32,8 @@ TENSORBOARD_TAGS = {
     "d_fake": "D/fake_score",  # D(G(z))
     "d_accuracy": "D/accuracy",
     "fid": "Metrics/FID",
+    "kid": "Metrics/KID",
+    "eval_s": "Speed/eval_s",
     "images_per_s": "Speed/images_per_s",
     "lr_g": "LearningRate/G",
     "lr_d": "LearningRate/D",
@@ -70,7 +72,8 @@ class MetricsLog:
         """On resume, drop rows logged after the checkpoint, so the file reads as one continuous run."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        # A line cut short (a full disk or a power cut during the append) is dropped, not a crash at resume.
+        kept = [line for line in self.path.read_text().splitlines() if (logged := _logged_step(line)) is not None and logged <= step]
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text("".join(line + "\n" for line in kept))
         temporary.replace(self.path)
@@ -121,6 +124,13 @@ class MetricsLog:
         self.bar.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _logged_step(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def import_summary_writer():

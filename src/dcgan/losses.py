@@ -27,6 +27,7 @@ class GANLoss:
     def __init__(self, cfg: LossConfig):
         self.real_label = cfg.real_label
         self.gp_weight = cfg.gp_weight
+        self.r1_weight = cfg.r1_weight
 
     def d_terms(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -40,8 +41,13 @@ class GANLoss:
 
     def discriminator(self, D: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
         # Separate calls for real and fake keep BatchNorm statistics per batch, as in the DCGAN paper.
+        # R1 differentiates D's output with respect to the real images, so they must track gradients.
+        real = real.detach().requires_grad_(self.r1_weight > 0)
         real_logits, fake_logits = D(real).float(), D(fake).float()
         loss = self.d_terms(real_logits, fake_logits)
+        if self.r1_weight > 0:
+            penalty = r1_penalty(real_logits, real)
+            loss = loss + self.r1_weight / 2 * penalty
         with torch.no_grad():
             accuracy = 0.5 * (
                 (real_logits > self.decision_threshold).float().mean()
@@ -52,7 +58,19 @@ class GANLoss:
                 "d_fake": self.score(fake_logits).mean(),
                 "d_accuracy": accuracy,
             }
+            if self.r1_weight > 0:
+                stats["r1_penalty"] = penalty.detach()
         return loss, stats
+
+
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder, Geiger & Nowozin 2018): E[|grad_x D(x)|^2] over real images; the loss adds gamma/2 times it.
+
+    It pushes D's gradient at the data toward zero, which damps the oscillation of unregularized GANs.
+    create_graph=True so D's update also follows the penalty's own gradient.
+    """
+    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.float().square().flatten(1).sum(1).mean()
 
 
 class NonSaturating(GANLoss):

@@ -317,23 +317,33 @@ def init_dcgan(module: nn.Module) -> None:
 
 def build_generator(cfg, device: torch.device | str = "cpu") -> nn.Module:
     """The generator for a full training config (uses dataset geometry and the generator section)."""
-    section = cfg.generator
-    builder = _lookup(GENERATORS, "generator.arch", section.arch)
-    with torch.device(device):
-        model = builder(cfg.dataset.image_size, cfg.dataset.channels, section)
-    if section.init == "dcgan" and str(device) != "meta":
-        init_dcgan(model)
-    return model
+    return _build(GENERATORS, "generator", cfg, device)
 
 
 def build_discriminator(cfg, device: torch.device | str = "cpu") -> nn.Module:
-    section = cfg.discriminator
-    builder = _lookup(DISCRIMINATORS, "discriminator.arch", section.arch)
+    model = _build(DISCRIMINATORS, "discriminator", cfg, device)
+    if cfg.discriminator.spectral_norm:
+        apply_spectral_norm(model)  # after init: it reparametrizes the initialized weights
+    return model
+
+
+def _build(registry: dict, part: str, cfg, device: torch.device | str) -> nn.Module:
+    section = cfg[part]
+    builder = _lookup(registry, f"{part}.arch", section.arch)
     with torch.device(device):
         model = builder(cfg.dataset.image_size, cfg.dataset.channels, section)
     if section.init == "dcgan" and str(device) != "meta":
         init_dcgan(model)
     return model
+
+
+def apply_spectral_norm(model: nn.Module) -> None:
+    """Spectral normalization (Miyato et al. 2018) on every conv and linear layer: W / sigma(W), with sigma
+    tracked by one power iteration per training forward pass. It bounds D's Lipschitz constant layer by
+    layer; the raw weight becomes `parametrizations.weight.original`."""
+    for module in list(model.modules()):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.utils.parametrizations.spectral_norm(module)
 
 
 def _lookup(registry: dict, key: str, name: str):

@@ -11,10 +11,12 @@ from torch import nn
 from dcgan.config import OptimizerSettings, UserError
 
 
-def build_optimizer(params, settings: OptimizerSettings, key: str) -> torch.optim.Optimizer:
+def build_optimizer(params, settings: OptimizerSettings, key: str, fused: bool = False) -> torch.optim.Optimizer:
     """Any torch.optim class by name; `betas` go only to optimizers that take them.
 
-    `key` (e.g. "optimizer.generator") names the config section in error messages.
+    `key` (e.g. "optimizer.generator") names the config section in error messages. `fused`
+    (trainer.fused_optimizer) asks for the single-kernel update where the class has one (Adam,
+    AdamW, SGD, Adagrad), unless `extra` already picks an implementation (fused or foreach).
     """
     cls = getattr(torch.optim, settings.name, None)
     if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
@@ -24,6 +26,8 @@ def build_optimizer(params, settings: OptimizerSettings, key: str) -> torch.opti
     if "betas" in accepted:
         kwargs["betas"] = tuple(settings.betas)
     kwargs.update(dict(settings.extra))
+    if fused and "fused" in accepted and not {"fused", "foreach"} & set(kwargs):
+        kwargs["fused"] = True
     unknown = sorted(k for k in kwargs if k not in accepted)
     if unknown:
         raise UserError(f"{key}: torch.optim.{settings.name} takes no argument {', '.join(unknown)}; remove it from {key}")

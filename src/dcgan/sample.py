@@ -1,44 +1,76 @@
-"""Sampling from a checkpoint alone: grids, per-seed images and latent interpolations (`gan-sample`).
+"""The sampling studio (`gan-sample`): everything a checkpoint alone can make.
+
+  grid         one PNG of n images                   seeds        one PNG per seed (seeds=0-63)
+  interpolate  a spherical walk through key seeds,   neighbors    each sample beside its k nearest training
+               as a looping GIF or a grid (.png)                  images (pixel L2): is G copying its data?
+  export       the generator as TorchScript or ONNX, for use without this package
 
 Image i of a grid with `seed=s` comes from seed s+i, and every latent vector is drawn on the CPU
 from its own seed, so an image depends on its seed only: not on the batch size, nor on the device.
+`truncation=t` trades variety for fidelity in every mode (see `latents`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
-from torchvision.utils import make_grid
 
-from dcgan import checkpoint, models
+from dcgan import checkpoint, data, models
 from dcgan.config import (
     SampleConfig,
     UserError,
     compose,
     exit_with,
     resolve_device,
+    to_yaml,
     train_config_from_yaml,
     validate_device,
 )
 
 
-def latents(seeds: List[int], z_dim: int, distribution: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """One latent vector per seed, [len(seeds), z_dim], each drawn from its own CPU generator."""
+def latents(
+    seeds: List[int], z_dim: int, distribution: str, device: torch.device | str = "cpu", truncation: Optional[float] = None
+) -> torch.Tensor:
+    """One latent vector per seed, [len(seeds), z_dim], each drawn from its own CPU generator.
+
+    `truncation` (the truncation trick; None = off) keeps latents near the mode, where G is at its
+    best: normal entries beyond +-truncation are redrawn, uniform latents are scaled to U(-t, t).
+    """
     rows = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         if distribution == "uniform":
-            rows.append(torch.rand(z_dim, generator=generator) * 2 - 1)
+            z = torch.rand(z_dim, generator=generator) * 2 - 1
+            rows.append(z if truncation is None else z * truncation)
         else:
-            rows.append(torch.randn(z_dim, generator=generator))
+            z = torch.randn(z_dim, generator=generator)
+            rows.append(z if truncation is None else redraw_beyond(z, truncation, generator))
     return torch.stack(rows).to(device)
+
+
+def redraw_beyond(z: torch.Tensor, threshold: float, generator: torch.Generator) -> torch.Tensor:
+    """BigGAN's truncation trick: every entry with |z| > threshold is redrawn from N(0, 1) cut to +-threshold.
+
+    Redrawing, not clamping, gives a truncated normal with no pile-up at +-threshold; entries already
+    inside are kept. Each redraw inverts the normal CDF on one uniform number (no rejection loop, so
+    any threshold > 0 is quick), drawn from the seed's own generator: a seed still fixes its latent.
+    """
+    outside = z.abs() > threshold
+    low = torch.special.ndtr(torch.tensor(-threshold, dtype=torch.float64))  # P(z < -threshold)
+    uniform = torch.rand(int(outside.sum()), generator=generator, dtype=torch.float64)
+    redrawn = torch.special.ndtri(low + uniform * (1 - 2 * low))
+    z[outside] = redrawn.clamp(-threshold, threshold).float()  # the clamp only absorbs rounding at the edges
+    return z
 
 
 @torch.no_grad()
@@ -62,9 +94,24 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, "L" if array.shape[2] == 1 else "RGB")
 
 
-def grid_image(images: torch.Tensor, nrow: int) -> Image.Image:
-    grid = make_grid(to_uint8(images).float(), nrow=nrow, padding=2, pad_value=0).to(torch.uint8)
-    return to_pil(grid[:1] if images.shape[1] == 1 else grid)
+def grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
+    """Images in [-1, 1] (or already uint8) as one grid: `nrow` per row, `padding` black pixels around each.
+
+    The layout of torchvision's make_grid, built in uint8 here: importing torchvision would add a
+    second or more to the start of every command.
+    """
+    pixels = images.cpu() if images.dtype == torch.uint8 else to_uint8(images)
+    count, channels, height, width = pixels.shape
+    if count == 1:  # a lone image is written bare, as make_grid does
+        return to_pil(pixels[0])
+    columns = min(nrow, count)
+    rows = -(-count // columns)
+    grid = torch.zeros(channels, rows * (height + padding) + padding, columns * (width + padding) + padding, dtype=torch.uint8)
+    for index, image in enumerate(pixels):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        grid[:, top : top + height, left : left + width] = image
+    return to_pil(grid)
 
 
 def save_atomically(image: Image.Image, path: Path, **save_args) -> None:
@@ -75,8 +122,17 @@ def save_atomically(image: Image.Image, path: Path, **save_args) -> None:
     os.replace(temporary, path)
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
-    save_atomically(grid_image(images, nrow), path)
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Image.Image:
+    """Write the grid and return it (the trainer also shows it in TensorBoard)."""
+    image = grid_image(images, nrow)
+    save_atomically(image, path)
+    return image
+
+
+def save_gif(frames: Sequence[Image.Image], path: Path, duration_ms: int | List[int]) -> None:
+    """An endlessly looping GIF; `duration_ms` for every frame, or one per frame."""
+    frames = [frame.convert("P" if frame.mode == "L" else "RGB") for frame in frames]
+    save_atomically(frames[0], path, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -86,6 +142,17 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     if omega.abs() < 1e-4:
         return torch.lerp(a, b, t)
     return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def slerp_legs(key_z: torch.Tensor, frames: int, closed: bool) -> torch.Tensor:
+    """Latents along great circles through the key latents: [legs, points per leg, z_dim].
+
+    A closed path (a looping movie) goes back to the first key, and each leg leaves its end to the
+    next leg: `frames` points per leg. An open path (a grid, one row per leg) shows both ends.
+    """
+    pairs = [(i, i + 1) for i in range(len(key_z) - 1)] + ([(len(key_z) - 1, 0)] if closed else [])
+    points = frames if closed else frames + 1
+    return torch.stack([torch.stack([slerp(key_z[a], key_z[b], step / frames) for step in range(points)]) for a, b in pairs])
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -118,54 +185,218 @@ def load_generator(path: str | Path, device: torch.device, use_ema: bool = True)
     return G.to(device).eval(), cfg, state
 
 
-def run(cfg: SampleConfig) -> List[Path]:
-    """Write what `cfg.mode` asks for; returns the files written."""
+# ---------------------------------------------------------------- the studio's modes
+
+
+@dataclass
+class Studio:
+    """What every mode works with: the generator, the config it was trained with, the user's request."""
+
+    G: nn.Module
+    train_cfg: DictConfig
+    cfg: SampleConfig
+    device: torch.device
+
+    def latents(self, seeds: List[int], device: Optional[torch.device | str] = None) -> torch.Tensor:
+        g = self.train_cfg.generator
+        return latents(seeds, g.z_dim, g.z_distribution, self.device if device is None else device, self.cfg.truncation)
+
+    def seeds(self) -> List[int]:
+        """`seeds=` when given, else n seeds from `seed=`."""
+        cfg = self.cfg
+        return parse_seeds(cfg.seeds) if cfg.seeds else list(range(cfg.seed, cfg.seed + cfg.n))
+
+    def out(self, default: str) -> Path:
+        return Path(self.cfg.out or default)
+
+
+def write_grid(studio: Studio) -> List[Path]:
+    cfg, out = studio.cfg, studio.out("grid.png")
+    save_grid(generate(studio.G, studio.latents(list(range(cfg.seed, cfg.seed + cfg.n)))), out, cfg.nrow)
+    return [out]
+
+
+def write_seeds(studio: Studio) -> List[Path]:
+    seeds, out = studio.seeds(), studio.out("seeds")
+    images = to_uint8(generate(studio.G, studio.latents(seeds)))
+    folder = out if out.suffix == "" else out.with_suffix("")
+    paths = [folder / f"seed{seed:04d}.png" for seed in seeds]
+    for image, path in zip(images, paths):
+        save_atomically(to_pil(image), path)
+    return paths
+
+
+# An interpolation written to one of these is a still grid (a row per leg); anything else is a GIF.
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def write_interpolation(studio: Studio) -> List[Path]:
+    cfg, out = studio.cfg, studio.out("interpolation.gif")
+    keys = parse_seeds(cfg.seeds) if cfg.seeds else [cfg.seed, cfg.seed + 1]
+    if len(keys) < 2 or cfg.frames < 1 or cfg.fps < 1:
+        raise UserError("interpolate needs at least two seeds (seeds=0,1,2), frames >= 1 and fps >= 1")
+    as_grid = out.suffix.lower() in GRID_SUFFIXES
+    # The path is computed on the CPU from CPU latents, so it is the same on every device.
+    path_z = slerp_legs(studio.latents(keys, device="cpu"), cfg.frames, closed=not as_grid)
+    images = to_uint8(generate(studio.G, path_z.flatten(0, 1).to(studio.device)))
+    if as_grid:
+        save_grid(images, out, nrow=path_z.shape[1])
+        return [out]
+    if out.suffix.lower() != ".gif":
+        out = out.with_suffix(".gif")
+    save_gif([to_pil(image) for image in images], out, round(1000 / cfg.fps))
+    return [out]
+
+
+def write_neighbors(studio: Studio) -> List[Path]:
+    """A panel with a row per sample: the sample, then its k nearest training images; and their distances as JSON."""
+    cfg, out = studio.cfg, studio.out("neighbors.png")
+    seeds = studio.seeds()
+    samples = to_uint8(generate(studio.G, studio.latents(seeds)))
+    training = training_images(studio.train_cfg, cfg.dataset_root)
+    distances, indices = nearest_neighbors(samples, training, cfg.k, studio.device)
+    neighbors = training[indices.flatten()].view(*indices.shape, *samples.shape[1:])
+    panel = torch.cat([samples.unsqueeze(1), neighbors], dim=1)  # [n, 1 + k, C, S, S]
+    save_grid(panel.flatten(0, 1), out, nrow=panel.shape[1])
+    table = out.with_suffix(".json")
+    rows = [
+        {"seed": seed, "nearest": row_indices.tolist(), "l2": [round(d, 3) for d in row_distances.tolist()]}
+        for seed, row_indices, row_distances in zip(seeds, indices, distances)
+    ]
+    summary = {"distance": "L2 over 8-bit pixel values", "training_images": len(training), "samples": rows}
+    table.write_text(json.dumps(summary, indent=1) + "\n")
+    return [out, table]
+
+
+def training_images(train_cfg: DictConfig, root: Optional[str]) -> torch.Tensor:
+    """The checkpoint's training set, as the run saw it (same size, channels, max_images)."""
+    dataset = train_cfg.dataset if root is None else OmegaConf.merge(train_cfg.dataset, {"root": root})
+    try:
+        return data.load_images(dataset)
+    except UserError as error:
+        raise UserError(f"{error} (for gan-sample: pass dataset_root=PATH)") from None
+
+
+def nearest_neighbors(
+    queries: torch.Tensor, images: torch.Tensor, k: int, device: torch.device | str = "cpu", chunk_bytes: int = 2**28
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k images nearest each query in pixel space: (L2 distances [n, k], indices [n, k]), nearest first.
+
+    Both inputs are uint8 [*, C, S, S]; distances are in 8-bit pixel units. `images` is read in
+    chunks of about `chunk_bytes`, so a memory-mapped CelebA never sits in memory as floats.
+    """
+    # float64 keeps squared distances between 8-bit images exact (integers far below 2**53), so an
+    # image's distance to itself is exactly 0 and the ranking is the same on every device.
+    q = queries.flatten(1).to(device, torch.float64)
+    q_squared = q.square().sum(1, keepdim=True)
+    rows_per_chunk = max(1, chunk_bytes // (8 * q.shape[1]))
+    best_squared = q.new_empty(len(q), 0)
+    best_index = torch.empty(len(q), 0, dtype=torch.long, device=device)
+    for start in range(0, len(images), rows_per_chunk):
+        chunk = images[start : start + rows_per_chunk].flatten(1).to(device, torch.float64)
+        squared = q_squared - 2 * q @ chunk.T + chunk.square().sum(1)  # ||q - x||^2, one matrix product
+        index = torch.arange(start, start + len(chunk), device=device).expand(len(q), -1)
+        candidates = torch.cat([best_squared, squared], dim=1)
+        best_squared, order = candidates.topk(min(k, candidates.shape[1]), dim=1, largest=False)
+        best_index = torch.cat([best_index, index], dim=1).gather(1, order)
+    return best_squared.clamp_min(0).sqrt().cpu(), best_index.cpu()
+
+
+# The default file of each export format.
+EXPORT_FORMATS = {"torchscript": "generator.pt", "onnx": "generator.onnx"}
+
+
+def write_export(studio: Studio) -> List[Path]:
+    out = studio.out(EXPORT_FORMATS[studio.cfg.format])
+    export_generator(studio.G, studio.train_cfg, studio.cfg.format, out)
+    return [out]
+
+
+def export_generator(G: nn.Module, train_cfg: DictConfig, export_format: str, path: Path) -> None:
+    """Save G (eval mode, on the CPU) as a file that runs without this package, for any batch size.
+
+    Input: latents `z` [batch, z_dim], drawn as in training (train_cfg.generator.z_distribution);
+    output: `images` [batch, C, S, S] in [-1, 1]. These facts travel inside the file: a
+    `dcgan.json` extra file in TorchScript, metadata properties in ONNX.
+    """
+    G = G.cpu().eval()
+    g = train_cfg.generator
+    example = latents([0, 1], g.z_dim, g.z_distribution)
+    about = {
+        "z_dim": g.z_dim,
+        "z_distribution": g.z_distribution,
+        "image_size": train_cfg.dataset.image_size,
+        "channels": train_cfg.dataset.channels,
+        "output": "images [batch, channels, image_size, image_size] in [-1, 1]",
+        "config_yaml": to_yaml(train_cfg),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    if export_format == "torchscript":
+        with warnings.catch_warnings():
+            # torch.jit is deprecated in favour of torch.export, but TorchScript is what torch.jit.load and libtorch read.
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(torch.jit.trace(G, example), str(temporary), _extra_files={"dcgan.json": json.dumps(about)})
+    else:
+        onnx = import_onnx()
+        torch.onnx.export(
+            G, (example,), str(temporary), dynamo=True, input_names=["z"], output_names=["images"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
+        )
+        model = onnx.load(str(temporary))
+        onnx.helper.set_model_props(model, {key: str(value) for key, value in about.items()})
+        onnx.save(model, str(temporary))
+    os.replace(temporary, path)
+
+
+def import_onnx():
+    """The onnx module, or a UserError naming the packages torch's ONNX exporter needs."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) is built on it)
+    except ImportError:
+        raise UserError("format=onnx needs the onnx and onnxscript packages: pip install 'dcgan[export]'") from None
+    return onnx
+
+
+MODES: Dict[str, Callable[[Studio], List[Path]]] = {
+    "grid": write_grid,
+    "seeds": write_seeds,
+    "interpolate": write_interpolation,
+    "neighbors": write_neighbors,
+    "export": write_export,
+}
+
+
+def check_sample_config(cfg: SampleConfig) -> None:
+    """The checks that need no checkpoint, so a typo fails before anything is loaded."""
+    if cfg.mode not in MODES:
+        raise UserError(f"mode={cfg.mode!r} is not a sampling mode; choose {', '.join(MODES)}")
     validate_device("device", cfg.device)
     if cfg.ckpt in ("???", "", None):
         raise UserError("no checkpoint given: pass ckpt=PATH (e.g. ckpt=outputs/RUN/checkpoints/last.pt)")
+    if cfg.n < 1 or cfg.nrow < 1:
+        raise UserError(f"n and nrow must be >= 1, got n={cfg.n} nrow={cfg.nrow}")
+    if cfg.truncation is not None and not cfg.truncation > 0:
+        raise UserError(f"truncation must be > 0 (or null for none), got {cfg.truncation}")
+    if cfg.k < 1:
+        raise UserError(f"k must be >= 1, got {cfg.k}")
+    if cfg.format not in EXPORT_FORMATS:
+        raise UserError(f"format={cfg.format!r} is not an export format; choose {' or '.join(EXPORT_FORMATS)}")
+
+
+def run(cfg: SampleConfig) -> List[Path]:
+    """Write what `cfg.mode` asks for; returns the files written."""
+    check_sample_config(cfg)
     device = resolve_device(cfg.device)
     G, train_cfg, _ = load_generator(cfg.ckpt, device, cfg.ema)
-    z_dim, distribution = train_cfg.generator.z_dim, train_cfg.generator.z_distribution
-    out = Path(cfg.out)
-    if cfg.mode == "grid":
-        if cfg.n < 1 or cfg.nrow < 1:
-            raise UserError(f"n and nrow must be >= 1, got n={cfg.n} nrow={cfg.nrow}")
-        images = generate(G, latents(list(range(cfg.seed, cfg.seed + cfg.n)), z_dim, distribution, device))
-        save_grid(images, out, cfg.nrow)
-        return [out]
-    if cfg.mode == "seeds":
-        seeds = parse_seeds(cfg.seeds) if cfg.seeds else list(range(cfg.seed, cfg.seed + cfg.n))
-        images = to_uint8(generate(G, latents(seeds, z_dim, distribution, device)))
-        folder = out if out.suffix == "" else out.with_suffix("")
-        paths = [folder / f"seed{seed:04d}.png" for seed in seeds]
-        for image, path in zip(images, paths):
-            save_atomically(to_pil(image), path)
-        return paths
-    if cfg.mode == "interpolate":
-        keys = parse_seeds(cfg.seeds) if cfg.seeds else [cfg.seed, cfg.seed + 1]
-        if len(keys) < 2 or cfg.frames < 1 or cfg.fps < 1:
-            raise UserError("interpolate needs at least two seeds (seeds=0,1,2), frames >= 1 and fps >= 1")
-        key_z = latents(keys, z_dim, distribution)
-        # A closed loop through the key seeds: frames per leg, last leg back to the first seed.
-        path_z = [
-            slerp(key_z[i], key_z[(i + 1) % len(keys)], step / cfg.frames)
-            for i in range(len(keys))
-            for step in range(cfg.frames)
-        ]
-        images = to_uint8(generate(G, torch.stack(path_z).to(device)))
-        frames = [to_pil(image).convert("P" if images.shape[1] == 1 else "RGB") for image in images]
-        if out.suffix.lower() != ".gif":
-            out = out.with_suffix(".gif")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_name(f".{out.name}.tmp")
-        frames[0].save(temporary, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / cfg.fps), loop=0)
-        os.replace(temporary, out)
-        return [out]
-    raise UserError(f"mode={cfg.mode!r} is not a sampling mode; choose grid, seeds or interpolate")
+    if cfg.truncation is not None and cfg.truncation > 1 and train_cfg.generator.z_distribution == "uniform":
+        raise UserError(f"truncation scales this checkpoint's uniform latents, so it must be in (0, 1]; got {cfg.truncation}")
+    return MODES[cfg.mode](Studio(G, train_cfg, cfg, device))
 
 
 def main(argv: List[str] | None = None) -> None:
-    """`gan-sample ckpt=PATH [mode=grid|seeds|interpolate] [n=64] [nrow=8] [seed=0] [out=grid.png] [device=cpu]`."""
+    """`gan-sample ckpt=PATH [mode=grid|seeds|interpolate|neighbors|export] [n=64] [seeds=0-63] [truncation=0.7] [out=...]`."""
     args = sys.argv[1:] if argv is None else argv
     # Hydra reads a,b as a sweep; for seeds it can only mean a list, so quote it on the user's behalf.
     args = [f"seeds='{a[6:]}'" if a.startswith("seeds=") and "," in a and a[6:7] not in "'\"[" else a for a in args]

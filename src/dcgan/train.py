@@ -12,7 +12,7 @@ import logging
 import re
 import signal
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -21,7 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dcgan import augment, checkpoint, data, distributed, evaluate, models, report
+from dcgan import augment, checkpoint, data, distributed, evaluate, health, models, report, runcard, speed
 from dcgan.config import UserError, compose, config_dir, exit_with, to_yaml, validate_train
 from dcgan.log import MetricsLog
 from dcgan.losses import build_loss
@@ -30,7 +30,8 @@ from dcgan.sample import generate, latents, save_grid
 
 log = logging.getLogger(__name__)
 
-# Exit codes of a run stopped by a signal after saving its checkpoint (128 + signal number, as shells do).
+# Exit codes of a run stopped by a signal after saving its checkpoint (128 + signal number, as shells do:
+# 130 for SIGINT, 143 for SIGTERM); 2 is a usage error, health.DIVERGED_EXIT_CODE (3) a divergence.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -44,30 +45,34 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     local_batch = distributed.per_rank_batch(t.batch_size)  # batch_size is global: split over ranks
     batches = data.ImageBatches(images, local_batch, device, t.seed, rank.rank, rank.size)
     G, D = models.build_generator(cfg, device), models.build_discriminator(cfg, device)
+    speed.prepare_networks(cfg, G, D, local_batch, device)  # layout, cuDNN, compile: before EMA and DDP copy them
+    runcard.use_deterministic_algorithms(t.deterministic)  # after prepare_networks: it turns cuDNN's autotuner off
     G_ema = EMA(G, t.ema) if t.ema > 0 else None
     G_ddp, D_ddp = distributed.wrap(G, device, t.sync_bn), distributed.wrap(D, device, t.sync_bn)
     # The losses judge every image through DiffAugment (augment.policy); with no policy these are D itself.
     D_for_d_step, D_for_g_step = augment.wrap(D_ddp, cfg.augment.policy), augment.wrap(D, cfg.augment.policy)
     torch.manual_seed(t.seed + rank.rank)  # dropout differs between ranks
-    opt_g = build_optimizer(G.parameters(), cfg.optimizer.generator, "optimizer.generator")
-    opt_d = build_optimizer(D.parameters(), cfg.optimizer.discriminator, "optimizer.discriminator")
+    opt_g = build_optimizer(G.parameters(), cfg.optimizer.generator, "optimizer.generator", t.fused_optimizer)
+    opt_d = build_optimizer(D.parameters(), cfg.optimizer.discriminator, "optimizer.discriminator", t.fused_optimizer)
     loss = build_loss(cfg.loss)
     noise = torch.Generator(device).manual_seed(t.seed + 1)  # training latents; its state is checkpointed
     grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.amp else nullcontext()
+    autocast = speed.autocast(t.amp, device)
     total_steps = t.max_steps or max(1, t.epochs * batches.batches_per_epoch // t.d_steps)
     checkpoints, samples = run_dir / "checkpoints", run_dir / "samples"
     run_dir.mkdir(parents=True, exist_ok=True)
-    parts = dict(G=G, D=D, G_ema=G_ema, opt_g=opt_g, opt_d=opt_d, batches=batches, noise=noise)
+    guard = health.Guard(t.health, images, device)  # NaN/Inf and collapse; trainer.on_divergence acts on what it finds
+    parts = dict(G=G, D=D, G_ema=G_ema, opt_g=opt_g, opt_d=opt_d, batches=batches, noise=noise, guard=guard)
 
     step = resume(t.resume, checkpoints, cfg, parts)
+    runcard.start(run_dir, cfg, images, device, step)  # run_card.json: command, versions, data fingerprint, seed
     evaluator = evaluate.TrainingEvaluator(cfg, images, device, checkpoints, resumed=step > 0) if t.eval_every and rank.is_main else None
     log.info("data: %d images %s; %d steps of batch %d on %s -> %s", len(images), tuple(images.shape[1:]), total_steps, t.batch_size, device, run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", step, total_steps, t.batch_size * t.d_steps, t.progress, cfg.logger, {"g": opt_g, "d": opt_d})
     stop = StopRequest(check_every=t.log_every if rank.enabled else 1, device=device)
     row: Dict[str, Any] = {}
     stopping = False
-    while step < total_steps and not stopping:
+    while step < total_steps and not stopping and guard.fault is None:
         # D update(s): fakes come from a no-grad G forward, since D's step needs no gradient through G.
         for _ in range(t.d_steps):
             real = batches.next()
@@ -77,6 +82,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
                 loss_d, stats = loss.discriminator(D_for_d_step, real, fake)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
+            guard.watch("D", loss_d, D)  # NaN/Inf flags stay on the device: no sync
             opt_d.step()
 
         # G update on fresh latents; D's weights need no gradient here, so the plain D (no DDP) is frozen.
@@ -84,6 +90,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
             loss_g = loss.generator(D_for_g_step, G_ddp(sample_z(t.batch_size, cfg, noise, device, rank)))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        guard.watch("G", loss_g, G)
         opt_g.step()
         if G_ema is not None:
             distributed.broadcast_buffers(G)  # BatchNorm statistics are per rank; keep every EMA copy equal
@@ -99,19 +106,24 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         scores = evaluator(step, sampling_generator(G, G_ema), lambda: training_state(cfg, step, parts)) if evaluator and evaluating else {}
         if step % t.log_every == 0 or last or evaluating:
             row = metrics.write(step, batches.epoch, scores)
+            guard.check_row(step, row)
         if rank.is_main and (step % t.sample_every == 0 or last):
-            metrics.add_grid(save_grid(generate(sampling_generator(G, G_ema), grid_z), samples / f"step_{step:06d}.png", nrow=8), step)
-        if step % t.ckpt_every == 0 or last:
+            grid = generate(sampling_generator(G, G_ema), grid_z)
+            guard.check_grid(step, grid)
+            metrics.add_grid(save_grid(grid, samples / f"step_{step:06d}.png", nrow=8), step)
+        if (step % t.ckpt_every == 0 or last) and guard.healthy(step, parts):  # a sync: never a checkpoint of NaN weights
             replicas = distributed.replica_checksums(G, D, *([G_ema.model] if G_ema else []))
             if rank.is_main:
-                checkpoint.save({**training_state(cfg, step, parts), "replica_checksums": replicas}, checkpoints, step, t.keep_last)
+                checkpoint.save({**training_state(cfg, step, parts), "replica_checksums": replicas}, checkpoints, step, t.keep_last, guard.trusted_step)
     metrics.close()
     if rank.is_main:
         report.write_report(run_dir)  # loss_curves.png and progress.gif
     stop.restore()
+    runcard.finish(run_dir, step, stop.signal, guard)
     if stop.signal is not None:
         log.warning("stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto", stop.signal, step)
         sys.exit(128 + stop.signal)
+    guard.raise_if_diverged()  # health.supervise stops or rolls back (trainer.on_divergence)
     return row
 
 
@@ -188,6 +200,7 @@ def training_state(cfg: DictConfig, step: int, parts: Dict[str, Any]) -> Dict[st
         "data": parts["batches"].state_dict(),
         "rng": {"noise": parts["noise"].get_state(), "torch": torch.get_rng_state(), "cuda": cuda_rng},
         "config_yaml": to_yaml(cfg),
+        "health": parts["guard"].state_dict(),
     }
 
 
@@ -211,8 +224,12 @@ def resume(source: Optional[str], checkpoints: Path, cfg: DictConfig, parts: Dic
     parts["opt_g"].load_state_dict(state["optimizer_g"])
     parts["opt_d"].load_state_dict(state["optimizer_d"])
     parts["batches"].load_state_dict(state["data"])
+    health.on_resume(state, cfg, parts)  # the guard's memory; learning rates changed on the command line since
     rng = state["rng"]
-    parts["noise"].set_state(rng["noise"].to(parts["noise"].get_state().device))
+    try:
+        parts["noise"].set_state(rng["noise"])
+    except RuntimeError:  # a CUDA generator's state means nothing to a CPU one, and vice versa
+        log.warning("the checkpoint's latent stream comes from another device type; continuing with a fresh one")
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -238,7 +255,7 @@ def check_same_models(saved: DictConfig, current: DictConfig, path: Path) -> Non
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        health.supervise(train, cfg, Path(HydraConfig.get().runtime.output_dir))  # stop or roll back on divergence
     except UserError as error:
         exit_with(error, "gan-train")
 
@@ -251,6 +268,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         try:
             cfg = compose("train", args)
             validate_train(cfg)
+            runcard.check_run_dir(run_dir_from(args))  # Hydra would fail on it with a traceback
             if distributed.world().enabled:  # under torchrun: join the job, use rank 0's run folder
                 distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
                 args = distributed.shared_run_dir(args, run_dir_from(args))

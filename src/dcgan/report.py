@@ -1,0 +1,160 @@
+"""Figures of a training run (`gan-report run=DIR`; gan-train also writes them when it ends).
+
+  loss_curves.png   losses, D(x) and D(G(z)), D's accuracy, FID/KID when measured, learning rates
+                    and speed against the step, from metrics.jsonl (needs matplotlib)
+  progress.gif      the fixed-noise grids of samples/ in step order: the same 64 latents as
+                    training goes on (Pillow)
+
+matplotlib is an optional package: without it the figure is skipped with one log line, and the
+movie is still written. Both files are replaced atomically, so a viewer never sees half a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw
+
+from dcgan.config import ReportConfig, UserError, compose, exit_with
+from dcgan.log import read_metrics
+from dcgan.sample import save_gif
+
+log = logging.getLogger(__name__)
+
+LOSS_FIGURE = "loss_curves.png"
+PROGRESS_MOVIE = "progress.gif"
+GRID_NAME = re.compile(r"^step_(\d+)\.png$")  # the trainer's samples/step_NNNNNN.png
+FINAL_FRAME_MS = 2000  # the last grid stays up a while before the movie loops
+CAPTION_PX = 14  # height of the "step N" band under each frame
+
+# One chart per panel, drawn only when metrics.jsonl has one of its keys (FID and KID come from
+# trainer.eval_every, the gradient penalty from wgan_gp).
+PANELS = (
+    ("Losses", ("loss_d", "loss_g", "gradient_penalty")),
+    ("D's outputs", ("d_real", "d_fake")),
+    ("D's accuracy", ("d_accuracy",)),
+    ("FID (lower is better)", ("fid",)),
+    ("KID (lower is better)", ("kid",)),
+    ("Learning rate", ("lr_g", "lr_d")),
+    ("Speed (images/s)", ("images_per_s",)),
+)
+LABELS = {
+    "loss_d": "D loss",
+    "loss_g": "G loss",
+    "gradient_penalty": "gradient penalty",
+    "d_real": "D(x)",
+    "d_fake": "D(G(z))",
+    "d_accuracy": "accuracy",
+    "lr_g": "G",
+    "lr_d": "D",
+}
+
+
+def write_report(
+    run_dir: Path, fps: int = ReportConfig.fps, max_frames: int = ReportConfig.max_frames
+) -> List[Path]:
+    """Write the loss-curve figure and the progress movie into `run_dir`; returns the files written."""
+    run_dir = Path(run_dir)
+    written = []
+    metrics = run_dir / "metrics.jsonl"
+    rows = read_metrics(metrics) if metrics.is_file() else []
+    if rows:
+        figure = plot_metrics(rows, run_dir / LOSS_FIGURE)
+        if figure is not None:
+            written.append(figure)
+    grids = progress_grids(run_dir / "samples")
+    if grids:
+        written.append(write_progress_movie(grids, run_dir / PROGRESS_MOVIE, fps, max_frames))
+    return written
+
+
+def plot_metrics(rows: List[Dict[str, float]], path: Path) -> Optional[Path]:
+    """One chart per panel that has data, three to a row; None when matplotlib is not installed."""
+    try:
+        # The object-oriented API, not pyplot: no GUI backend and no global figure state.
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.info("matplotlib is not installed, so %s is skipped (pip install 'dcgan[report]')", path.name)
+        return None
+    panels = [(title, [key for key in keys if any(key in row for row in rows)]) for title, keys in PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    columns = min(3, len(panels))
+    lines = -(-len(panels) // columns)
+    figure = Figure(figsize=(4 * columns, 3.2 * lines), dpi=100, layout="constrained")
+    all_axes = figure.subplots(lines, columns, squeeze=False).flatten()
+    for axes in all_axes[len(panels) :]:
+        axes.set_visible(False)
+    for axes, (title, keys) in zip(all_axes, panels):
+        for key, style in zip(keys, ("-", "--", ":")):  # dashes keep equal curves (G's and D's lr) both visible
+            points = [(row["step"], row[key]) for row in rows if key in row]  # FID is measured on fewer rows
+            axes.plot(*zip(*points), style, label=LABELS.get(key, key), marker="o" if len(points) < 20 else None)
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        if len(keys) > 1:
+            axes.legend()
+    temporary = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temporary, format="png")
+    os.replace(temporary, path)
+    return path
+
+
+def progress_grids(samples: Path) -> List[Path]:
+    """The trainer's fixed-noise grids, in step order."""
+    if not samples.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in samples.iterdir() if (match := GRID_NAME.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def write_progress_movie(grids: Sequence[Path], path: Path, fps: int, max_frames: int) -> Path:
+    """An animated GIF of the grids, each captioned with its step; at most `max_frames`, evenly spaced."""
+    if len(grids) > max_frames:
+        last = len(grids) - 1
+        grids = [grids[round(i * last / (max_frames - 1))] for i in range(max_frames)] if max_frames > 1 else [grids[-1]]
+    frames = [captioned(Image.open(grid), f"step {int(GRID_NAME.match(grid.name).group(1)):,}") for grid in grids]
+    durations = [round(1000 / fps)] * (len(frames) - 1) + [FINAL_FRAME_MS]
+    save_gif(frames, path, durations)
+    return path
+
+
+def captioned(grid: Image.Image, caption: str) -> Image.Image:
+    """The grid over a black band with white `caption` text."""
+    grid = grid.convert("L" if grid.mode in ("L", "P", "1") else "RGB")
+    frame = Image.new(grid.mode, (grid.width, grid.height + CAPTION_PX), 0)
+    frame.paste(grid, (0, 0))
+    ImageDraw.Draw(frame).text((4, grid.height + 1), caption, fill="white")
+    return frame
+
+
+def run(cfg: ReportConfig) -> List[Path]:
+    if not cfg.run:
+        raise UserError("no run folder given: pass run=DIR (the hydra.run.dir of a gan-train run)")
+    if cfg.fps < 1 or cfg.max_frames < 1:
+        raise UserError(f"fps and max_frames must be >= 1, got fps={cfg.fps} max_frames={cfg.max_frames}")
+    run_dir = Path(cfg.run)
+    if not (run_dir / "metrics.jsonl").is_file() and not progress_grids(run_dir / "samples"):
+        raise UserError(f"{run_dir} has no metrics.jsonl and no samples/step_*.png: is it a gan-train run folder?")
+    return write_report(run_dir, cfg.fps, cfg.max_frames)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """`gan-report run=DIR [fps=4] [max_frames=100]`."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        written = run(OmegaConf.to_object(compose("report", args)))
+    except UserError as error:
+        exit_with(error, "gan-report")
+    for path in written:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""What a run leaves for whoever wants to trace or repeat it: the run card, and deterministic mode.
+
+RUN_DIR/run_card.json is written when training starts and updated when it ends, each time
+atomically (a temporary file renamed over it). It holds:
+
+  status        running, then completed | interrupted (a signal; see `signal`) | diverged (see
+                `health` and `action`) | failed (see `error`). A card still "running" when the
+                next run starts was left by a process that was killed or crashed.
+  command, cwd  sys.argv as gan-train saw it, and where it ran (and pid, host)
+  start_step, final_step, seed, deterministic, device
+  versions      python, torch, CUDA and cuDNN (None without them), torchvision, numpy, hydra-core
+  git           `git rev-parse HEAD` of the working directory and whether tracked files differ, or None
+  data          the data set's fingerprint: image count, shape and a SHA-256 of its pixels (all bytes
+                up to HASH_ALL_BYTES; beyond that an evenly spaced sample of SAMPLED_IMAGES images)
+  config        the resolved config
+  previous      the cards of earlier invocations in this folder (a resume, a rollback), oldest first
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dcgan import distributed
+from dcgan.config import UserError
+
+log = logging.getLogger(__name__)
+
+CARD = "run_card.json"
+HASH_ALL_BYTES = 256 * 2**20
+SAMPLED_IMAGES = 4096
+# Tells this process's card from an earlier one (a pid can repeat, e.g. as pid 1 in containers).
+INVOCATION = uuid.uuid4().hex
+PACKAGES = ("torchvision", "numpy", "hydra-core", "omegaconf", "pillow", "dcgan")
+
+
+def start(run_dir: Path, cfg: DictConfig, images: torch.Tensor, device: torch.device, step: int) -> None:
+    """Write the card of this invocation; an earlier card in the folder moves into `previous`."""
+    if not distributed.world().is_main:
+        return
+    earlier = read(run_dir)
+    previous = earlier.pop("previous", []) if earlier else []
+    if earlier:
+        if earlier.get("status") == "running":
+            earlier["status"] = "killed or crashed (ended without a report)"
+        previous.append({k: v for k, v in earlier.items() if k != "config"})
+    card = {
+        "status": "running",
+        "started": now(),
+        "pid": os.getpid(),
+        "invocation": INVOCATION,
+        "command": list(sys.argv),
+        "cwd": os.getcwd(),
+        "start_step": step,
+        "seed": cfg.trainer.seed,
+        "deterministic": cfg.trainer.deterministic,
+        "device": describe_device(device),
+        "host": platform.node(),
+        "versions": versions(),
+        "git": git_revision(Path.cwd()),
+        "data": data_fingerprint(images),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "previous": previous,
+    }
+    _write(run_dir, card)
+
+
+def finish(run_dir: Path, step: int, signal: Optional[int], guard: Any) -> None:
+    """At the end of train(): how it ended, at which step, and what the health guard saw."""
+    status = "diverged" if guard.fault is not None else "interrupted" if signal is not None else "completed"
+    update(run_dir, status=status, final_step=step, signal=signal, health=guard.summary())
+
+
+def update(run_dir: Path, **fields: Any) -> None:
+    """Add fields to the card this process started (nothing if it never started one)."""
+    card = read(run_dir) if distributed.world().is_main else None
+    if card is None or card.get("invocation") != INVOCATION:
+        return
+    card.update(fields, ended=now())
+    try:
+        _write(run_dir, card)
+    except OSError as error:  # a full disk must not hide the error that brought us here
+        log.warning("could not update %s: %s", run_dir / CARD, error)
+
+
+def read(run_dir: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads((run_dir / CARD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(run_dir: Path, card: Dict[str, Any]) -> None:
+    path = run_dir / CARD
+    temporary = path.with_name(f".{CARD}.tmp")
+    temporary.write_text(json.dumps(card, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- the card's contents
+
+
+def data_fingerprint(images: torch.Tensor) -> Dict[str, Any]:
+    """Image count, shape and a SHA-256 of the uint8 pixels [N, C, H, W] (see HASH_ALL_BYTES)."""
+    array = images.numpy()
+    digest = hashlib.sha256(repr(tuple(array.shape)).encode())
+    if array.nbytes <= HASH_ALL_BYTES:
+        digest.update(np.ascontiguousarray(array).data)
+        hashed = "all pixels and the shape"
+    else:
+        picked = np.unique(np.linspace(0, len(array) - 1, SAMPLED_IMAGES).round().astype(np.int64))
+        for index in picked:  # one image at a time: a memory-mapped cache is read, not copied whole
+            digest.update(np.ascontiguousarray(array[index]).data)
+        hashed = f"{len(picked)} of {len(array)} images, evenly spaced, and the shape"
+    return {"count": len(array), "shape": list(array.shape[1:]), "sha256": digest.hexdigest(), "hashed": hashed}
+
+
+def versions() -> Dict[str, Optional[str]]:
+    found: Dict[str, Optional[str]] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
+    }
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_revision(folder: Path) -> Optional[Dict[str, Any]]:
+    """The commit checked out in `folder` and whether tracked files changed since; None outside a repository."""
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            result = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):  # no git installed, or a very slow file system
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    revision = git("rev-parse", "HEAD")
+    if revision is None:
+        return None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return {"revision": revision, "dirty": bool(changes) if changes is not None else None}
+
+
+# ---------------------------------------------------------------- before and during training
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Fail with one line, before Hydra tries, when hydra.run.dir can't be created or written."""
+    path = Path(run_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"hydra.run.dir={run_dir} can't be created: {existing} is a file, not a folder; pick another hydra.run.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"hydra.run.dir={run_dir} can't be created or written: {existing} is not writable; pick another hydra.run.dir")
+
+
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """trainer.deterministic: PyTorch's deterministic kernels, with a warning (not an error) where an op has none.
+
+    Deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first matmul; a value set by the
+    user is kept. cuDNN's autotuner picks kernels by timing, so it is turned off.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = enabled
+    torch.use_deterministic_algorithms(enabled, warn_only=True)

@@ -1,0 +1,133 @@
+"""Speed options of the trainer: `trainer.amp`, `channels_last`, `compile`, `cuda_graphs`, `cudnn_benchmark`.
+
+Only amp changes the arithmetic (matmul and conv inputs rounded to bf16); channels_last and
+cudnn_benchmark pick memory layouts and kernels, and compile fuses the same operations.
+(`trainer.fused_optimizer` lives with the optimizers, in optim.build_optimizer.)
+
+`prepare_networks` runs once, right after G and D are built and before anything copies or wraps
+them (the EMA copy, DDP, the optimizers), so every later user sees the final layout and calls the
+compiled forward. What each option gave, with the commands that measured it: docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager, nullcontext
+from typing import Dict
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# torch.compile's backend. Tests swap in a cheap or failing one; users always get inductor.
+COMPILE_BACKEND = "inductor"
+
+
+def autocast(amp: bool, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast for trainer.amp (matmuls and convs in bf16, reductions in fp32); a no-op otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+def prepare_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: int, device: torch.device) -> None:
+    """Apply the trainer's speed options to freshly built G and D, in place.
+
+    `batch_size` is this process's batch: the compile trial step runs on the loop's exact shapes.
+    """
+    t = cfg.trainer
+    if device.type == "cuda":
+        # cuDNN times its algorithms on the first call of each shape and keeps the fastest;
+        # our shapes never change, so that cost is paid once (pytorch/examples dcgan sets it too).
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark
+    if t.channels_last:
+        # NHWC weights make every conv produce NHWC activations (the layout tensor cores and
+        # oneDNN prefer). Real batches arrive NCHW, which for one channel is the same memory;
+        # RGB ones are converted by D's first conv.
+        G.to(memory_format=torch.channels_last)
+        D.to(memory_format=torch.channels_last)
+    if t.compile or t.cuda_graphs:
+        compile_networks(cfg, G, D, batch_size, device)
+
+
+def compile_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: int, device: torch.device) -> bool:
+    """torch.compile G and D in place, then prove it with one trial step; on any failure, stay eager.
+
+    torch.compile fails late: the forward graph compiles at the first call and the backward graph
+    at the first backward, so a bad kernel or a stride assertion (torch 2.11 with channels_last in
+    convolution_backward) would only surface inside the loop. The trial step compiles the graphs
+    the loop uses, forward and backward, before training starts (tests check the loop then compiles
+    nothing more), and leaves no trace: weights, BatchNorm statistics, gradients and random streams
+    are as they were. Under torchrun, DDP wraps the compiled networks. Returns True if compiled.
+    """
+    t = cfg.trainer
+    key = "trainer.cuda_graphs" if t.cuda_graphs else "trainer.compile"
+    networks = [G, D]
+    if needs_double_backward(cfg.loss):
+        networks = [G]
+        log.warning(
+            "%s: D stays eager, because loss %s needs the gradient of a gradient, which torch.compile can't take "
+            "(AOTAutograd has no double backward); G is compiled",
+            key,
+            "wgan_gp" if cfg.loss.name == "wgan_gp" else f"{cfg.loss.name} with loss.r1_weight > 0",
+        )
+    # reduce-overhead = inductor plus CUDA graphs of each compiled forward and backward: one launch
+    # replaces a few hundred small kernel launches, which bound a step at small batches.
+    options = {"mode": "reduce-overhead"} if t.cuda_graphs else {}
+    for network in networks:
+        network.compile(backend=COMPILE_BACKEND, **options)
+    try:
+        trial_step(G, D, cfg, batch_size, device)
+    except Exception as error:  # any compiler or runtime failure: the eager networks still train correctly
+        for network in networks:
+            network._compiled_call_impl = None  # what nn.Module.compile() set; the plain forward is used again
+        torch.compiler.reset()
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        log.warning("%s: torch.compile failed in the trial step (%s: %s); training without it", key, type(error).__name__, message[:300])
+        return False
+    return True
+
+
+def needs_double_backward(loss_cfg: DictConfig) -> bool:
+    """WGAN-GP's penalty and R1 differentiate D's input gradient (losses.py: create_graph=True)."""
+    return loss_cfg.name == "wgan_gp" or loss_cfg.r1_weight > 0
+
+
+def trial_step(G: nn.Module, D: nn.Module, cfg: DictConfig, batch_size: int, device: torch.device) -> None:
+    """Call G and D the ways the training loop does, on its shapes, forward and backward; leave no trace.
+
+    D step: fakes from a no-grad G, D on real and fake batches with weight gradients.
+    G step: D frozen, gradients flow through it into G. The losses' exact formulas don't matter
+    to the compiler (they stay outside the compiled networks), so a mean stands in for them.
+    """
+    state = {"G": _snapshot(G), "D": _snapshot(D)}
+    image_shape = (batch_size, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
+    cast = autocast(cfg.trainer.amp, device)
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices):  # dropout and our inputs draw from the global streams
+            z = torch.randn(batch_size, cfg.generator.z_dim, device=device)
+            real = torch.zeros(image_shape, device=device)  # as data.ImageBatches serves it: contiguous NCHW float32
+            with cast:
+                with torch.no_grad():
+                    fake = G(z)
+                d_objective = D(real).float().mean() + D(fake).float().mean()
+            d_objective.backward()
+            D.requires_grad_(False)
+            try:
+                with cast:
+                    g_objective = D(G(z)).float().mean()
+                g_objective.backward()
+            finally:
+                D.requires_grad_(True)
+    finally:  # also after a failure: the eager fallback must start from the untouched networks
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        for parameter in (*G.parameters(), *D.parameters()):
+            parameter.grad = None
+
+
+def _snapshot(network: nn.Module) -> Dict[str, torch.Tensor]:
+    # load_state_dict copies back into the same tensors, keeping their layout and addresses.
+    return {name: tensor.detach().clone() for name, tensor in network.state_dict().items()}
+
