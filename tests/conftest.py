@@ -10,6 +10,7 @@ from typing import List
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 BIN = Path(sys.executable).parent
@@ -57,3 +58,16 @@ def make_celeba(root: Path, count: int = 24, seed: int = 0) -> Path:
 @pytest.fixture
 def celeba_root(tmp_path: Path) -> Path:
     return make_celeba(tmp_path / "data")
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    """Bit-identical networks, optimizer states, data position and latent stream."""
+    assert a["step"] == b["step"]
+    for part in ("generator", "discriminator", "generator_ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    for part in ("optimizer_g", "optimizer_d"):
+        for index, values in a[part]["state"].items():
+            for name, value in values.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[part]["state"][index][name])), (part, index, name)
+    assert a["data"] == b["data"] and torch.equal(a["rng"]["noise"], b["rng"]["noise"])

@@ -28,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BIN, FAST, run_cli
+from conftest import BIN, FAST, assert_same_training, run_cli
 from dcgan import checkpoint, data, health, runcard
 from dcgan import train as train_module
 from dcgan.config import DatasetConfig, HealthConfig, UserError, compose
@@ -71,19 +71,6 @@ def card(run_dir: Path) -> Dict[str, Any]:
 
 def all_finite(state: Dict[str, Any]) -> bool:
     return all(torch.isfinite(t).all() for t in health.tensors_in(state) if t.is_floating_point())
-
-
-def assert_same_training(a: Dict[str, Any], b: Dict[str, Any]) -> None:
-    """Bit-identical networks, optimizer states, data position and latent stream."""
-    assert a["step"] == b["step"]
-    for part in ("generator", "discriminator", "generator_ema"):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), (part, key)
-    for part in ("optimizer_g", "optimizer_d"):
-        for index, values in a[part]["state"].items():
-            for name, value in values.items():
-                assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[part]["state"][index][name])), (part, index, name)
-    assert a["data"] == b["data"] and torch.equal(a["rng"]["noise"], b["rng"]["noise"])
 
 
 @pytest.fixture(scope="module")
