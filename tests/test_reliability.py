@@ -230,7 +230,7 @@ def test_random_sigkills_never_lose_the_newest_checkpoint(tmp_path: Path, straig
         fresh = {tuple(t) for t in seen["temporaries"]} - temporaries
         mid_write += bool(fresh)
         temporaries |= fresh
-    assert 0 < newest < STEPS
+    assert 0 < newest <= STEPS  # a slow machine may finish every step before the last kill
 
     # resume=auto after all of that ends exactly where an uninterrupted run does, with no litter.
     assert final["final_exit"] == 0 and final["last"] == STEPS and not final["temporaries"]
