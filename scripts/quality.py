@@ -102,11 +102,19 @@ def train_row(row: Row, budget_images: int, work: Path) -> Measured:
         say(f"{row.name}: reusing {last}")
     else:
         say(f"{row.name}: training {steps} steps x {row.batch_size} images")
+        # A killed run continues from its last checkpoint (resume is exact), and its time so far is kept.
+        partial = run_dir / "train_seconds.partial"
+        spent = float(partial.read_text()) if partial.is_file() else 0.0
         started = time.time()
-        run("gan-train", [*row.overrides, f"trainer.batch_size={row.batch_size}", f"trainer.max_steps={steps}", "trainer.device=cpu",
-                          "trainer.progress=false", "trainer.log_every=25", f"trainer.sample_every={steps}", f"trainer.ckpt_every={steps}",
-                          f"hydra.run.dir={run_dir}"], work / f"{row.name}.log")
-        timing.write_text(json.dumps({"steps": steps, "seconds": round(time.time() - started, 1)}))
+        try:
+            run("gan-train", [*row.overrides, f"trainer.batch_size={row.batch_size}", f"trainer.max_steps={steps}", "trainer.device=cpu",
+                              "trainer.progress=false", "trainer.log_every=25", f"trainer.sample_every={steps}",
+                              f"trainer.ckpt_every={min(100, steps)}", "trainer.resume=auto", f"hydra.run.dir={run_dir}"], work / f"{row.name}.log")
+        except BaseException:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            partial.write_text(str(spent + time.time() - started))
+            raise
+        timing.write_text(json.dumps({"steps": steps, "seconds": round(spent + time.time() - started, 1)}))
     return Measured(row, steps, json.loads(timing.read_text())["seconds"])
 
 
