@@ -397,12 +397,13 @@ def validate_device(key: str, device: str) -> None:
     raise UserError(f"{key} must be {DEVICES_HELP}, got {device!r}")
 
 
-def resolve_device(name: str) -> torch.device:
-    validate_device("device", name)
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """auto | cpu | cuda | cuda:N as a torch.device; `key` names the setting in error messages."""
+    validate_device(key, name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name} was asked for but CUDA is not available here; use cpu (or auto)")
+        raise UserError(f"{key}={name} but CUDA is not available here; use {key}=cpu (or auto)")
     return torch.device(name)
 
 

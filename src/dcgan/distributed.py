@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dcgan.config import UserError
+from dcgan.config import UserError, resolve_device
 
 
 @dataclass(frozen=True)
@@ -48,23 +48,18 @@ def setup(device_setting: str, timeout_s: float) -> torch.device:
     the job with an error instead of a silent hang.
     """
     w = world()
-    wants_cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
-    if wants_cuda and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={device_setting} but CUDA is not available here; use trainer.device=cpu (or auto)")
-    device = torch.device("cuda", w.local_rank) if wants_cuda and w.enabled else None
+    device = resolve_device(device_setting, "trainer.device")
+    cuda = device.type == "cuda"
+    if w.enabled and cuda:
+        device = torch.device("cuda", w.local_rank)  # one GPU per process, whatever cuda:N said
+        torch.cuda.set_device(device)
     if w.enabled and not dist.is_initialized():
-        if device is not None:
-            torch.cuda.set_device(device)
         dist.init_process_group(
-            backend="nccl" if wants_cuda else "gloo",
+            backend="nccl" if cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device,
+            device_id=device if cuda else None,
         )
-    if device is not None:
-        return device
-    if device_setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device_setting)
+    return device
 
 
 def shared_run_dir(args: List[str], run_dir: str) -> List[str]:

@@ -40,6 +40,13 @@ def discriminator(name: str):
 # ---------------------------------------------------------------- shared pieces
 
 
+def random_latents(shape: Tuple[int, ...], distribution: str, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """Latent vectors from `generator.z_distribution`: N(0, 1) ("normal") or U(-1, 1) ("uniform")."""
+    if distribution == "uniform":
+        return torch.rand(shape, generator=generator, device=device).mul_(2).sub_(1)
+    return torch.randn(shape, generator=generator, device=device)
+
+
 def spatial_plan(image_size: int) -> Tuple[int, int]:
     """(start side, number of x2 stages) with start * 2**stages == image_size and start in 4..7.
 

@@ -49,12 +49,10 @@ def latents(
     rows = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
-        if distribution == "uniform":
-            z = torch.rand(z_dim, generator=generator) * 2 - 1
-            rows.append(z if truncation is None else z * truncation)
-        else:
-            z = torch.randn(z_dim, generator=generator)
-            rows.append(z if truncation is None else redraw_beyond(z, truncation, generator))
+        z = models.random_latents((z_dim,), distribution, generator)
+        if truncation is not None:
+            z = z * truncation if distribution == "uniform" else redraw_beyond(z, truncation, generator)
+        rows.append(z)
     return torch.stack(rows).to(device)
 
 

@@ -130,10 +130,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
 def sample_z(batch_size: int, cfg: DictConfig, generator: torch.Generator, device: torch.device, rank: distributed.World) -> torch.Tensor:
     """This rank's slice of the global batch of latents: every rank draws the same global batch, so N
     processes train on the latents one process would (drawing is cheap next to the networks)."""
-    if cfg.generator.z_distribution == "uniform":
-        z = torch.rand(batch_size, cfg.generator.z_dim, generator=generator, device=device).mul_(2).sub_(1)
-    else:
-        z = torch.randn(batch_size, cfg.generator.z_dim, generator=generator, device=device)
+    z = models.random_latents((batch_size, cfg.generator.z_dim), cfg.generator.z_distribution, generator, device)
     return z.chunk(rank.size)[rank.rank]
 
 
