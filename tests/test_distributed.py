@@ -91,12 +91,13 @@ def test_a_dead_rank_ends_the_job(tmp_path: Path):
                "trainer.max_steps=100000", "trainer.dist_timeout_s=30", f"hydra.run.dir={tmp_path / 'run'}"]
     job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
+        # Kill only once a checkpoint is on disk, so the test can check that it survives the failure.
+        checkpoints = tmp_path / "run" / "checkpoints"
         deadline = time.time() + 120
-        while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+        while checkpoint.latest(checkpoints) is None and time.time() < deadline:
             assert job.poll() is None, job.stderr.read()[-2000:]
             time.sleep(0.5)
-        assert metrics.exists(), "training never started"
+        assert checkpoint.latest(checkpoints) is not None, "no checkpoint within 120 s"
         workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 2, workers
         os.kill(int(workers[-1]), signal.SIGKILL)
@@ -108,4 +109,4 @@ def test_a_dead_rank_ends_the_job(tmp_path: Path):
         if job.poll() is None:
             job.kill()
     # What was written before the failure is intact.
-    assert checkpoint.latest(tmp_path / "run" / "checkpoints") is not None
+    assert checkpoint.latest(checkpoints) is not None
