@@ -93,9 +93,11 @@ def say(message: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
-def train_row(row: Row, budget_images: int, work: Path) -> Measured:
+def train_row(row: Row, budget_images: int, work: Path, points: int = 1) -> Measured:
+    """Train `row` for the budget; with `points` > 1, checkpoints at `points` evenly spaced steps are all kept."""
     run_dir = work / row.name
-    steps = max(1, budget_images // row.batch_size)
+    steps = max(points, budget_images // row.batch_size // points * points)
+    ckpt_every = min(100, steps) if points == 1 else steps // points
     last = run_dir / "checkpoints" / "last.pt"
     timing = run_dir / "train_seconds.json"
     if last.is_file() and timing.is_file() and json.loads(timing.read_text())["steps"] == steps:
@@ -109,7 +111,8 @@ def train_row(row: Row, budget_images: int, work: Path) -> Measured:
         try:
             run("gan-train", [*row.overrides, f"trainer.batch_size={row.batch_size}", f"trainer.max_steps={steps}", "trainer.device=cpu",
                               "trainer.progress=false", "trainer.log_every=25", f"trainer.sample_every={steps}",
-                              f"trainer.ckpt_every={min(100, steps)}", "trainer.resume=auto", f"hydra.run.dir={run_dir}"], work / f"{row.name}.log")
+                              f"trainer.ckpt_every={ckpt_every}", f"trainer.keep_last={points + 1}", "trainer.resume=auto",
+                              f"hydra.run.dir={run_dir}"], work / f"{row.name}.log")
         except BaseException:
             run_dir.mkdir(parents=True, exist_ok=True)
             partial.write_text(str(spent + time.time() - started))
@@ -118,16 +121,50 @@ def train_row(row: Row, budget_images: int, work: Path) -> Measured:
     return Measured(row, steps, json.loads(timing.read_text())["seconds"])
 
 
-def evaluate(measured: Measured, key: str, n: int, ema: bool, args, work: Path) -> None:
-    last = work / measured.row.name / "checkpoints" / "last.pt"
-    out = last.with_name(f"eval-{key.replace('@', '-')}.json")
-    fresh = out.is_file() and all(r["generated"]["count"] == n and r["generated"]["step"] == measured.steps for r in json.loads(out.read_text())["results"])
+def evaluate(measured: Measured, key: str, n: int, ema: bool, args, work: Path, step: Optional[int] = None) -> Dict[str, Dict]:
+    """FID/KID of the run's last checkpoint (or of its checkpoint at `step`), stored under `key` (last only)."""
+    folder = work / measured.row.name / "checkpoints"
+    ckpt = folder / ("last.pt" if step is None else f"step_{step:06d}.pt")
+    step = measured.steps if step is None else step
+    out = folder / (f"eval-{key.replace('@', '-')}.json" if step == measured.steps else f"eval-{key.replace('@', '-')}-step{step}.json")
+    fresh = out.is_file() and all(r["generated"]["count"] == n and r["generated"]["step"] == step for r in json.loads(out.read_text())["results"])
     if not fresh:
-        say(f"{measured.row.name}: gan-eval {key} with {n} images")
+        say(f"{measured.row.name}: gan-eval {key} at step {step} with {n} images")
         weights = [f"inception_weights={args.inception_weights}"] if args.inception_weights else []
-        run("gan-eval", [f"ckpt={last}", f"n={n}", f"reference_n={args.reference_n}", f"ema={str(ema).lower()}", "device=cpu",
+        run("gan-eval", [f"ckpt={ckpt}", f"n={n}", f"reference_n={args.reference_n}", f"ema={str(ema).lower()}", "device=cpu",
                          f"out={out}", *weights], work / f"{measured.row.name}.log")
-    measured.results[key] = {r["metric"]: r for r in json.loads(out.read_text())["results"]}
+    results = {r["metric"]: r for r in json.loads(out.read_text())["results"]}
+    if step == measured.steps:
+        measured.results[key] = results
+    return results
+
+
+@dataclass
+class Curve:
+    """One long baseline run, evaluated at evenly spaced checkpoints with and without EMA."""
+
+    measured: Measured
+    seed: int
+    points: Dict[int, Dict[str, Dict]]  # step -> {"ema": {"fid": stamp, ...}, "generator": {...}}
+
+
+def ema_study(dataset: str, root: str, args, work: Path) -> List[Curve]:
+    """Does the EMA generator beat the raw one over a longer run? The baseline with several seeds, paired per checkpoint.
+
+    EMA only watches training (it never feeds back), so each run gives both curves; the comparison is paired.
+    """
+    base = next(r for r in rows_for(dataset, root) if r.name == "dcgan_ns")
+    work.mkdir(parents=True, exist_ok=True)
+    curves = []
+    for seed in [int(s) for s in args.ema_seeds.split(",") if s.strip()]:
+        row = Row(f"ema_study_seed{seed}", base.label, base.loss, f"baseline, seed {seed}, longer", [*base.overrides, "trainer.ema=0.999", f"trainer.seed={seed}"],
+                  base.batch_size, "ema")
+        m = train_row(row, args.ema_budget_images, work, points=args.ema_points)
+        steps = [m.steps * (i + 1) // args.ema_points for i in range(args.ema_points)]
+        points = {step: {"ema": evaluate(m, "ema", args.eval_n, True, args, work, step),
+                         "generator": evaluate(m, "generator", args.eval_n, False, args, work, step)} for step in reversed(steps)}
+        curves.append(Curve(m, seed, dict(sorted(points.items()))))
+    return curves
 
 
 def real_floor(dataset: str, root: str, n: int, args, work: Path) -> Optional[Dict[str, Dict]]:
@@ -165,10 +202,9 @@ def fid_kid(results: Dict[str, Dict]) -> str:
     return f"{results['fid']['value']:.1f} | {1000 * results['kid']['value']:.1f} ± {1000 * results['kid']['std']:.1f}"
 
 
-def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict], key_rows: List[Measured], args, command: str,
+def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict], key_rows: List[Measured], curves: List[Curve], args, command: str,
                  started: datetime.datetime, out: Path) -> Path:
     import torch
-    import torch_fidelity
 
     any_stamp = measured[0].results["ema"]["fid"]
     protocol = any_stamp["protocol"]
@@ -223,7 +259,8 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
     best = min(measured, key=lambda m: m.results["ema"]["fid"]["value"])
     lines += ["", f"Sample grid of the best run by FID (`{best.row.name}`, EMA generator, seeds 0-63):", "",
               f"![{best.row.name}]({best.grid})", ""]
-    lines += defaults_section(measured, base, spread)
+    lines += ema_section(curves, args)
+    lines += defaults_section(measured, base, spread, curves)
     lines += published_section()
     lines += [
         "## Left out, and why",
@@ -240,18 +277,61 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
     return out
 
 
-def defaults_section(measured: List[Measured], base: Measured, spread: Optional[float]) -> List[str]:
+def args_epochs(curves: List[Curve]) -> str:
+    c = curves[0].measured
+    return f"{c.steps * c.row.batch_size / 60000:.0f}"
+
+
+def ema_verdict(curves: List[Curve]) -> Optional[str]:
+    """What the longer runs say at their last checkpoint: mean paired FID difference and how many seeds EMA won."""
+    if not curves:
+        return None
+    last = [c.points[max(c.points)] for c in curves]
+    diffs = [p["ema"]["fid"]["value"] - p["generator"]["fid"]["value"] for p in last]
+    wins = sum(d < 0 for d in diffs)
+    mean = sum(diffs) / len(diffs)
+    word = "helps" if wins == len(diffs) and mean < 0 else "hurts" if wins == 0 and mean > 0 else "is mixed"
+    return f"EMA {word}: FID {mean:+.1f} on average with EMA, better in {wins} of {len(diffs)} seeds"
+
+
+def ema_section(curves: List[Curve], args) -> List[str]:
+    if not curves:
+        return []
+    seeds = ", ".join(str(c.seed) for c in curves)
+    lines = ["## EMA of the generator over a longer run", "",
+             f"The baseline (`dcgan_ns`'s settings, trainer.ema=0.999) trained for {args.ema_budget_images:,} images "
+             f"(~{args.ema_budget_images / 60000:.0f} epochs) with seeds {seeds}; each kept checkpoint is evaluated twice, with the EMA "
+             f"generator and with the raw one ({args.eval_n:,} generated images each). EMA never feeds back into training, so "
+             "the two columns of a seed come from the same run: a paired comparison.", "",
+             "| images seen | " + " | ".join(f"seed {c.seed}: FID EMA / raw" for c in curves) + " | mean (EMA - raw) |",
+             "|---|" + "---|" * len(curves) + "---|"]
+    for step in sorted(curves[0].points):
+        cells, diffs = [], []
+        for c in curves:
+            p = c.points[step]
+            ema, raw = p["ema"]["fid"]["value"], p["generator"]["fid"]["value"]
+            cells.append(f"{ema:.1f} / {raw:.1f}")
+            diffs.append(ema - raw)
+        lines.append(f"| {step * curves[0].measured.row.batch_size:,} | " + " | ".join(cells) + f" | {sum(diffs) / len(diffs):+.1f} |")
+    train_min = sum(c.measured.train_s for c in curves) / 60
+    lines += ["", f"At the last checkpoint: {ema_verdict(curves)} ({train_min:.0f} min of training in all).", ""]
+    return lines
+
+
+def defaults_section(measured: List[Measured], base: Measured, spread: Optional[float], curves: List[Curve]) -> List[str]:
     base_fid = base.results["ema"]["fid"]["value"]
     noise = f"{spread:.1f}" if spread is not None else "unknown"
     lines = ["## What the defaults follow", "",
              f"Each option is compared with the baseline `{base.row.name}` (FID {base_fid:.1f}); the two baseline seeds differ by "
              f"{noise} FID, the yardstick for noise.", ""]
+    if curves:
+        lines.append(f"- **EMA of G (trainer.ema=0.999) over ~{args_epochs(curves)} epochs, {len(curves)} seeds (the table above):** {ema_verdict(curves)}.")
     for m in measured:
         if "generator" not in m.results:
             continue
         ema, raw = m.results["ema"]["fid"]["value"], m.results["generator"]["fid"]["value"]
         verdict = "helps" if ema < raw - (spread or 0) else ("hurts" if ema > raw + (spread or 0) else "is within noise")
-        lines.append(f"- **EMA of G (trainer.ema=0.999), `{m.row.name}`:** FID {ema:.1f} with EMA vs {raw:.1f} without: EMA {verdict}.")
+        lines.append(f"- **EMA of G (trainer.ema=0.999), `{m.row.name}`, {m.steps * m.row.batch_size:,} images:** FID {ema:.1f} with EMA vs {raw:.1f} without: EMA {verdict}.")
     for m in measured:
         if m.row.group != "option":
             continue
@@ -295,11 +375,14 @@ def published_section() -> List[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-images", type=int, default=6400, help="training images seen per run (default 6400)")
-    parser.add_argument("--eval-n", type=int, default=1000, help="generated images per row (default 1000)")
+    parser.add_argument("--budget-images", type=int, default=64000, help="training images seen per run (default 64000)")
+    parser.add_argument("--eval-n", type=int, default=10000, help="generated images per row (default 10000, the standard protocol)")
     parser.add_argument("--key-eval-n", type=int, default=10000, help="generated images for the key rows (default 10000)")
     parser.add_argument("--reference-n", type=int, default=10000, help="reference images from the training split (default 10000)")
     parser.add_argument("--key-rows", default="best", help="rows re-evaluated at --key-eval-n: names, or 'best' (default: best)")
+    parser.add_argument("--ema-seeds", default="0,1", help="seeds of the longer EMA-vs-raw baseline runs; empty to skip (default 0,1)")
+    parser.add_argument("--ema-budget-images", type=int, default=601600, help="images seen by each EMA study run (default 601600, ~10 epochs)")
+    parser.add_argument("--ema-points", type=int, default=2, help="evenly spaced checkpoints evaluated per EMA study run (default 2)")
     parser.add_argument("--only", default="", help="comma list of run names to measure (the baseline dcgan_ns is always included)")
     parser.add_argument("--fashion-root", default="/usr/share/datasets/fashion-mnist", help="folder with Fashion-MNIST's IDX files")
     parser.add_argument("--mnist-root", default="data/MNIST/raw", help="folder with MNIST's IDX files; skipped when absent")
@@ -324,6 +407,7 @@ def main() -> None:
         runs = work / f"{dataset}-{args.budget_images}"  # one folder per budget: runs are reused only within it
         runs.mkdir(parents=True, exist_ok=True)
         only = {name.strip() for name in args.only.split(",") if name.strip()}
+        curves = ema_study(dataset, root, args, work / f"{dataset}-ema-{args.ema_budget_images}") if args.ema_seeds.strip() else []
         for row in rows_for(dataset, root):
             if only and row.name not in only | {"dcgan_ns"}:
                 continue
@@ -342,7 +426,7 @@ def main() -> None:
             if m not in key_rows:
                 evaluate(m, f"ema@{args.key_eval_n}", args.key_eval_n, True, args, runs)
                 key_rows.append(m)
-        out = write_report(dataset, measured, floor, key_rows, args, command, started, docs / REPORTS[dataset])
+        out = write_report(dataset, measured, floor, key_rows, curves, args, command, started, docs / REPORTS[dataset])
         say(f"wrote {out}")
 
 

@@ -1,5 +1,5 @@
-"""The quality options, each small and measured in docs/RESULTS.md: spectral norm in D, the R1 penalty,
-DiffAugment, and all of them together in a real training run that still resumes exactly."""
+"""The quality options, each small and measured in docs/RESULTS.md: the EMA generator's BatchNorm statistics,
+spectral norm in D, the R1 penalty, DiffAugment, and all of them together in a real training run that still resumes exactly."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 from dcgan import augment, checkpoint, models
 from dcgan.config import UserError, compose, validate_train
 from dcgan.losses import build_loss, r1_penalty
+from dcgan.optim import EMA
 from dcgan.train import train
 
 CPU = ["trainer.device=cpu", "trainer.progress=false", "dataset=mnist_tiny", "dataset.max_images=256"]
@@ -24,6 +25,44 @@ def digits(count: int = 8) -> torch.Tensor:
 
     cfg = compose("train", ["dataset=mnist_tiny"])
     return data.load_images(cfg.dataset)[:count].float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------- EMA: BatchNorm statistics of the averaged weights
+
+
+def test_ema_measures_batchnorm_statistics_for_its_own_weights():
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4), nn.BatchNorm1d(4))
+    ema = EMA(G, 0.5, lambda generator: torch.randn(256, 8, generator=generator), torch.device("cpu"), batches=4)
+    with torch.no_grad():
+        G(torch.randn(256, 8) * 3 + 1)  # the live statistics: of other weights and other inputs
+        for p in G.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(G, step=10_000)
+    model = ema.calibrated()
+
+    generator = torch.Generator().manual_seed(0)
+    z = torch.cat([torch.randn(256, 8, generator=generator) for _ in range(4)])
+    with torch.no_grad():
+        first = model[0](z)
+    bn = model[1]
+    assert not model.training and bn.momentum == 0.1  # left as the training code expects it
+    torch.testing.assert_close(bn.running_mean, first.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var, first.var(0), rtol=0.05, atol=1e-4)
+    assert not torch.allclose(bn.running_mean, G[1].running_mean, atol=1e-2)  # not the live G's copy
+
+    bn.running_mean.add_(1.0)
+    assert ema.calibrated() is model and torch.allclose(bn.running_mean, first.mean(0) + 1)  # cached until the next update
+    ema.update(G, step=10_001)
+    ema.calibrated()
+    torch.testing.assert_close(bn.running_mean, model[0](z).mean(0).detach(), atol=1e-5, rtol=1e-5)  # measured again
+
+
+def test_ema_without_batchnorm_is_never_recalibrated():
+    G = nn.Sequential(nn.Linear(8, 4))
+    ema = EMA(G, 0.5, lambda generator: pytest.fail("no latents needed without BatchNorm"), torch.device("cpu"))
+    ema.update(G, step=1)
+    assert ema.calibrated() is ema.model
 
 
 # ---------------------------------------------------------------- spectral normalization

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,13 +42,19 @@ class EMA:
     """A frozen copy of the generator that tracks its weights: ema <- decay * ema + (1 - decay) * weights.
 
     The decay ramps up as min(decay, (1 + step) / (10 + step)) so early samples are not dominated by
-    the random initialization. BatchNorm running statistics are copied, not averaged: they belong to
-    the weights that produced them, and sampling runs the copy in eval mode.
+    the random initialization. BatchNorm running statistics can't be averaged like weights: those of
+    the live generator belong to its weights, not to the average, and sampling runs in eval mode on
+    them. So `calibrated()` measures them afresh for the averaged weights ("standing statistics", as
+    in BigGAN) on a fixed set of latents before the copy is sampled or saved.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, latents: Callable[[torch.Generator], torch.Tensor],
+                 device: torch.device, batches: int = 16):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.latents, self.device, self.batches = latents, device, batches  # latents(generator) -> one batch
+        self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.stale = bool(self.norms)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -56,3 +63,25 @@ class EMA:
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
+        self.stale = bool(self.norms)
+
+    @torch.no_grad()
+    def calibrated(self) -> nn.Module:
+        """The averaged generator with BatchNorm statistics of its own weights; recomputed only after an update.
+
+        The latents come from a fixed seed, so every DDP rank (and a resumed run) gets the same statistics.
+        """
+        if self.stale:
+            momenta = [m.momentum for m in self.norms]
+            for m in self.norms:
+                m.reset_running_stats()
+                m.momentum = None  # a plain average over all batches
+            generator = torch.Generator(self.device).manual_seed(0)
+            self.model.train()
+            for _ in range(self.batches):
+                self.model(self.latents(generator))
+            self.model.eval()
+            for m, momentum in zip(self.norms, momenta):
+                m.momentum = momentum
+            self.stale = False
+        return self.model

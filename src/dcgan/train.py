@@ -8,6 +8,7 @@ To resume, run the same command again with `trainer.resume=auto` (and the same `
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import re
 import signal
@@ -47,7 +48,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     G, D = models.build_generator(cfg, device), models.build_discriminator(cfg, device)
     speed.prepare_networks(cfg, G, D, local_batch, device)  # layout, cuDNN, compile: before EMA and DDP copy them
     runcard.use_deterministic_algorithms(t.deterministic)  # after prepare_networks: it turns cuDNN's autotuner off
-    G_ema = EMA(G, t.ema) if t.ema > 0 else None
+    # The EMA's BatchNorm statistics are measured on ~2,048 fixed latents in global-size batches: N ranks agree with one process.
+    ema_batch = functools.partial(models.random_latents, (t.batch_size, cfg.generator.z_dim), cfg.generator.z_distribution, device=device)
+    G_ema = EMA(G, t.ema, ema_batch, device, batches=-(-2048 // t.batch_size)) if t.ema > 0 else None
     G_ddp, D_ddp = distributed.wrap(G, device, t.sync_bn), distributed.wrap(D, device, t.sync_bn)
     # The losses judge every image through DiffAugment (augment.policy); with no policy these are D itself.
     D_for_d_step, D_for_g_step = augment.wrap(D_ddp, cfg.augment.policy), augment.wrap(D, cfg.augment.policy)
@@ -112,7 +115,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
             guard.check_grid(step, grid)
             metrics.add_grid(save_grid(grid, samples / f"step_{step:06d}.png", nrow=8), step)
         if (step % t.ckpt_every == 0 or last) and guard.healthy(step, parts):  # a sync: never a checkpoint of NaN weights
-            replicas = distributed.replica_checksums(G, D, *([G_ema.model] if G_ema else []))
+            replicas = distributed.replica_checksums(G, D, *([G_ema.calibrated()] if G_ema else []))
             if rank.is_main:
                 checkpoint.save({**training_state(cfg, step, parts), "replica_checksums": replicas}, checkpoints, step, t.keep_last, guard.trusted_step)
     metrics.close()
@@ -145,7 +148,7 @@ def frozen(model: torch.nn.Module):
 
 
 def sampling_generator(G: torch.nn.Module, G_ema: Optional[EMA]) -> torch.nn.Module:
-    return G_ema.model if G_ema is not None else G
+    return G_ema.calibrated() if G_ema is not None else G
 
 
 class StopRequest:
@@ -189,7 +192,7 @@ def training_state(cfg: DictConfig, step: int, parts: Dict[str, Any]) -> Dict[st
     return {
         "generator": parts["G"].state_dict(),
         "discriminator": parts["D"].state_dict(),
-        "generator_ema": parts["G_ema"].model.state_dict() if parts["G_ema"] is not None else None,
+        "generator_ema": parts["G_ema"].calibrated().state_dict() if parts["G_ema"] is not None else None,
         "optimizer_g": parts["opt_g"].state_dict(),
         "optimizer_d": parts["opt_d"].state_dict(),
         "step": step,
