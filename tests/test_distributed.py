@@ -79,6 +79,21 @@ def test_resume_under_ddp(tmp_path: Path):
     assert_same_weights(resumed, checkpoint.load(straight / "checkpoints" / "last.pt"))
 
 
+def test_default_batchnorm_networks_checkpoint_and_resume_under_ddp(tmp_path: Path):
+    # Each rank's BatchNorm statistics follow its own half batch; the checkpoint takes rank 0's for G and D,
+    # and the EMA generator's are measured on the same fixed latents on every rank, so the replicas agree.
+    run = tmp_path / "run"
+    common = ["generator.width=0.25", "discriminator.width=0.25", "trainer.batch_size=16", "trainer.ckpt_every=2",
+              "trainer.log_every=2", "trainer.device=cpu", "trainer.progress=false", f"hydra.run.dir={run}"]
+    torchrun([*common, "trainer.max_steps=2"], cwd=tmp_path)
+    torchrun([*common, "trainer.max_steps=4", "trainer.resume=auto"], cwd=tmp_path)
+    state = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert state["step"] == 4 and len(set(state["replica_checksums"])) == 1
+    assert any(key.endswith("running_mean") for key in state["discriminator"])  # the networks do have BatchNorm
+    ema = {k: v for k, v in state["generator_ema"].items() if k.endswith("running_mean")}
+    assert ema and all(not torch.equal(v, state["generator"][k]) for k, v in ema.items())  # measured, not copied
+
+
 def test_global_batch_must_split_evenly(tmp_path: Path):
     result = torchrun([*SMALL, "trainer.batch_size=15", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}"],
                       cwd=tmp_path, check=False)

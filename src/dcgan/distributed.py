@@ -103,11 +103,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def broadcast_buffers(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics), so copies of G stay identical."""
+def broadcast_buffers(*models: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), so the replicas are identical again."""
     if world().enabled:
-        for buffer in unwrap(model).buffers():
-            dist.broadcast(buffer, src=0)
+        for model in models:
+            for buffer in unwrap(model).buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

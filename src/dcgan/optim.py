@@ -55,14 +55,19 @@ class EMA:
         self.latents, self.device, self.batches = latents, device, batches  # latents(generator) -> one batch
         self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.stale = bool(self.norms)
+        # Other buffers (if any) follow the live model; BatchNorm's are measured by calibrated().
+        measured = {id(b) for m in self.norms for b in m.buffers()}
+        self.copied = [i for i, b in enumerate(self.model.buffers()) if id(b) not in measured]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
         ema_params = list(self.model.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
-        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
+        if self.copied:
+            ema_buffers, buffers = list(self.model.buffers()), list(model.buffers())
+            for i in self.copied:
+                ema_buffers[i].copy_(buffers[i])
         self.stale = bool(self.norms)
 
     @torch.no_grad()

@@ -96,7 +96,6 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         guard.watch("G", loss_g, G)
         opt_g.step()
         if G_ema is not None:
-            distributed.broadcast_buffers(G)  # BatchNorm statistics are per rank; keep every EMA copy equal
             G_ema.update(G, step)
         step += 1
 
@@ -115,6 +114,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
             guard.check_grid(step, grid)
             metrics.add_grid(save_grid(grid, samples / f"step_{step:06d}.png", nrow=8), step)
         if (step % t.ckpt_every == 0 or last) and guard.healthy(step, parts):  # a sync: never a checkpoint of NaN weights
+            # Each rank's BatchNorm statistics follow its own batches (DDP hands out rank 0's at every forward); save rank 0's.
+            distributed.broadcast_buffers(G, D)
             replicas = distributed.replica_checksums(G, D, *([G_ema.calibrated()] if G_ema else []))
             if rank.is_main:
                 checkpoint.save({**training_state(cfg, step, parts), "replica_checksums": replicas}, checkpoints, step, t.keep_last, guard.trusted_step)
