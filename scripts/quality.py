@@ -234,8 +234,8 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
         f"- **Reference:** {reference['count']:,} images of the {reference['split']} split ({reference['selection']}); "
         f"generated: latent seeds 0..n-1 from the EMA generator unless stated.",
         f"- **Counts:** the table uses n = {args.eval_n:,} generated images per row, so its FIDs compare with each other but sit "
-        f"above 10,000-image FIDs (FID is biased upward at small n; KID is not). The key rows are repeated with "
-        f"{args.key_eval_n:,} images below.",
+        f"above 10,000-image FIDs (FID is biased upward at small n; KID is not)."
+        + (f" The key rows are repeated with {args.key_eval_n:,} images below." if key_rows else ""),
         "",
         f"## All runs ({args.eval_n:,} generated vs {reference['count']:,} reference images)",
         "",
@@ -250,8 +250,9 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
     if floor:
         lines.append(f"| real data | - | - | {floor['fid']['generated']['count']:,} real **test** images (the floor at this n) | - | - "
                      f"| {fid_kid(floor)} | | |")
-    lines += ["", f"## Key runs at {args.key_eval_n:,} generated images", "",
-              "| run | what differs | FID | KID x 10^3 | generated / reference | eval time |", "|---|---|---|---|---|---|"]
+    if key_rows:
+        lines += ["", f"## Key runs at {args.key_eval_n:,} generated images", "",
+                  "| run | what differs | FID | KID x 10^3 | generated / reference | eval time |", "|---|---|---|---|---|---|"]
     for m in key_rows:
         res = m.results[f"ema@{args.key_eval_n}"]
         lines.append(f"| `{m.row.name}` | {m.row.options} | {fid_kid(res)} | {res['fid']['generated']['count']:,} / "
@@ -262,6 +263,7 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
     lines += ema_section(curves, args)
     lines += defaults_section(measured, base, spread, curves)
     lines += published_section()
+    rate = base.results["ema"]["fid"]["generated"]["count"] / base.results["ema"]["fid"]["seconds"]  # whole gan-eval call, reference cached
     lines += [
         "## Left out, and why",
         "",
@@ -269,6 +271,9 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
         "  64-pixel or 1024-channel networks train 2-4x slower per image on two CPU cores than the 28-pixel ones, which would",
         "  not fit the hour. The dcgan64 *networks* are measured at 28x28 (the baseline rows); the others need a GPU run.",
         f"- **MNIST:** {'measured above' if dataset == 'mnist' else 'its IDX files are not on this machine (only Fashion-MNIST is packaged by Debian here); the script adds MNIST rows when `--mnist-root` holds them'}.",
+        *(["- **10,000 generated images for every row (the standard protocol, and this script's default):** at the "
+           f"{rate:.0f} images/s gan-eval reached here, that is ~{10000 * len(measured) / rate / 3600:.1f} h of evaluation for the table alone; the rows use {args.eval_n:,}"
+           + (f", and {len(key_rows)} key row(s) {args.key_eval_n:,}." if key_rows else ".")] if args.eval_n < 10000 else []),
         "- **Several seeds per row, longer budgets, R1 gamma and DiffAugment tuning:** one seed per row (two for the baseline) at",
         "  the short budget, and only the EMA question asked over a longer run, is what two CPU cores allow in a session; treat",
         "  differences smaller than the seed spread as noise. SN, R1, DiffAugment and TTUR stay off by default because they did",
