@@ -332,7 +332,9 @@ def defaults_section(measured: List[Measured], base: Measured, spread: Optional[
              f"Each option is compared with the baseline `{base.row.name}` (FID {base_fid:.1f}); the two baseline seeds differ by "
              f"{noise} FID, the yardstick for noise.", ""]
     if curves:
-        lines.append(f"- **EMA of G (trainer.ema=0.999) over ~{args_epochs(curves)} epochs, {len(curves)} seeds (the table above):** {ema_verdict(curves)}.")
+        lines.append(f"- **EMA of G (trainer.ema=0.999) over ~{args_epochs(curves)} epochs, {len(curves)} seeds (the table above):** {ema_verdict(curves)}. "
+                     "The default follows these longer runs, which are closer to real use; the short-budget rows below show where "
+                     "EMA can lag while the generator still changes fast.")
     for m in measured:
         if "generator" not in m.results:
             continue
