@@ -392,7 +392,7 @@ def published_section(dataset: str, curves: List[Curve], args) -> List[str]:
     ]
     lines += [f"| {row[0]} | {f'`{row[1]}`' if row[1] else '-'} | {row[column]} |" for row in LUCIC_2018]
     if ours:
-        lines += ["", f"Ours measured their way ({args.key_eval_n:,} generated images against the whole **test** split), "
+        lines += ["", f"Ours measured their way ({args.key_eval_n:,} generated images against {args.reference_n:,} images of the **test** split), "
                   f"the `ns` baseline of the EMA study above after {args.ema_budget_images:,} images (~{args.ema_budget_images / 60000:.0f} epochs), "
                   "EMA generator, no hyperparameter search:", "",
                   "| run | loss | images seen | FID | KID x 10^3 | generated / reference | eval time |", "|---|---|---|---|---|---|---|"]

@@ -14,6 +14,14 @@ import torch
 from PIL import Image
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+# Data and weights this machine may hold; tests that need them skip, saying why, when they are absent.
+WEIGHTS = Path(os.environ.get("DCGAN_INCEPTION_WEIGHTS", REPO.parent / "shared" / "models" / "inception-2015-12-05-fidelity.pth"))
+needs_weights = pytest.mark.skipif(
+    not WEIGHTS.is_file(),
+    reason=f"no Inception weights at {WEIGHTS}: set DCGAN_INCEPTION_WEIGHTS to a torch-fidelity weights file (tests never download)",
+)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 
 
 def run_cli(program: str, args: List[str], cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:

@@ -17,11 +17,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import DEBIAN_FASHION_MNIST
 from dcgan import data
 from dcgan.config import DatasetConfig, UserError
 from dcgan.data import ImageBatches, describe, load_images
 
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CELEBA_COUNT = 20
 # list_eval_partition.txt of the fake CelebA: 12 train, 4 valid, 4 test images.
 CELEBA_PARTITION = {f"{i:06d}.jpg": 0 if i <= 12 else 1 if i <= 16 else 2 for i in range(1, CELEBA_COUNT + 1)}

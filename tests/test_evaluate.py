@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,12 @@ import torch
 import torch_fidelity
 from PIL import Image
 
-from conftest import FAST, run_cli
+from conftest import FAST, WEIGHTS, needs_weights, run_cli
 from dcgan import checkpoint, evaluate, sample
 from dcgan.config import MetricsConfig, compose
 from dcgan.evaluate import ImageSet, ImageSource, measure, reference_from_dataset, resolve_weights
 from dcgan.train import train
 
-REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = Path(os.environ.get("DCGAN_INCEPTION_WEIGHTS", REPO.parent / "shared" / "models" / "inception-2015-12-05-fidelity.pth"))
-needs_weights = pytest.mark.skipif(
-    not WEIGHTS.is_file(),
-    reason=f"no Inception weights at {WEIGHTS}: set DCGAN_INCEPTION_WEIGHTS to a torch-fidelity weights file (tests never download)",
-)
 COUNT = 24  # images per set: enough for a meaningful difference, few enough for a CPU
 
 

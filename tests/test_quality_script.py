@@ -1,0 +1,61 @@
+"""scripts/quality.py end to end at a tiny budget: it trains through gan-train, measures through gan-eval,
+and every FID in the report it writes is one of the JSON stamps gan-eval left beside the checkpoints.
+
+Needs Fashion-MNIST's IDX files (Debian's dataset-fashion-mnist) and the offline
+Inception weights (DCGAN_INCEPTION_WEIGHTS or ../shared/models/); skips, saying which, without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DEBIAN_FASHION_MNIST as FASHION
+from conftest import REPO, WEIGHTS, needs_weights
+
+SCRIPT = REPO / "scripts" / "quality.py"
+
+pytestmark = [
+    needs_weights,
+    pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                       reason=f"no Fashion-MNIST in {FASHION} (apt-get install dataset-fashion-mnist)"),
+]
+
+
+def test_quality_script_reports_only_numbers_that_gan_eval_stamped(tmp_path: Path):
+    work, docs = tmp_path / "work", tmp_path / "docs"
+    command = [
+        sys.executable, str(SCRIPT), "--budget-images", "256", "--only", "dcgan_ns", "--eval-n", "40", "--reference-n", "40",
+        "--key-eval-n", "48", "--ema-seeds", "0", "--ema-budget-images", "512", "--ema-points", "2",
+        "--fashion-root", str(FASHION), "--mnist-root", str(tmp_path / "no-mnist"), "--inception-weights", str(WEIGHTS),
+        "--work", str(work), "--docs", str(docs),
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    report = (docs / "RESULTS.md").read_text()
+    stamps = [r for path in work.rglob("*.json") if "results" in (data := json.loads(path.read_text())) for r in data["results"]]
+    stamped = {f"{r['value']:.1f}" for r in stamps if r["metric"] == "fid"}
+    counts = {r["generated"]["count"] for r in stamps}
+    assert {40, 48} <= counts, counts  # the table's n and the key rows' n
+    assert any(r["reference"]["split"] == "test" for r in stamps)  # the published protocol's reference
+
+    # The baseline row: its FID (EMA) and its EMA-off FID are both stamped values.
+    row = next(line for line in report.splitlines() if line.startswith("| `dcgan_ns` |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[7] in stamped and cells[9] in stamped, (row, stamped)
+    assert (docs / "results" / "fashion_mnist_dcgan_ns.png").is_file()
+
+    # The longer run at the published protocol sits beside the published values, with its reference split named.
+    published = report[report.index("## Published numbers beside ours"):]
+    assert "| NS GAN | `ns` | 26.5 ± 1.6 |" in published
+    long_row = next(line for line in published.splitlines() if line.startswith("| `ema_study_seed0` |"))
+    cells = [c.strip() for c in long_row.split("|")]
+    assert cells[5] == "48 / 40 test" and cells[4] in stamped, (long_row, stamped)
+    assert "MNIST:** its IDX files are not on this machine" in report
