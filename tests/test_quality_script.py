@@ -57,5 +57,5 @@ def test_quality_script_reports_only_numbers_that_gan_eval_stamped(tmp_path: Pat
     assert "| NS GAN | `ns` | 26.5 ± 1.6 |" in published
     long_row = next(line for line in published.splitlines() if line.startswith("| `ema_study_seed0` |"))
     cells = [c.strip() for c in long_row.split("|")]
-    assert cells[5] == "48 / 40 test" and cells[4] in stamped, (long_row, stamped)
+    assert cells[6] == "48 / 40 test" and cells[4] in stamped, (long_row, stamped)
     assert "MNIST:** its IDX files are not on this machine" in report
