@@ -27,8 +27,8 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get inst
 def run_cli(program: str, args: List[str], cwd: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
     """Run an installed console script (gan-train, gan-sample) the way a user would.
 
-    The timeout only catches hangs: the longest call takes about a minute on two idle cores, and a shared
-    machine was measured to run it more than five times slower.
+    The timeout only catches hangs: on two cores shared with another job, the 300-step smoke run once took
+    longer than 300 s.
     """
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
