@@ -59,3 +59,31 @@ def test_quality_script_reports_only_numbers_that_gan_eval_stamped(tmp_path: Pat
     cells = [c.strip() for c in long_row.split("|")]
     assert cells[6] == "48 / 40 test" and cells[4] in stamped, (long_row, stamped)
     assert "MNIST:** its IDX files are not on this machine" in report
+
+
+def test_native_table_measures_each_preset_at_its_own_size(tmp_path: Path):
+    """The presets made for 64x64 (and tf_celeba28's own networks) train and are measured at their own size."""
+    work, docs = tmp_path / "work", tmp_path / "docs"
+    command = [
+        sys.executable, str(SCRIPT), "--table", "native", "--budget-images", "128", "--eval-n", "24", "--reference-n", "24",
+        "--fashion-root", str(FASHION), "--mnist-root", str(tmp_path / "no-mnist"), "--inception-weights", str(WEIGHTS),
+        "--work", str(work), "--docs", str(docs),
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    report = (docs / "RESULTS_native.md").read_text()
+    stamps = {path.parent.parent.name: json.loads(path.read_text())["results"] for path in work.rglob("eval-ema.json")}
+    assert set(stamps) == {"dcgan64_64px", "keras_celeba64_64px", "tf_celeba28_28px"}, set(stamps)
+    for name, size in [("dcgan64_64px", 64), ("keras_celeba64_64px", 64), ("tf_celeba28_28px", 28)]:
+        fid = next(r for r in stamps[name] if r["metric"] == "fid")
+        # Generated images and their reference at the preset's own size, never a mismatch.
+        assert fid["generated"]["image_size"] == fid["reference"]["image_size"] == size, fid
+        row = next(line for line in report.splitlines() if line.startswith(f"| `{name}` |"))
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[4] == f"{size}x{size}" and cells[7] == f"{fid['value']:.1f}" and cells[9] == "24 / 24", row
+        assert (docs / "results" / f"fashion_mnist_{name}.png").is_file()
+    # The first row at each size computed its reference; the second 64-px row read it from the cache.
+    assert stamps["keras_celeba64_64px"][0]["protocol"]["reference_features"] == "cached"
+    assert "(with reference)" in next(line for line in report.splitlines() if line.startswith("| `dcgan64_64px` |"))
