@@ -191,23 +191,25 @@ def ema_study(dataset: str, root: str, args, work: Path) -> List[Curve]:
     return curves
 
 
-def real_floor(dataset: str, root: str, n: int, args, work: Path) -> Optional[Dict[str, Dict]]:
+def real_floor(dataset: str, root: str, n: int, args, work: Path, image_size: int = 28) -> Optional[Dict[str, Dict]]:
     """FID/KID of `n` real test-split images against the same training reference: what a perfect generator scores at this n."""
     from dcgan.config import compose
     from dcgan.data import load_images
     from dcgan.evaluate import seeded_subset
     from dcgan.sample import to_pil
 
-    folder = work / f"real-{dataset}-test-{n}"
-    out = work / f"real-{dataset}-test-{n}.json"
+    data = [f"dataset={dataset}", f"dataset.root={root}", f"dataset.image_size={image_size}"]
+    name = f"real-{dataset}-test-{n}" + (f"-{image_size}px" if image_size != 28 else "")
+    folder, out = work / name, work / f"{name}.json"
     if not out.is_file():
-        say(f"real-data floor: {n} test images of {dataset}")
-        test = load_images(compose("train", [f"dataset={dataset}", f"dataset.root={root}", "dataset.split=test"]).dataset)
+        say(f"real-data floor: {n} test images of {dataset} at {image_size} px")
+        # Resized by the loader, as the training images and the reference at this size are.
+        test = load_images(compose("train", [*data, "dataset.split=test"]).dataset)
         folder.mkdir(parents=True, exist_ok=True)
         for i in seeded_subset(len(test), n, 0).tolist():
             to_pil(test[i]).save(folder / f"{i:05d}.png")
         weights = [f"inception_weights={args.inception_weights}"] if args.inception_weights else []
-        run("gan-eval", [f"input1={folder}", f"dataset={dataset}", f"dataset.root={root}", f"n={n}", f"reference_n={args.reference_n}",
+        run("gan-eval", [f"input1={folder}", *data, f"n={n}", f"reference_n={args.reference_n}",
                          "device=cpu", f"out={out}", *weights], work / "real-floor.log")
     return {r["metric"]: r for r in json.loads(out.read_text())["results"]}
 
@@ -320,7 +322,8 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
     return out
 
 
-def write_native_report(dataset: str, measured: List[Measured], args, command: str, started: datetime.datetime, out: Path) -> Path:
+def write_native_report(dataset: str, measured: List[Measured], floors: Dict[int, Dict[str, Dict]], args, command: str,
+                        started: datetime.datetime, out: Path) -> Path:
     """The presets made for other sizes than 28x28 grayscale, each at its own size: a page of its own beside RESULTS.md."""
     import torch
 
@@ -329,7 +332,7 @@ def write_native_report(dataset: str, measured: List[Measured], args, command: s
     first = measured[0].results["ema"]["fid"]
     protocol, reference = first["protocol"], first["reference"]
     train_minutes = sum(m.train_s for m in measured) / 60
-    eval_minutes = sum(m.results["ema"]["fid"]["seconds"] for m in measured) / 60
+    eval_minutes = sum(r["fid"]["seconds"] for r in [*(m.results["ema"] for m in measured), *floors.values()]) / 60
     lines = [
         "# Sample quality of the presets at their own image size: measured",
         "",
@@ -359,17 +362,19 @@ def write_native_report(dataset: str, measured: List[Measured], args, command: s
         size = res["fid"]["generated"]["image_size"]
         lines.append(f"| `{m.row.name}` | {m.row.label} | {m.row.options} | {size}x{size} | {m.steps} x {m.row.batch_size} | "
                      f"{m.train_s / 60:.1f} min | {fid_kid(res)} | {counts_and_time(res['fid'])} | [png]({m.grid}) |")
+    for size, floor in sorted(floors.items()):
+        lines.append(f"| real data | - | {floor['fid']['generated']['count']:,} real **test** images (the floor at this n) | {size}x{size} | - | - "
+                     f"| {fid_kid(floor)} | {counts_and_time(floor['fid'])} | |")
     lines += ["", "How to read it:",
               "- A 28x28 row here uses RESULTS.md's 28-px reference (same split, subset and seed), so it compares directly with",
               "  RESULTS.md's rows of the same budget and n (the key rows, when both are 64,000 images and 10,000 vs 10,000).",
               "- The 64x64 rows compare with each other only: their reference is the upscaled images, a different distribution,",
-              "  and FID is not comparable across reference sets.", ""]
+              "  and FID is not comparable across reference sets; the real-data row is their floor (RESULTS.md has the 28-px one).", ""]
     for m in measured:
         lines += [f"`{m.row.name}` (EMA generator, seeds 0-63):", "", f"![{m.row.name}]({m.grid})", ""]
     lines += ["## Left out, and why", "",
               "- **CelebA itself:** not on this machine; the presets run unchanged on it (`gan-train preset=dcgan64`, which selects",
               "  `dataset=celeba`), and `gan-eval` then measures against CelebA's own reference.",
-              "- **A real-data floor at 64 px:** not measured here; RESULTS.md gives it at 28 px.",
               "- **Several seeds, EMA off, longer budgets:** one seed per row at the short budget, as on RESULTS.md.", ""]
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -559,7 +564,10 @@ def main() -> None:
             m.grid = sample_grid(m, dataset, docs, runs)
             measured.append(m)
         if native:
-            say(f"wrote {write_native_report(dataset, measured, args, command, started, docs / NATIVE_REPORTS[dataset])}")
+            # RESULTS.md measures the 28-px floor; the other sizes get theirs here, against the same reference as their rows.
+            sizes = sorted({m.results["ema"]["fid"]["generated"]["image_size"] for m in measured} - {28})
+            floors = {size: real_floor(dataset, root, args.eval_n, args, work, image_size=size) for size in sizes}
+            say(f"wrote {write_native_report(dataset, measured, floors, args, command, started, docs / NATIVE_REPORTS[dataset])}")
             continue
         floor = real_floor(dataset, root, args.eval_n, args, work)
         wanted = [name.strip() for name in args.key_rows.split(",") if name.strip()]

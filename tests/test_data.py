@@ -557,3 +557,13 @@ def test_fewer_images_than_a_batch():
         ImageBatches(numbered_images(10), batch_size=16, device=torch.device("cpu"), seed=0)
     with pytest.raises(UserError, match="per process"):
         ImageBatches(numbered_images(20), batch_size=16, device=torch.device("cpu"), seed=0, world_size=2)
+
+
+def test_user_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
+    """Caches (decoded images, reference features) go where $XDG_CACHE_HOME says, so jobs and tests can isolate them."""
+    from dcgan.data import user_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert user_cache_dir() == tmp_path / "dcgan"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert user_cache_dir() == Path.home() / ".cache" / "dcgan"

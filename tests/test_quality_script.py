@@ -87,3 +87,11 @@ def test_native_table_measures_each_preset_at_its_own_size(tmp_path: Path):
     # The first row at each size computed its reference; the second 64-px row read it from the cache.
     assert stamps["keras_celeba64_64px"][0]["protocol"]["reference_features"] == "cached"
     assert "(with reference)" in next(line for line in report.splitlines() if line.startswith("| `dcgan64_64px` |"))
+    # The real-data floor at 64 px, against the 64-px rows' own reference; the 28-px one is RESULTS.md's.
+    floors = [json.loads(path.read_text())["results"] for path in work.glob("real-*.json")]
+    assert len(floors) == 1 and floors[0][0]["reference"]["image_size"] == 64, floors
+    floor_fid = next(r for r in floors[0] if r["metric"] == "fid")
+    assert floor_fid["protocol"]["reference_features"] == "cached"
+    row = next(line for line in report.splitlines() if line.startswith("| real data |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[4] == "64x64" and cells[7] == f"{floor_fid['value']:.1f}", row

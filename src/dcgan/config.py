@@ -48,7 +48,7 @@ class DatasetConfig:
     crop: int = 0  # side of the centered square cropped before resizing; 0 = the largest square
     max_images: int = 0  # use only the first N images (0 = all)
     on_bad_file: str = "skip"  # folder/celeba: skip unreadable images with a warning, or error
-    cache_dir: Optional[str] = None  # decoded-image cache; None = beside the data (or ~/.cache)
+    cache_dir: Optional[str] = None  # decoded-image cache; None = beside the data (or $XDG_CACHE_HOME, else ~/.cache)
     num_workers: int = 0  # processes for the one-time JPEG decode; 0 = one per core
 
 
@@ -158,7 +158,7 @@ class MetricsConfig:
     kid_subsets: int = 100  # KID averages the MMD over this many random subsets...
     kid_subset_size: int = 1000  # ...of this many images each (capped at the smaller image count)
     seed: int = 0
-    cache_dir: Optional[str] = None  # reference-feature cache; None = ~/.cache/dcgan/fidelity
+    cache_dir: Optional[str] = None  # reference-feature cache; None = $XDG_CACHE_HOME (else ~/.cache)/dcgan/fidelity
 
 
 @dataclass

@@ -395,10 +395,15 @@ def _cached_decode(source: _Source, cfg: DatasetConfig) -> torch.Tensor:
     return cached
 
 
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/dcgan, else ~/.cache/dcgan: the XDG convention, so a job (or a test) can point it elsewhere."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan"
+
+
 def _cache_folders(cfg: DatasetConfig, source: _Source) -> List[Path]:
     if cfg.cache_dir:
         return [Path(cfg.cache_dir).expanduser()]
-    return [source.cache_home / ".dcgan-cache", Path.home() / ".cache" / "dcgan"]
+    return [source.cache_home / ".dcgan-cache", user_cache_dir()]
 
 
 def _writable_folder(folders: List[Path]) -> Path:

@@ -54,7 +54,6 @@ FEATURE_EXTRACTOR = "inception-v3-compat"
 # ~1.5x faster on CPU, features equal to ~1e-6 (the order of float additions changes, nothing else).
 CHANNELS_LAST_EXTRACTOR = "inception-v3-compat-channels-last"
 FEATURE_LAYER = "2048"
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dcgan" / "fidelity"
 GENERATE_CHUNK = 1000  # latents drawn and images kept as uint8 per chunk, so n=50000 needs little memory
 
 
@@ -278,7 +277,7 @@ def measure(generated: ImageSource, reference: ImageSource, settings: MetricsCon
         raise UserError(f"FID and KID need at least 2 images on each side; got {count_1} generated and {count_2} reference images")
     kid_subset_size = min(settings.kid_subset_size, count_1, count_2)
     cache_name = f"{reference.cache_key}-w{weights.cache_key}" if reference.cache_key else None
-    cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else DEFAULT_CACHE_DIR
+    cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else data.user_cache_dir() / "fidelity"
     reads_before = reference.images.reads
     started = time.perf_counter()
     cuda = device.type == "cuda"
