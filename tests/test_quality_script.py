@@ -27,17 +27,23 @@ pytestmark = [
 ]
 
 
-def test_quality_script_reports_only_numbers_that_gan_eval_stamped(tmp_path: Path):
+def run_quality(tmp_path: Path, *options: str) -> tuple:
+    """Run scripts/quality.py on Fashion-MNIST with its own work, docs and cache folders; returns (work, docs)."""
     work, docs = tmp_path / "work", tmp_path / "docs"
     command = [
-        sys.executable, str(SCRIPT), "--budget-images", "256", "--only", "dcgan_ns", "--eval-n", "40", "--reference-n", "40",
-        "--key-eval-n", "48", "--ema-seeds", "0", "--ema-budget-images", "512", "--ema-points", "2",
+        sys.executable, str(SCRIPT), *options,
         "--fashion-root", str(FASHION), "--mnist-root", str(tmp_path / "no-mnist"), "--inception-weights", str(WEIGHTS),
         "--work", str(work), "--docs", str(docs),
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work, docs
+
+
+def test_quality_script_reports_only_numbers_that_gan_eval_stamped(tmp_path: Path):
+    work, docs = run_quality(tmp_path, "--budget-images", "256", "--only", "dcgan_ns", "--eval-n", "40", "--reference-n", "40",
+                             "--key-eval-n", "48", "--ema-seeds", "0", "--ema-budget-images", "512", "--ema-points", "2")
 
     report = (docs / "RESULTS.md").read_text()
     stamps = [r for path in work.rglob("*.json") if "results" in (data := json.loads(path.read_text())) for r in data["results"]]
@@ -63,15 +69,7 @@ def test_quality_script_reports_only_numbers_that_gan_eval_stamped(tmp_path: Pat
 
 def test_native_table_measures_each_preset_at_its_own_size(tmp_path: Path):
     """The presets made for 64x64 (and tf_celeba28's own networks) train and are measured at their own size."""
-    work, docs = tmp_path / "work", tmp_path / "docs"
-    command = [
-        sys.executable, str(SCRIPT), "--table", "native", "--budget-images", "128", "--eval-n", "24", "--reference-n", "24",
-        "--fashion-root", str(FASHION), "--mnist-root", str(tmp_path / "no-mnist"), "--inception-weights", str(WEIGHTS),
-        "--work", str(work), "--docs", str(docs),
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    work, docs = run_quality(tmp_path, "--table", "native", "--budget-images", "128", "--eval-n", "24", "--reference-n", "24")
 
     report = (docs / "RESULTS_native.md").read_text()
     stamps = {path.parent.parent.name: json.loads(path.read_text())["results"] for path in work.rglob("eval-ema.json")}
