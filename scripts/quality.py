@@ -344,8 +344,9 @@ def write_native_report(dataset: str, measured: List[Measured], floors: Dict[int
         f"- **Command:** `{command}`",
         f"- **Device:** CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}; "
         "times are indicative only.",
-        f"- **Data:** {dataset} from `{reference['root']}`, one channel, standing in for CelebA (not on this machine): the",
-        "  presets' networks and training recipes are measured, on other images than they were published for. The 64-pixel",
+        f"- **Data:** {dataset} from `{reference['root']}`, one channel (`dataset.channels=1`: the CelebA presets' three",
+        "  output channels become one), standing in for CelebA, which is not on this machine: the presets' networks and",
+        "  training recipes are measured, on other images than they were published for. The 64-pixel",
         "  rows see the 28x28 images upscaled once by the loader (bilinear, antialiased), training and reference alike.",
         f"- **Budget:** {args.budget_images:,} training images seen per run (steps x batch size; one D and one G update per step), "
         "from scratch, seed 0, as on RESULTS.md.",
