@@ -95,7 +95,9 @@ def test_resume_from_truncated_checkpoint(damaged_checkpoints: dict, tmp_path: P
 def test_resume_auto_falls_back_past_a_truncated_last(damaged_checkpoints: dict, tmp_path: Path):
     """A last.pt cut short (a kill during a copy, a full disk) is skipped for the newest good step file."""
     run = damaged_checkpoints["run"]
-    (run / "checkpoints" / "last.pt").write_bytes(damaged_checkpoints["truncated"].read_bytes())
+    last = run / "checkpoints" / "last.pt"
+    last.unlink()  # a new file: last.pt is a hard link to the newest step file, which must stay good
+    last.write_bytes(damaged_checkpoints["truncated"].read_bytes())
     run_cli("gan-train", [*FAST, "trainer.max_steps=5", "trainer.resume=auto", f"hydra.run.dir={run}"], cwd=tmp_path)
     from dcgan import checkpoint
 

@@ -12,11 +12,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from dcgan.config import UserError
+from dcgan.config import UserError, train_config_from_yaml
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
@@ -49,9 +50,9 @@ def save(state: Dict[str, Any], directory: Path, step: int, keep_last: int, keep
             shutil.copyfile(temporary, step_path)
         os.replace(temporary, directory / LAST)
         _fsync_directory(directory)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         temporary.unlink(missing_ok=True)
-        raise _write_error(directory, error) from None
+        raise _write_error(directory / step_name(step), error) from None
     _prune(directory, keep_last, keep_step)
     return step_path
 
@@ -64,9 +65,9 @@ def save_as(state: Dict[str, Any], path: Path) -> Path:
         _write_fsynced(state, temporary)
         os.replace(temporary, path)
         _fsync_directory(path.parent)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         temporary.unlink(missing_ok=True)
-        raise _write_error(path.parent, error) from None
+        raise _write_error(path, error) from None
     return path
 
 
@@ -77,10 +78,16 @@ def _write_fsynced(state: Dict[str, Any], path: Path) -> None:
         os.fsync(file.fileno())
 
 
-def _write_error(directory: Path, error: OSError) -> UserError:
+def _write_error(path: Path, error: Exception) -> UserError:
+    """One line naming the file that could not be written, why, and the space left on its disk."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())[:160]
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
     return UserError(
-        f"could not write a checkpoint to {directory} ({error.strerror or error}); free some disk space or "
-        "point hydra.run.dir at a writable folder (earlier checkpoints are untouched)"
+        f"could not write checkpoint {path} ({reason}; {free}); free some disk space or point hydra.run.dir at a "
+        "writable folder, then continue with trainer.resume=auto (earlier checkpoints are untouched)"
     )
 
 
@@ -122,6 +129,14 @@ def step_checkpoints(directory: Path) -> list:
     return [p for _, p in sorted(found)]
 
 
+class Unreadable(UserError):
+    """A checkpoint this version can't use; `reason` says why in a few words (for lists of refused files)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
     """Read a checkpoint written by `save`, or raise UserError saying what is wrong with the file."""
     path = Path(path)
@@ -136,28 +151,84 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, wrong format, pickled code: all mean "not our checkpoint"
         reason = " ".join(str(error).split())[:200]
-        raise UserError(
+        raise Unreadable(
             f"checkpoint {path} is unreadable ({reason}); it may be truncated or not a checkpoint of this tool: "
-            "use another one, e.g. an earlier step_NNNNNN.pt beside it"
+            "use another one, e.g. an earlier step_NNNNNN.pt beside it",
+            "unreadable: truncated, damaged or not a PyTorch file",
         ) from None
     required = ("generator", "discriminator", "config_yaml", "step")
     if not isinstance(state, dict) or any(key not in state for key in required):
-        raise UserError(f"{path} is a PyTorch file but not a checkpoint of this tool (it lacks {', '.join(required)})")
+        raise Unreadable(f"{path} is a PyTorch file but not a checkpoint of this tool (it lacks {', '.join(required)})",
+                         "a PyTorch file, but not a checkpoint of this tool")
     if state.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer version of this tool; upgrade the package to read it")
+        raise Unreadable(f"{path} was written by a newer version of this tool; upgrade the package to read it",
+                         f"written by a newer version (format {state['format_version']}, this one reads {FORMAT_VERSION})")
     return state
 
 
 def latest(directory: Path) -> Optional[Path]:
     """The newest loadable checkpoint in `directory`: last.pt, else the newest step file."""
+    found, refusals = find_latest(directory)
+    for refusal in refusals:
+        log.warning("skipping %s in %s", refusal, directory)
+    return found
+
+
+def find_latest(directory: Path) -> Tuple[Optional[Path], List[str]]:
+    """The newest loadable checkpoint (last.pt, else the newest step file), and why each newer file was refused."""
     candidates = [directory / LAST] + list(reversed(step_checkpoints(directory)))
+    refusals = []
     for candidate in candidates:
         if not candidate.is_file():
             continue
         try:
             load(candidate)
-        except UserError as error:
-            log.warning("skipping %s: %s", candidate, error)
+        except Unreadable as error:
+            refusals.append(f"{candidate.name} ({error.reason})")
             continue
-        return candidate
-    return None
+        return candidate, refusals
+    return None, refusals
+
+
+# ---------------------------------------------------------------- resuming
+
+# What a resume may change (README, "Reliability"). Refused: the settings that the saved tensors' shapes or
+# the optimizers' state layout depend on. Not reported: how the run is driven, shown and stored. Any other
+# change is allowed, logged as `key: old -> new` before training and recorded in the run card.
+REFUSED_ON_RESUME = (
+    "dataset.image_size", "dataset.channels", "generator", "discriminator",
+    "optimizer.generator.name", "optimizer.discriminator.name", "optimizer.generator.extra", "optimizer.discriminator.extra",
+)
+RUN_CONTROLS = tuple(f"trainer.{key}" for key in (
+    "resume", "overwrite", "max_steps", "epochs", "progress", "log_every", "sample_every", "ckpt_every", "keep_last", "device",
+    "dist_timeout_s", "grid_size", "compile", "cuda_graphs", "channels_last", "cudnn_benchmark", "fused_optimizer", "eval_every",
+)) + ("logger", "eval")
+
+
+def changes_since(state: Dict[str, Any], current: DictConfig, path: Path) -> Dict[str, List[Any]]:
+    """Settings that differ from the checkpoint's, as {key: [old, new]}; UserError for those a resume can't change."""
+    # On today's schema, so a setting added to the tool since the checkpoint reads as its default, not as a change.
+    saved = OmegaConf.to_container(train_config_from_yaml(state["config_yaml"]), resolve=True)
+    before, now = _flat(saved), _flat(OmegaConf.to_container(current, resolve=True))
+    changed = {key: [before.get(key), now.get(key)] for key in {**before, **now} if before.get(key) != now.get(key)}
+    refused = [key for key in changed if _under(key, REFUSED_ON_RESUME)]
+    if refused:
+        listed = ", ".join(f"{key}={changed[key][0]} (now {changed[key][1]})" for key in refused)
+        raise UserError(
+            f"can't resume from {path}: it was trained with {listed}, and the saved weights or optimizer state only fit "
+            "those; use the checkpoint's settings, or start a new run in another hydra.run.dir"
+        )
+    return {key: value for key, value in changed.items() if not _under(key, RUN_CONTROLS)}
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat if tree else {prefix: {}}
+
+
+def _under(key: str, prefixes: tuple) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)

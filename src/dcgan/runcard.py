@@ -8,6 +8,7 @@ atomically (a temporary file renamed over it). It holds:
                 next run starts was left by a process that was killed or crashed.
   command, cwd  sys.argv as gan-train saw it, and where it ran (and pid, host)
   start_step, final_step, seed, deterministic, device
+  resume_changes  settings that differ from the checkpoint this invocation resumed from, {key: [old, new]}
   versions      python, torch, CUDA and cuDNN (None without them), torchvision, numpy, hydra-core
   git           `git rev-parse HEAD` of the working directory and whether tracked files differ, or None
   data          the data set's fingerprint: image count, shape and a SHA-256 of its pixels (all bytes
@@ -48,7 +49,8 @@ INVOCATION = uuid.uuid4().hex
 PACKAGES = ("torchvision", "numpy", "hydra-core", "omegaconf", "pillow", "dcgan")
 
 
-def start(run_dir: Path, cfg: DictConfig, images: torch.Tensor, device: torch.device, step: int) -> None:
+def start(run_dir: Path, cfg: DictConfig, images: torch.Tensor, device: torch.device, step: int,
+          resume_changes: Optional[Dict[str, Any]] = None) -> None:
     """Write the card of this invocation; an earlier card in the folder moves into `previous`."""
     if not distributed.world().is_main:
         return
@@ -66,6 +68,7 @@ def start(run_dir: Path, cfg: DictConfig, images: torch.Tensor, device: torch.de
         "command": list(sys.argv),
         "cwd": os.getcwd(),
         "start_step": step,
+        "resume_changes": resume_changes or {},  # settings changed since the checkpoint: {key: [old, new]}
         "seed": cfg.trainer.seed,
         "deterministic": cfg.trainer.deterministic,
         "device": describe_device(device),

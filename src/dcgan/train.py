@@ -15,14 +15,14 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dcgan import augment, checkpoint, data, distributed, evaluate, health, models, report, runcard, speed
+from dcgan import augment, checkpoint, data, distributed, evaluate, health, models, report, runcard, runfolder, speed
 from dcgan.config import UserError, compose, config_dir, exit_with, to_yaml, validate_train
 from dcgan.log import MetricsLog
 from dcgan.losses import build_loss
@@ -67,8 +67,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     guard = health.Guard(t.health, images, device)  # NaN/Inf and collapse; trainer.on_divergence acts on what it finds
     parts = dict(G=G, D=D, G_ema=G_ema, opt_g=opt_g, opt_d=opt_d, batches=batches, noise=noise, guard=guard)
 
-    step = resume(t.resume, checkpoints, cfg, parts)
-    runcard.start(run_dir, cfg, images, device, step)  # run_card.json: command, versions, data fingerprint, seed
+    step, changes = resume(t.resume, checkpoints, cfg, parts)
+    runcard.start(run_dir, cfg, images, device, step, changes)  # run_card.json: command, versions, data fingerprint, seed
     evaluator = evaluate.TrainingEvaluator(cfg, images, device, checkpoints, resumed=step > 0) if t.eval_every and rank.is_main else None
     log.info("data: %d images %s; %d steps of batch %d on %s -> %s", len(images), tuple(images.shape[1:]), total_steps, t.batch_size, device, run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", step, total_steps, t.batch_size * t.d_steps, t.progress, cfg.logger, {"g": opt_g, "d": opt_d})
@@ -184,10 +184,6 @@ class StopRequest:
 
 # ---------------------------------------------------------------- checkpoint state
 
-# Config sections that define the networks' shapes: a resumed run must agree on them.
-MODEL_KEYS = ("dataset.image_size", "dataset.channels", "generator", "discriminator")
-
-
 def training_state(cfg: DictConfig, step: int, parts: Dict[str, Any]) -> Dict[str, Any]:
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {
@@ -205,25 +201,28 @@ def training_state(cfg: DictConfig, step: int, parts: Dict[str, Any]) -> Dict[st
     }
 
 
-def resume(source: Optional[str], checkpoints: Path, cfg: DictConfig, parts: Dict[str, Any]) -> int:
-    """Load the state named by trainer.resume into `parts`; returns the step to continue from."""
+def resume(source: Optional[str], checkpoints: Path, cfg: DictConfig, parts: Dict[str, Any]) -> Tuple[int, Dict[str, List[Any]]]:
+    """Load the state named by trainer.resume into `parts`; returns the step to continue from and the changed settings."""
     if not source:
-        return 0
+        return 0, {}
     if source == "auto":
         path = checkpoint.latest(checkpoints)
-        if path is None:
+        if path is None:  # runfolder.prepare has refused a folder of unreadable checkpoints before this
             log.info("trainer.resume=auto: no checkpoint in %s yet, starting fresh", checkpoints)
-            return 0
+            return 0, {}
     else:
         path = Path(source)
     state = checkpoint.load(path)
-    check_same_models(OmegaConf.create(state["config_yaml"]), cfg, path)
+    changes = checkpoint.changes_since(state, cfg, path)
+    if changes:
+        listed = ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+        log.warning("resuming from %s with changed settings: %s", path, listed)
     parts["G"].load_state_dict(state["generator"])
     parts["D"].load_state_dict(state["discriminator"])
     if parts["G_ema"] is not None:
         parts["G_ema"].model.load_state_dict(state["generator_ema"] or state["generator"])
-    parts["opt_g"].load_state_dict(state["optimizer_g"])
-    parts["opt_d"].load_state_dict(state["optimizer_d"])
+    load_optimizer(parts["opt_g"], state["optimizer_g"])
+    load_optimizer(parts["opt_d"], state["optimizer_d"])
     parts["batches"].load_state_dict(state["data"])
     health.on_resume(state, cfg, parts)  # the guard's memory; learning rates changed on the command line since
     rng = state["rng"]
@@ -235,19 +234,19 @@ def resume(source: Optional[str], checkpoints: Path, cfg: DictConfig, parts: Dic
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"])
+    return int(state["step"]), changes
 
 
-def check_same_models(saved: DictConfig, current: DictConfig, path: Path) -> None:
-    for key in MODEL_KEYS:
-        before, now = OmegaConf.select(saved, key), OmegaConf.select(current, key)
-        if isinstance(before, DictConfig):
-            before, now = OmegaConf.to_container(before), OmegaConf.to_container(now)
-        if before != now:
-            raise UserError(
-                f"can't resume from {path}: it was trained with {key}={before}, this run has {key}={now}; "
-                "use the checkpoint's settings or a new hydra.run.dir"
-            )
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> None:
+    """The saved moments and step counts, with this run's hyperparameters (betas, weight decay, kernel choice).
+
+    `load_state_dict` takes every group setting from the checkpoint; only the learning rate keeps the saved value
+    here, since a rollback may have lowered it (health.on_resume applies one changed on the command line).
+    """
+    fresh = [{key: value for key, value in group.items() if key not in ("params", "lr")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
 
 
 # ---------------------------------------------------------------- command line
@@ -255,8 +254,12 @@ def check_same_models(saved: DictConfig, current: DictConfig, path: Path) -> Non
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        health.supervise(train, cfg, Path(HydraConfig.get().runtime.output_dir))  # stop or roll back on divergence
+        # main() took the folder already, except for a multirun's jobs, whose folders Hydra names.
+        runfolder.take(run_dir, cfg, keep=runfolder.hydra_record(hydra_cfg.job.name))
+        health.supervise(train, cfg, run_dir)  # stop or roll back on divergence
     except UserError as error:
         exit_with(error, "gan-train")
 
@@ -273,7 +276,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             if distributed.world().enabled:  # under torchrun: join the job, use rank 0's run folder
                 distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
                 args = distributed.shared_run_dir(args, run_dir_from(args))
+            # One owner per run folder, and no second run mixed into it: decided before Hydra writes there.
+            runfolder.take(Path(run_dir_from(args)), cfg)
         except UserError as error:
+            runfolder.release_all()
+            distributed.shutdown()
             exit_with(error, "gan-train")
     sys.argv = [sys.argv[0], *args]
     try:
@@ -282,6 +289,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         # Hydra reports its own config errors with exit code 1; they are usage errors like ours.
         raise SystemExit(2 if exit.code == 1 else exit.code)
     finally:
+        runfolder.release_all()
         distributed.shutdown()
 
 
