@@ -127,6 +127,7 @@ class TrainerConfig:
     ckpt_every: int = 1000  # steps between step_NNNNNN.pt checkpoints (last.pt is written with them)
     log_every: int = 50  # steps between metrics.jsonl rows (the only GPU syncs of the loop)
     resume: Optional[str] = None  # a checkpoint path, or "auto" for checkpoints/last.pt of the run dir
+    overwrite: bool = False  # start over in a run dir that holds a run: its files move to RUN_DIR/replaced/<time>/
     amp: bool = False  # bf16 autocast (CUDA; also allowed on CPU)
     # Speed options (speed.py; measured in docs/PERFORMANCE.md): the same maths on other layouts and kernels.
     channels_last: bool = True  # NHWC layout for G and D
@@ -252,6 +253,16 @@ def compose(config_name: str, overrides: List[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+def exit_with_help(usage: str, about: str, config_name: str, args: List[str]) -> None:
+    """On --help or -h: how to call the command, what it does, and every setting with its default; exit 0."""
+    if not any(arg in ("--help", "-h") for arg in args):
+        return
+    print(f"usage: {usage.strip().replace('`', '').rstrip('.')}\n\n{about.strip()}\n")
+    print("Settings, given as KEY=VALUE (defaults shown; each is explained in dcgan/config.py):\n")
+    print(to_yaml(compose(config_name, [])))
+    sys.exit(0)
+
+
 def describe_config_error(error: Exception) -> str:
     """One readable sentence from a Hydra/OmegaConf composition error, with what to do about it."""
     messages = []
@@ -323,6 +334,11 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
     _at_least("trainer.eval_every", t.eval_every, 0)
     if t.eval_every:
         validate_metrics("eval.", cfg.eval)
+        _require_inception_weights(cfg.eval)
+    from dcgan import distributed
+
+    # Rank r seeds its dropout with seed + r, and the training latents come from seed + 1.
+    check_seeds("trainer.seed", t.seed, t.seed + max(1, distributed.world().size - 1))
     if not t.dist_timeout_s > 0:
         raise UserError(f"trainer.dist_timeout_s must be > 0 seconds, got {t.dist_timeout_s}")
     if not 0.0 <= t.ema < 1.0:
@@ -343,6 +359,58 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
     from dcgan import models
 
     models.check_shapes(cfg)
+    _check_memory(cfg)
+
+
+def _require_inception_weights(m: MetricsConfig | DictConfig) -> None:
+    """trainer.eval_every: no Inception weights on this machine is found now, not at the first evaluation."""
+    if m.inception_weights:  # validate_metrics proved it is a file
+        return
+    from dcgan.evaluate import downloaded_weights
+
+    cached = downloaded_weights()
+    if not cached.is_file():
+        raise UserError(
+            f"trainer.eval_every needs torch-fidelity's Inception weights, which are not here (no eval.inception_weights, "
+            f"no download at {cached}); set eval.inception_weights=PATH to a local copy, or run once with internet "
+            "(e.g. gan-eval) so torch-fidelity downloads them, or set trainer.eval_every=0"
+        )
+
+
+def _check_memory(cfg: TrainConfig | DictConfig) -> None:
+    """Refuse a config whose networks clearly cannot fit, before a byte is allocated.
+
+    The estimate is a lower bound (float32 weights, their gradients, and the conv outputs one batch
+    keeps for the backward pass; no optimizer state, no data set), compared with all of the device's
+    memory, so it only trips on configs that would certainly fail, such as a huge dataset.image_size.
+    """
+    from dcgan import distributed, models
+
+    batch_per_rank = max(1, cfg.trainer.batch_size // distributed.world().size)
+    needed = models.training_bytes_lower_bound(cfg, batch_per_rank)
+    where, available = _device_memory(cfg.trainer.device)
+    if available and needed > available:
+        raise UserError(
+            f"this config needs at least {needed / 2**30:,.0f} GiB to train (dataset.image_size={cfg.dataset.image_size}, "
+            f"a batch of {batch_per_rank}), more than the {available / 2**30:,.0f} GiB of {where}; use a smaller "
+            "dataset.image_size (64 or 128 are typical), or lower trainer.batch_size, generator.width or discriminator.width"
+        )
+
+
+def _device_memory(device: str) -> tuple:
+    """(what, bytes) of memory on the device trainer.device names; (None, 0) when it cannot be known here."""
+    import os
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "this machine's RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if not torch.cuda.is_available():
+        return None, 0  # resolve_device reports cuda without CUDA
+    from dcgan import distributed
+
+    index = int(device[5:]) if device.startswith("cuda:") else distributed.world().local_rank
+    if index >= torch.cuda.device_count():
+        return None, 0
+    return f"GPU cuda:{index}", torch.cuda.get_device_properties(index).total_memory
 
 
 def validate_dataset(d: DatasetConfig | DictConfig) -> None:
@@ -368,6 +436,7 @@ def validate_metrics(prefix: str, m: MetricsConfig | DictConfig) -> None:
     _at_least(f"{prefix}batch_size", m.batch_size, 1)
     _at_least(f"{prefix}kid_subsets", m.kid_subsets, 1)
     _at_least(f"{prefix}kid_subset_size", m.kid_subset_size, 2)
+    check_seeds(f"{prefix}seed", m.seed, m.seed + m.n - 1)  # generated image i comes from seed + i
     if m.inception_weights and not Path(m.inception_weights).expanduser().is_file():
         raise UserError(
             f"{prefix}inception_weights={m.inception_weights} is not a file; point it at a torch-fidelity Inception weights "
@@ -424,10 +493,63 @@ def to_yaml(cfg: Any) -> str:
 
 def train_config_from_yaml(text: str) -> DictConfig:
     """The training config stored in a checkpoint, checked against today's schema."""
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    from yaml import YAMLError
+
     schema = OmegaConf.structured(TrainConfig)
-    return OmegaConf.merge(schema, OmegaConf.create(text))
+    try:
+        return OmegaConf.merge(schema, OmegaConf.create(text))
+    except ConfigKeyError as error:
+        # Settings are only ever added, so a key we lack means a newer dcgan wrote the checkpoint.
+        raise UserError(
+            f"the checkpoint's config has {error.full_key}, a setting this version of dcgan does not know: "
+            "the checkpoint was written by a newer version; upgrade dcgan (pip install -U dcgan) to read it"
+        ) from None
+    except (OmegaConfBaseException, YAMLError) as error:
+        reason = " ".join(str(error).split()).split(" full_key:")[0][:200]
+        raise UserError(f"the checkpoint's stored config does not fit this version of dcgan ({reason}); the checkpoint is damaged or from another version") from None
 
 
 def exit_with(error: UserError, program: str) -> None:
-    print(f"{program}: error: {error}", file=sys.stderr)
+    # One line, whatever the message holds: scripts and people read the first line of stderr.
+    message = " ".join(line.strip() for line in str(error).splitlines())
+    print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+# The seeds torch.manual_seed and torch.Generator.manual_seed take: any 64-bit integer, signed or unsigned.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def check_seeds(key: str, first: int, last: int) -> None:
+    """Seeds `first`..`last` (inclusive) are all ones torch can seed with."""
+    if first < SEED_MIN or last > SEED_MAX:
+        uses = f"seeds {first}..{last}" if last != first else f"seed {first}"
+        raise UserError(f"{key} uses {uses}, beyond the 64-bit seeds torch takes ({SEED_MIN}..{SEED_MAX}); use smaller seeds, e.g. {key}=0")
+
+
+def check_output_file(key: str, path: Path, suffixes: tuple, what: str) -> None:
+    """`key=path` names a file we can write, with a suffix in `suffixes`: checked before any work, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{key}={path} is a folder, but {what} is one file; name the file, e.g. {key}={path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        found = f"has the suffix {path.suffix}" if path.suffix else "has no suffix"
+        raise UserError(f"{key}={path} {found}; {what} is written as {' or '.join(suffixes)}, e.g. {key}={path.with_suffix(suffixes[0])}")
+    check_writable_folder(key, path.parent)
+
+
+def check_writable_folder(key: str, folder: Path) -> None:
+    """`folder` exists and takes new files, or can be made inside a folder that does."""
+    import tempfile
+
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{key}: {existing} is a file, not a folder, so nothing can be written under it; pick another path")
+    try:
+        # An anonymous file (O_TMPFILE on Linux) proves we may write there and leaves nothing behind.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"{key}: cannot write in {existing} ({error.strerror or error}); pick a folder you can write to") from None

@@ -469,10 +469,10 @@ def _decode_into(path: Path, source: _Source, cfg: DatasetConfig) -> None:
 def _report_bad_files(bad: List[Tuple[str, str]], count: int, location: Path, on_bad_file: str) -> None:
     if not bad:
         return
-    names = ", ".join(name for name, _ in bad[:BAD_FILES_SHOWN])
+    names = ", ".join(printable(name) for name, _ in bad[:BAD_FILES_SHOWN])
     if len(bad) > BAD_FILES_SHOWN:
         names += f" and {len(bad) - BAD_FILES_SHOWN} more"
-    first_reason = bad[0][1]
+    first_reason, location = printable(bad[0][1]), printable(str(location))
     if on_bad_file == "error":
         raise UserError(
             f"{len(bad)} image files in {location} cannot be read: {names} (first error: {first_reason}); "
@@ -481,6 +481,12 @@ def _report_bad_files(bad: List[Tuple[str, str]], count: int, location: Path, on
     if len(bad) == count:
         raise UserError(f"no images found in {location}: all {count} image files are unreadable ({names}; first error: {first_reason})")
     log.warning("skipped %d unreadable image files in %s: %s", len(bad), location, names)
+
+
+def printable(name: str) -> str:
+    """A file name as text any log can write: bytes that are not UTF-8 (Linux allows them in names, and
+    Python keeps them as surrogates) become \\xNN escapes instead of a logging error."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _shrink_npy(path: Path, rows: int) -> None:
@@ -542,7 +548,8 @@ class ImageBatches:
     def _shard_order(self) -> torch.Tensor:
         """This rank's indices for the current epoch, computed once per epoch."""
         if self._order_epoch != self.epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            # torch reads a seed as 64 unsigned bits, so wrapping keeps every order it made before and never overflows.
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)
             permutation = torch.randperm(self.num_images, generator=generator)
             global_batches = permutation[: self.batches_per_epoch * self.batch_size * self.world_size]
             self._order = global_batches.view(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank].reshape(-1)

@@ -44,7 +44,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dcgan import checkpoint, data
-from dcgan.config import DatasetConfig, MetricsConfig, UserError, compose, exit_with, resolve_device, validate_eval
+from dcgan.config import (
+    DatasetConfig,
+    MetricsConfig,
+    UserError,
+    check_output_file,
+    compose,
+    exit_with,
+    exit_with_help,
+    resolve_device,
+    validate_eval,
+)
 from dcgan.sample import generate, latents, load_generator, to_uint8
 
 log = logging.getLogger(__name__)
@@ -97,11 +107,12 @@ class FolderImages(Dataset):
         sizes, modes = {}, set()
         for path in self.files:
             try:
-                with Image.open(path) as image:  # reads the header only
+                with Image.open(path) as image:
                     sizes.setdefault(image.size, path)
                     modes.add(image.mode)
+                    image.verify()  # a truncated or corrupt PNG fails here, not minutes into the evaluation
             except Exception as error:  # Pillow fails in many ways on a bad file
-                raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); delete or fix it") from None
+                raise unreadable(path, error) from None
         if len(sizes) > 1:
             (size_a, path_a), (size_b, path_b) = list(sizes.items())[:2]
             raise UserError(
@@ -118,16 +129,24 @@ class FolderImages(Dataset):
         from torchvision.transforms.functional import pil_to_tensor
 
         self.reads += 1
-        with Image.open(self.files[index]) as image:
-            return pil_to_tensor(image.convert("RGB"))  # grayscale -> three identical channels
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return pil_to_tensor(image.convert("RGB"))  # grayscale -> three identical channels
+        except Exception as error:  # what verify() cannot see, e.g. a JPEG cut short
+            raise unreadable(path, error) from None
 
     def fingerprint(self) -> str:
         """Changes when any file is renamed, resized or rewritten."""
         digest = hashlib.sha1()
         for path in self.files:
             stat = path.stat()
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))  # names need not be UTF-8
         return digest.hexdigest()
+
+
+def unreadable(path: Path, error: Exception) -> UserError:
+    return UserError(f"cannot read image {data.printable(str(path))} ({type(error).__name__}: {error}); delete or fix it")
 
 
 @dataclass
@@ -202,7 +221,7 @@ class Weights:
 
     def sha256(self) -> str:
         """The file's hash; for the download, of torch hub's copy (present once torch-fidelity has run)."""
-        path = Path(self.path) if self.path else Path(torch.hub.get_dir()) / "checkpoints" / Path(default_weights_url()).name
+        path = Path(self.path) if self.path else downloaded_weights()
         return file_sha256(str(path), *_stat(path)) if path.is_file() else "unknown (not downloaded yet)"
 
 
@@ -220,6 +239,11 @@ def default_weights_url() -> str:
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     return URL_INCEPTION_V3
+
+
+def downloaded_weights() -> Path:
+    """Where torch-fidelity's own download of the weights lives (torch hub's checkpoint folder), once it has run."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(default_weights_url()).name
 
 
 def _stat(path: Path) -> tuple:
@@ -341,18 +365,17 @@ def measure(generated: ImageSource, reference: ImageSource, settings: MetricsCon
 def run(cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Path]:
     """Evaluate what `cfg` names; returns (results, path of the JSON written)."""
     validate_eval(cfg)
+    out = results_path(cfg)
+    check_output_file("out", out, (".json",), "gan-eval's result")  # before the evaluation, not after it
     device = resolve_device(cfg.device)
     if cfg.ckpt:
         generated, train_cfg = generated_from_checkpoint(Path(cfg.ckpt), cfg, device)
         default_reference = train_cfg.dataset
-        ckpt = Path(cfg.ckpt)
-        out = ckpt.with_suffix(".eval.json") if ckpt.is_file() else ckpt / "eval.json"
     else:
         folder = Path(cfg.input1)
         images = FolderImages(folder, cfg.n, cfg.seed)
         generated = ImageSource(images, folder_stamp(folder, images))
         default_reference = None
-        out = folder.parent / f"{folder.resolve().name}.eval.json"
     if cfg.input2:
         reference = reference_from_folder(Path(cfg.input2), cfg.reference_n, cfg.seed)
     else:
@@ -363,9 +386,23 @@ def run(cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Path]:
         log.warning("generated images are %spx, reference images %spx: both are resized to 299px by the extractor, "
                     "but a size mismatch alone raises FID", generated.stamp["image_size"], reference.stamp["image_size"])
     results = measure(generated, reference, cfg, device)
-    out = Path(cfg.out) if cfg.out else out
-    write_json({"results": results}, out)
+    try:
+        write_json({"results": results}, out)
+    except OSError as error:  # checked writable before measuring, so rare (a full disk): keep the scores
+        scores = ", ".join(f"{r['metric'].upper()} {r['value']:.6g}" for r in results)
+        raise UserError(f"could not write {out} ({error.strerror or error}); the scores were {scores}") from None
     return results, out
+
+
+def results_path(cfg: DictConfig) -> Path:
+    """out=, else beside the checkpoint (last.pt -> last.eval.json) or beside input1's folder."""
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.ckpt:
+        ckpt = Path(cfg.ckpt)
+        return ckpt.with_suffix(".eval.json") if ckpt.is_file() else ckpt / "eval.json"
+    folder = Path(cfg.input1)
+    return folder.parent / f"{folder.resolve().name}.eval.json"
 
 
 def generated_from_checkpoint(path: Path, cfg: DictConfig, device: torch.device) -> Tuple[ImageSource, DictConfig]:
@@ -387,8 +424,11 @@ def generated_from_checkpoint(path: Path, cfg: DictConfig, device: torch.device)
 def write_json(content: Dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(content, indent=2) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # only left by a failed write
 
 
 def format_table(results: List[Dict[str, Any]]) -> str:
@@ -417,6 +457,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     """`gan-eval ckpt=PATH [dataset=NAME] [n=10000] [metrics=[fid,kid]] [inception_weights=PATH]`, or input1=FOLDER input2=FOLDER."""
     logging.basicConfig(level=logging.INFO, format="gan-eval: %(message)s")
     args = sys.argv[1:] if argv is None else argv
+    exit_with_help(main.__doc__, __doc__, "eval", args)
     try:
         if any(a.startswith("dataset.") for a in args) and not any(a.startswith("dataset=") for a in args):
             raise UserError("dataset.KEY=... changes a data set you name: add dataset=NAME (e.g. dataset=fashion_mnist); "

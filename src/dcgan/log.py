@@ -9,6 +9,7 @@ scalars, and each fixed-noise grid as an image; TensorBoard is an optional packa
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from tqdm import tqdm
 from dcgan import distributed
 
 from dcgan.config import UserError
+
+log = logging.getLogger(__name__)
 
 # TensorBoard groups charts by the part of a tag before "/"; keys not listed keep their own name.
 TENSORBOARD_TAGS = {
@@ -127,10 +130,18 @@ class MetricsLog:
 
 
 def _logged_step(line: str) -> Optional[int]:
+    row = _parse_row(line)
+    return None if row is None else int(row["step"])
+
+
+def _parse_row(line: str) -> Optional[dict]:
+    """A metrics row, or None for a line that is not one (cut short, damaged)."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        row = json.loads(line)
+        int(row["step"])
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
+    return row
 
 
 def import_summary_writer():
@@ -150,4 +161,18 @@ def all_finite(row: Dict[str, float]) -> bool:
 
 
 def read_metrics(path: Path) -> list:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl. A line that is no row (cut short when a run was killed mid-append, or
+    damaged) is skipped with a warning, as resume does: the other rows are still worth a figure."""
+    rows, bad_lines = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = _parse_row(line)
+        if row is None:
+            bad_lines.append(number)
+        else:
+            rows.append(row)
+    if bad_lines:
+        shown = ", ".join(map(str, bad_lines[:5])) + (" ..." if len(bad_lines) > 5 else "")
+        log.warning("%s: skipped %d line(s) that are not metrics rows (line %s; cut short by a killed run?)", path, len(bad_lines), shown)
+    return rows

@@ -379,3 +379,22 @@ def check_shapes(cfg) -> None:
         raise UserError(f"discriminator {cfg.discriminator.arch} can't read {size}x{size} images: {error}") from None
     if tuple(logits.shape) != (2,):
         raise UserError(f"discriminator {cfg.discriminator.arch} returned shape {tuple(logits.shape)}, not one logit per image")
+
+
+def training_bytes_lower_bound(cfg, batch_size: int) -> int:
+    """Bytes one training step needs at the least: float32 weights and gradients of G and D, and the
+    outputs of their conv and linear layers for `batch_size` images, which backward keeps.
+
+    Measured on the meta device (no memory), so it is safe to ask of any config, however large.
+    """
+    G, D = build_generator(cfg, "meta"), build_discriminator(cfg, "meta")
+    parameters = sum(p.numel() for model in (G, D) for p in model.parameters())
+    kept_per_pair = []  # outputs for a batch of 2: BatchNorm in training mode needs more than one image
+    layers = [m for model in (G, D) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    hooks = [layer.register_forward_hook(lambda module, inputs, output: kept_per_pair.append(output.numel())) for layer in layers]
+    try:
+        D(G(torch.empty(2, cfg.generator.z_dim, device="meta")))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return 4 * (2 * parameters + batch_size * sum(kept_per_pair) // 2)

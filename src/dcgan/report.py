@@ -16,12 +16,12 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from dcgan.config import ReportConfig, UserError, compose, exit_with
+from dcgan.config import ReportConfig, UserError, check_writable_folder, compose, exit_with, exit_with_help
 from dcgan.log import read_metrics
 from dcgan.sample import save_gif
 
@@ -118,10 +118,27 @@ def write_progress_movie(grids: Sequence[Path], path: Path, fps: int, max_frames
     if len(grids) > max_frames:
         last = len(grids) - 1
         grids = [grids[round(i * last / (max_frames - 1))] for i in range(max_frames)] if max_frames > 1 else [grids[-1]]
-    frames = [captioned(Image.open(grid), f"step {int(GRID_NAME.match(grid.name).group(1)):,}") for grid in grids]
+    frames = [captioned(image, f"step {int(GRID_NAME.match(grid.name).group(1)):,}") for grid, image in read_grids(grids)]
     durations = [round(1000 / fps)] * (len(frames) - 1) + [FINAL_FRAME_MS]
     save_gif(frames, path, durations)
     return path
+
+
+def read_grids(grids: Sequence[Path]) -> List[Tuple[Path, Image.Image]]:
+    """The grids that decode; damaged ones are skipped with one warning, so they cost frames, not the movie."""
+    readable, damaged = [], []
+    for grid in grids:
+        try:
+            with Image.open(grid) as image:
+                image.load()
+                readable.append((grid, image.copy()))
+        except Exception as error:  # Pillow fails in many ways on a damaged file
+            damaged.append(f"{grid.name} ({type(error).__name__}: {error})")
+    if not readable:
+        raise UserError(f"none of the grids in {grids[0].parent} can be read ({damaged[0]}); delete the damaged step_*.png files")
+    if damaged:
+        log.warning("skipped %d damaged grid(s) in %s: %s", len(damaged), grids[0].parent, ", ".join(damaged[:5]))
+    return readable
 
 
 def captioned(grid: Image.Image, caption: str) -> Image.Image:
@@ -141,13 +158,15 @@ def run(cfg: ReportConfig) -> List[Path]:
     run_dir = Path(cfg.run)
     if not (run_dir / "metrics.jsonl").is_file() and not progress_grids(run_dir / "samples"):
         raise UserError(f"{run_dir} has no metrics.jsonl and no samples/step_*.png: is it a gan-train run folder?")
+    check_writable_folder("run", run_dir)  # the figures go into the run folder
     return write_report(run_dir, cfg.fps, cfg.max_frames)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     """`gan-report run=DIR [fps=4] [max_frames=100]`."""
     args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    exit_with_help(main.__doc__, __doc__, "report", args)
+    logging.basicConfig(level=logging.INFO, format="gan-report: %(message)s")
     try:
         written = run(OmegaConf.to_object(compose("report", args)))
     except UserError as error:

@@ -29,8 +29,12 @@ from dcgan import checkpoint, data, models
 from dcgan.config import (
     SampleConfig,
     UserError,
+    check_output_file,
+    check_seeds,
+    check_writable_folder,
     compose,
     exit_with,
+    exit_with_help,
     resolve_device,
     to_yaml,
     train_config_from_yaml,
@@ -153,27 +157,43 @@ def slerp_legs(key_z: torch.Tensor, frames: int, closed: bool) -> torch.Tensor:
     return torch.stack([torch.stack([slerp(key_z[a], key_z[b], step / frames) for step in range(points)]) for a, b in pairs])
 
 
+# Images one command makes at most: a typo such as seeds=0-99999999999 fails at once, not after filling memory.
+MAX_IMAGES = 1_000_000
+
+
 def parse_seeds(text: str) -> List[int]:
-    """'0-3,7' -> [0, 1, 2, 3, 7]."""
-    seeds: List[int] = []
+    """'0-3,7' -> [0, 1, 2, 3, 7]; a range must run upwards, and every seed must be one torch takes."""
+    ranges = []
     try:
         for part in str(text).replace(" ", "").split(","):
             if not part:
                 continue
             if "-" in part[1:]:
                 first, last = part.split("-", 1) if not part.startswith("-") else (part, part)
-                seeds.extend(range(int(first), int(last) + 1))
+                ranges.append((part, int(first), int(last)))
             else:
-                seeds.append(int(part))
+                ranges.append((part, int(part), int(part)))
     except ValueError:
         raise UserError(f"seeds={text!r} is not a seed list; write it like 0-15 or 3,7,42") from None
-    return seeds
+    if not ranges:
+        raise UserError(f"seeds={text!r} names no seeds; write them like 0-15 or 3,7,42 (or leave seeds unset to use seed= and n=)")
+    for part, first, last in ranges:
+        if last < first:
+            raise UserError(f"seeds={text}: the range {part} runs backwards; write the smaller seed first, e.g. {last}-{first}")
+        check_seeds("seeds", first, last)
+    count = sum(last - first + 1 for _, first, last in ranges)
+    if count > MAX_IMAGES:
+        raise UserError(f"seeds={text} asks for {count:,} images; gan-sample makes at most {MAX_IMAGES:,} per command, so split the range")
+    return [seed for _, first, last in ranges for seed in range(first, last + 1)]
 
 
 def load_generator(path: str | Path, device: torch.device, use_ema: bool = True):
     """Rebuild the generator from the config stored in a checkpoint; EMA weights when present."""
     state = checkpoint.load(path)
-    cfg = train_config_from_yaml(state["config_yaml"])
+    try:
+        cfg = train_config_from_yaml(state["config_yaml"])
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
     G = models.build_generator(cfg, "cpu")
     weights = state.get("generator_ema") if use_ema and state.get("generator_ema") is not None else state["generator"]
     try:
@@ -204,35 +224,34 @@ class Studio:
         cfg = self.cfg
         return parse_seeds(cfg.seeds) if cfg.seeds else list(range(cfg.seed, cfg.seed + cfg.n))
 
-    def out(self, default: str) -> Path:
-        return Path(self.cfg.out or default)
+    def out(self) -> Path:
+        return output_path(self.cfg)
 
 
 def write_grid(studio: Studio) -> List[Path]:
-    cfg, out = studio.cfg, studio.out("grid.png")
+    cfg, out = studio.cfg, studio.out()
     save_grid(generate(studio.G, studio.latents(list(range(cfg.seed, cfg.seed + cfg.n)))), out, cfg.nrow)
     return [out]
 
 
 def write_seeds(studio: Studio) -> List[Path]:
-    seeds, out = studio.seeds(), studio.out("seeds")
+    seeds, folder = studio.seeds(), studio.out()
     images = to_uint8(generate(studio.G, studio.latents(seeds)))
-    folder = out if out.suffix == "" else out.with_suffix("")
     paths = [folder / f"seed{seed:04d}.png" for seed in seeds]
     for image, path in zip(images, paths):
         save_atomically(to_pil(image), path)
     return paths
 
 
-# An interpolation written to one of these is a still grid (a row per leg); anything else is a GIF.
+# The files a grid can be (Pillow writes each by its suffix); an interpolation written to one of these is a
+# still grid (a row per leg), to MOVIE_SUFFIX a looping movie.
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MOVIE_SUFFIX = ".gif"
 
 
 def write_interpolation(studio: Studio) -> List[Path]:
-    cfg, out = studio.cfg, studio.out("interpolation.gif")
-    keys = parse_seeds(cfg.seeds) if cfg.seeds else [cfg.seed, cfg.seed + 1]
-    if len(keys) < 2 or cfg.frames < 1 or cfg.fps < 1:
-        raise UserError("interpolate needs at least two seeds (seeds=0,1,2), frames >= 1 and fps >= 1")
+    cfg, out = studio.cfg, studio.out()
+    keys = interpolation_keys(cfg)
     as_grid = out.suffix.lower() in GRID_SUFFIXES
     # The path is computed on the CPU from CPU latents, so it is the same on every device.
     path_z = slerp_legs(studio.latents(keys, device="cpu"), cfg.frames, closed=not as_grid)
@@ -240,15 +259,21 @@ def write_interpolation(studio: Studio) -> List[Path]:
     if as_grid:
         save_grid(images, out, nrow=path_z.shape[1])
         return [out]
-    if out.suffix.lower() != ".gif":
-        out = out.with_suffix(".gif")
     save_gif([to_pil(image) for image in images], out, round(1000 / cfg.fps))
     return [out]
 
 
+def interpolation_keys(cfg: SampleConfig) -> List[int]:
+    """The key seeds the walk passes through: seeds=, else seed and seed + 1."""
+    keys = parse_seeds(cfg.seeds) if cfg.seeds else [cfg.seed, cfg.seed + 1]
+    if len(keys) < 2 or cfg.frames < 1 or cfg.fps < 1:
+        raise UserError("interpolate needs at least two seeds (seeds=0,1,2), frames >= 1 and fps >= 1")
+    return keys
+
+
 def write_neighbors(studio: Studio) -> List[Path]:
     """A panel with a row per sample: the sample, then its k nearest training images; and their distances as JSON."""
-    cfg, out = studio.cfg, studio.out("neighbors.png")
+    cfg, out = studio.cfg, studio.out()
     seeds = studio.seeds()
     samples = to_uint8(generate(studio.G, studio.latents(seeds)))
     training = training_images(studio.train_cfg, cfg.dataset_root)
@@ -302,10 +327,11 @@ def nearest_neighbors(
 
 # The default file of each export format.
 EXPORT_FORMATS = {"torchscript": "generator.pt", "onnx": "generator.onnx"}
+EXPORT_SUFFIXES = {"torchscript": (".pt", ".pth"), "onnx": (".onnx",)}
 
 
 def write_export(studio: Studio) -> List[Path]:
-    out = studio.out(EXPORT_FORMATS[studio.cfg.format])
+    out = studio.out()
     export_generator(studio.G, studio.train_cfg, studio.cfg.format, out)
     return [out]
 
@@ -381,6 +407,48 @@ def check_sample_config(cfg: SampleConfig) -> None:
         raise UserError(f"k must be >= 1, got {cfg.k}")
     if cfg.format not in EXPORT_FORMATS:
         raise UserError(f"format={cfg.format!r} is not an export format; choose {' or '.join(EXPORT_FORMATS)}")
+    if cfg.n > MAX_IMAGES:
+        raise UserError(f"n={cfg.n:,} is more images than gan-sample makes in one command ({MAX_IMAGES:,}); split the job by seed")
+    check_request_seeds(cfg)
+    check_output(cfg)
+
+
+def check_request_seeds(cfg: SampleConfig) -> None:
+    """Every seed the mode will use is one torch takes; seeds= is parsed now, before the checkpoint loads."""
+    if cfg.mode == "export":
+        return
+    if cfg.seeds and cfg.mode != "grid":  # a grid always takes n seeds from seed=
+        parse_seeds(cfg.seeds)
+    else:
+        check_seeds("seed", cfg.seed, cfg.seed + (1 if cfg.mode == "interpolate" else cfg.n - 1))
+    if cfg.mode == "interpolate":
+        interpolation_keys(cfg)
+
+
+# Where each mode writes without out=: a file, or for mode=seeds a folder (export's default follows format=).
+DEFAULT_OUTPUTS = {"grid": "grid.png", "seeds": "seeds", "interpolate": "interpolation.gif", "neighbors": "neighbors.png"}
+
+
+def output_path(cfg: SampleConfig) -> Path:
+    default = EXPORT_FORMATS[cfg.format] if cfg.mode == "export" else DEFAULT_OUTPUTS[cfg.mode]
+    return Path(cfg.out or default)
+
+
+def check_output(cfg: SampleConfig) -> None:
+    """out= is something the mode can write, in a folder we can write: known before any work is done."""
+    out = output_path(cfg)
+    if cfg.mode == "seeds":
+        if out.is_file() or out.suffix.lower() in (*GRID_SUFFIXES, MOVIE_SUFFIX):
+            raise UserError(f"mode=seeds writes one PNG per seed into a folder, but out={out} names a file; pass a folder, e.g. out={out.parent / 'seeds'}")
+        check_writable_folder("out", out)
+        return
+    what, suffixes = {
+        "grid": ("a grid", GRID_SUFFIXES),
+        "interpolate": ("an interpolation (a movie, or a grid with a row per leg)", (MOVIE_SUFFIX, *GRID_SUFFIXES)),
+        "neighbors": ("the neighbours panel", GRID_SUFFIXES),
+        "export": (f"a {cfg.format} export", EXPORT_SUFFIXES[cfg.format]),
+    }[cfg.mode]
+    check_output_file("out", out, suffixes, what)
 
 
 def run(cfg: SampleConfig) -> List[Path]:
@@ -398,6 +466,7 @@ def main(argv: List[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     # Hydra reads a,b as a sweep; for seeds it can only mean a list, so quote it on the user's behalf.
     args = [f"seeds='{a[6:]}'" if a.startswith("seeds=") and "," in a and a[6:7] not in "'\"[" else a for a in args]
+    exit_with_help(main.__doc__, __doc__, "sample", args)
     try:
         cfg = compose("sample", args)
         written = run(OmegaConf.to_object(cfg))
