@@ -49,7 +49,9 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcgan import data, models
-from dcgan.config import UserError, compose, exit_with, resolve_device
+from dcgan.config import compose
+from dcgan.distributed import resolve_device
+from dcgan.errors import UserError, exit_with
 from dcgan.log import read_metrics
 from dcgan.train import train
 

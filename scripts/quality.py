@@ -195,8 +195,8 @@ def real_floor(dataset: str, root: str, n: int, args, work: Path, image_size: in
     """FID/KID of `n` real test-split images against the same training reference: what a perfect generator scores at this n."""
     from dcgan.config import compose
     from dcgan.data import load_images
-    from dcgan.evaluate import seeded_subset
-    from dcgan.sample import to_pil
+    from dcgan.metrics import seeded_subset
+    from dcgan.images import to_pil
 
     data = [f"dataset={dataset}", f"dataset.root={root}", f"dataset.image_size={image_size}"]
     name = f"real-{dataset}-test-{n}" + (f"-{image_size}px" if image_size != 28 else "")

@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dcgan import cli
 from conftest import FAST, run_cli
-from dcgan import data, evaluate, report, sample
-from dcgan import train as train_module
-from dcgan.config import DatasetConfig
+from dcgan import data, report
+from dcgan.data import DatasetConfig
 
 HUGE_SEED = 2**64 - 1  # the largest seed torch takes: any seed after it overflows
 NOT_WRITABLE = Path("/proc/dcgan-test/out")  # nothing can be made in /proc, not even by root
@@ -106,7 +106,7 @@ def test_gan_sample_refuses(case: str, run: Path, files: Dict[str, Path], tmp_pa
     monkeypatch.chdir(tmp_path)
     args, expected = SAMPLE_CASES[case]
     before = snapshot(run)
-    assert_refused(sample.main, "gan-sample", [*with_checkpoint(args(files), run), "device=cpu"], expected, capsys)
+    assert_refused(cli.sample_main, "gan-sample", [*with_checkpoint(args(files), run), "device=cpu"], expected, capsys)
     assert snapshot(run) == before and not any(tmp_path.iterdir())
 
 
@@ -128,7 +128,7 @@ def test_gan_eval_refuses_before_measuring(case: str, run: Path, files: Dict[str
     """Default n=10000 and no weights: any of these found after measuring would take minutes and fail differently."""
     args, expected = EVAL_CASES[case]
     before = snapshot(run)
-    assert_refused(evaluate.main, "gan-eval", [*with_checkpoint(args(files), run), "device=cpu"], expected, capsys)
+    assert_refused(cli.eval_main, "gan-eval", [*with_checkpoint(args(files), run), "device=cpu"], expected, capsys)
     assert snapshot(run) == before and not (files["root"] / "newer.json").exists()
 
 
@@ -153,7 +153,7 @@ def test_gan_train_refuses_before_the_run_starts(case: str, tmp_path: Path, monk
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached download of the Inception weights here
     args, expected = TRAIN_CASES[case]
     run_dir = tmp_path / "run"
-    assert_refused(train_module.main, "gan-train", [*FAST, "trainer.max_steps=2", *args, f"hydra.run.dir={run_dir}"], expected, capsys)
+    assert_refused(cli.train_main, "gan-train", [*FAST, "trainer.max_steps=2", *args, f"hydra.run.dir={run_dir}"], expected, capsys)
     assert not run_dir.exists()
 
 
@@ -165,7 +165,7 @@ def test_gan_train_image_size_in_a_real_process(tmp_path: Path):
 
 def test_gan_train_refuses_a_checkpoint_from_a_newer_version(run: Path, files: Dict[str, Path], tmp_path: Path, capsys):
     before = snapshot(run)
-    assert_refused(train_module.main, "gan-train", [*FAST, "trainer.max_steps=2", f"trainer.resume={files['newer']}",
+    assert_refused(cli.train_main, "gan-train", [*FAST, "trainer.max_steps=2", f"trainer.resume={files['newer']}",
                                                    f"hydra.run.dir={tmp_path / 'run'}"], "upgrade dcgan", capsys)
     assert snapshot(run) == before
 
@@ -184,7 +184,7 @@ def test_gan_report_refuses_a_run_whose_grids_are_all_damaged(run_copy: Path, ca
     for grid in (run_copy / "samples").glob("step_*.png"):
         grid.write_bytes(grid.read_bytes()[:100])
     before = snapshot(run_copy)
-    assert_refused(report.main, "gan-report", [f"run={run_copy}"], "can be read", capsys)
+    assert_refused(cli.report_main, "gan-report", [f"run={run_copy}"], "can be read", capsys)
     assert snapshot(run_copy) == before
 
 
@@ -192,7 +192,7 @@ def test_gan_report_skips_a_damaged_grid(run_copy: Path, caplog, capsys):
     grid = run_copy / "samples" / "step_000002.png"
     grid.write_bytes(grid.read_bytes()[:100])
     with caplog.at_level(logging.WARNING):
-        report.main([f"run={run_copy}"])
+        cli.report_main([f"run={run_copy}"])
     assert "skipped 1 damaged grid(s)" in caplog.text and "step_000002.png" in caplog.text
     assert "wrote" in capsys.readouterr().out and (run_copy / report.PROGRESS_MOVIE).is_file()
 
@@ -212,7 +212,7 @@ def test_gan_report_skips_a_truncated_last_metrics_line(run_copy: Path):
 # ---------------------------------------------------------------- --help
 
 
-@pytest.mark.parametrize("program, main", [("gan-sample", sample.main), ("gan-eval", evaluate.main), ("gan-report", report.main)])
+@pytest.mark.parametrize("program, main", [("gan-sample", cli.sample_main), ("gan-eval", cli.eval_main), ("gan-report", cli.report_main)])
 def test_help_prints_usage(program: str, main, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--help"])

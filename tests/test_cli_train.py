@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import FAST, assert_same_training, run_cli
 from dcgan import checkpoint, data, models
 from dcgan.config import compose, train_config_from_yaml
-from dcgan.sample import generate, latents
+from dcgan.images import generate, latents
 
 
 def pixel_statistics_distance(images: torch.Tensor, reference: torch.Tensor) -> float:

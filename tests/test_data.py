@@ -19,7 +19,8 @@ from PIL import Image
 
 from conftest import DEBIAN_FASHION_MNIST
 from dcgan import data
-from dcgan.config import DatasetConfig, UserError
+from dcgan.data import DatasetConfig
+from dcgan.errors import UserError
 from dcgan.data import ImageBatches, describe, load_images
 
 CELEBA_COUNT = 20

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from dcgan import cli
 from conftest import FAST, run_cli
-from dcgan import train as train_module
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ from dcgan import train as train_module
 def test_bad_config_is_rejected_before_any_output(override: str, expected: str, tmp_path: Path, capsys):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit:
-        train_module.main([override, f"hydra.run.dir={run_dir}"])
+        cli.train_main([override, f"hydra.run.dir={run_dir}"])
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("gan-train: error:") and expected in err and err.count("\n") == 1

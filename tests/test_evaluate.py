@@ -18,10 +18,12 @@ import torch
 import torch_fidelity
 from PIL import Image
 
+from dcgan import cli
 from conftest import FAST, WEIGHTS, needs_weights, run_cli
-from dcgan import checkpoint, evaluate, sample
-from dcgan.config import MetricsConfig, compose
-from dcgan.evaluate import ImageSet, ImageSource, measure, reference_from_dataset, resolve_weights
+from dcgan import checkpoint
+from dcgan.config import compose
+from dcgan.metrics import MetricsConfig
+from dcgan.metrics import ImageSet, ImageSource, measure, reference_from_dataset, resolve_weights
 from dcgan.train import train
 
 COUNT = 24  # images per set: enough for a meaningful difference, few enough for a CPU
@@ -102,7 +104,7 @@ def test_gan_eval_end_to_end_writes_a_complete_protocol_stamp(tiny_checkpoint: P
     # The same images written by gan-sample and read back as a folder give the same KID: PNG is lossless,
     # and the folder path feeds the extractor exactly what the checkpoint path does.
     folder = tmp_path / "samples"
-    sample.main([f"ckpt={tiny_checkpoint}", "mode=seeds", f"n={COUNT}", f"out={folder}", "device=cpu"])
+    cli.sample_main([f"ckpt={tiny_checkpoint}", "mode=seeds", f"n={COUNT}", f"out={folder}", "device=cpu"])
     result = run_cli("gan-eval", [f"input1={folder}", "dataset=mnist_tiny", *args[2:], "metrics=[kid]"], cwd=tmp_path)
     folder_kid = json.loads((tmp_path / "samples.eval.json").read_text())["results"][0]
     assert folder_kid["protocol"]["reference_features"] == "cached"  # the checkpoint's evaluation cached them
@@ -134,7 +136,7 @@ def test_gan_eval_reports_user_errors_in_one_line(tmp_path: Path, capsys):
     }
     for name, (args, message) in cases.items():
         with pytest.raises(SystemExit) as exit:
-            evaluate.main(args)
+            cli.eval_main(args)
         assert exit.value.code == 2, name
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("gan-eval: error:") and message in lines[0], (name, lines)

@@ -28,10 +28,13 @@ import pytest
 import torch
 from PIL import Image
 
+from dcgan import cli
 from conftest import BIN, FAST, assert_same_training, run_cli
 from dcgan import checkpoint, data, health, runcard
-from dcgan import train as train_module
-from dcgan.config import DatasetConfig, HealthConfig, UserError, compose
+from dcgan.config import compose
+from dcgan.data import DatasetConfig
+from dcgan.errors import UserError
+from dcgan.health import HealthConfig
 from dcgan.train import train
 
 STEPS = 100  # the length of the runs that are interrupted and compared with an uninterrupted one
@@ -397,7 +400,7 @@ def test_lost_diversity_rolls_back_a_bounded_number_of_times(tmp_path: Path):
 ])
 def test_bad_health_settings_are_refused_before_any_output(override: str, expected: str, tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exit:
-        train_module.main([override, f"hydra.run.dir={tmp_path / 'run'}"])
+        cli.train_main([override, f"hydra.run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and expected in err and err.count("\n") == 1 and not (tmp_path / "run").exists()
 
@@ -540,7 +543,7 @@ def test_an_unwritable_output_is_one_clear_line(tmp_path: Path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit) as exit:
-        train_module.main([*FAST, "trainer.max_steps=2", f"hydra.run.dir={blocker / 'run'}"])
+        cli.train_main([*FAST, "trainer.max_steps=2", f"hydra.run.dir={blocker / 'run'}"])
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("gan-train: error: hydra.run.dir=") and "is a file, not a folder" in err and err.count("\n") == 1

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageSequence
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dcgan import cli
 from conftest import FAST, run_cli
 from dcgan import report, train
 from dcgan.config import UserError, compose, validate_train
@@ -93,7 +94,7 @@ def test_gan_report_rewrites_them_on_demand(run_dir: Path, tmp_path: Path):
 
 def test_gan_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exit:
-        report.main([f"run={tmp_path}"])
+        cli.report_main([f"run={tmp_path}"])
     error = capsys.readouterr().err
     assert exit.value.code == 2 and "is it a gan-train run folder" in error and len(error.strip().splitlines()) == 1
 

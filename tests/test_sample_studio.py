@@ -13,9 +13,11 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
+from dcgan import cli
 from conftest import FAST, run_cli
-from dcgan import data, sample
-from dcgan.sample import generate, latents, load_generator, nearest_neighbors, to_uint8
+from dcgan import data
+from dcgan.images import generate, latents, to_uint8
+from dcgan.sample import load_generator, nearest_neighbors
 
 SIDE = 28  # mnist_tiny images; grids put 2 black pixels around each
 
@@ -167,7 +169,7 @@ def test_exported_generators_match_the_original(trained: Path, generator, tmp_pa
 ])
 def test_bad_requests_are_one_line_errors(trained: Path, args, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        sample.main([f"ckpt={trained}", *args])
+        cli.sample_main([f"ckpt={trained}", *args])
     error = capsys.readouterr().err
     assert exit.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
 
@@ -176,6 +178,6 @@ def test_onnx_export_without_its_packages_says_what_to_install(trained: Path, tm
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
     out = tmp_path / "g.onnx"
     with pytest.raises(SystemExit) as exit:
-        sample.main([f"ckpt={trained}", "mode=export", "format=onnx", f"out={out}", "device=cpu"])
+        cli.sample_main([f"ckpt={trained}", "mode=export", "format=onnx", f"out={out}", "device=cpu"])
     assert exit.value.code == 2 and "pip install 'dcgan[export]'" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())

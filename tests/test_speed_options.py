@@ -18,6 +18,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
+from dcgan import cli
 from conftest import FAST
 from dcgan import checkpoint, speed
 from dcgan import train as train_module
@@ -159,7 +160,7 @@ def test_all_speed_options_together_with_amp(tmp_path: Path, monkeypatch):
 def test_cuda_graphs_on_cpu_is_a_config_error(tmp_path: Path, capsys):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit:
-        train_module.main(["trainer.cuda_graphs=true", "trainer.device=cpu", f"hydra.run.dir={run_dir}"])
+        cli.train_main(["trainer.cuda_graphs=true", "trainer.device=cpu", f"hydra.run.dir={run_dir}"])
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("gan-train: error:") and "trainer.cuda_graphs=true needs a CUDA device" in err and err.count("\n") == 1

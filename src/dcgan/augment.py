@@ -15,13 +15,22 @@ Randomness comes from torch's global generator, whose state every checkpoint sav
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgan.config import UserError
+from dcgan.errors import UserError
+
+
+@dataclass
+class AugmentConfig:
+    # DiffAugment (Zhao et al. 2020): the same random, differentiable transforms applied to every image D
+    # sees, real and fake, in both D and G updates. Any of color, translation, cutout; [] = off.
+    # e.g. augment.policy=[color,translation,cutout]
+    policy: List[str] = field(default_factory=list)
 
 TRANSLATION_RATIO = 0.125  # shift by up to 1/8 of the side, as in the paper
 CUTOUT_RATIO = 0.5  # erase a square of half the side, as in the paper

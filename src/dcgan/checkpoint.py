@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dcgan.config import UserError, train_config_from_yaml
+from dcgan.errors import UserError
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
@@ -204,13 +204,15 @@ RUN_CONTROLS = tuple(f"trainer.{key}" for key in (
     "dist_timeout_s", "grid_size", "compile", "cuda_graphs", "channels_last", "cudnn_benchmark", "fused_optimizer", "eval_every",
 )) + ("logger", "eval")
 
+FREE_FORM = ("extra",)  # config sections whose keys are the user's, compared as one value
+
 
 def changes_since(state: Dict[str, Any], current: DictConfig, path: Path) -> Dict[str, List[Any]]:
     """Settings that differ from the checkpoint's, as {key: [old, new]}; UserError for those a resume can't change."""
-    # On today's schema, so a setting added to the tool since the checkpoint reads as its default, not as a change.
-    saved = OmegaConf.to_container(train_config_from_yaml(state["config_yaml"]), resolve=True)
-    before, now = _flat(saved), _flat(OmegaConf.to_container(current, resolve=True))
-    changed = {key: [before.get(key), now.get(key)] for key in {**before, **now} if before.get(key) != now.get(key)}
+    before = _flat(OmegaConf.to_container(OmegaConf.create(state["config_yaml"]), resolve=True))
+    now = _flat(OmegaConf.to_container(current, resolve=True))
+    # A key only one side has is a setting added to (or dropped from) the tool since: not a change.
+    changed = {key: [before[key], now[key]] for key in before if key in now and before[key] != now[key]}
     refused = [key for key in changed if _under(key, REFUSED_ON_RESUME)]
     if refused:
         listed = ", ".join(f"{key}={changed[key][0]} (now {changed[key][1]})" for key in refused)
@@ -222,13 +224,19 @@ def changes_since(state: Dict[str, Any], current: DictConfig, path: Path) -> Dic
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(tree, dict):
+    """{"a.b": value}; free-form sections (FREE_FORM, e.g. optimizer.generator.extra) stay whole values."""
+    if not isinstance(tree, dict) or prefix.rsplit(".", 1)[-1] in FREE_FORM:
         return {prefix: tree}
     flat: Dict[str, Any] = {}
     for key, value in tree.items():
         flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat if tree else {prefix: {}}
+    return flat
 
 
 def _under(key: str, prefixes: tuple) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def config_yaml(cfg: Any) -> str:
+    """The resolved config as the checkpoint stores it (CONFIG_YAML), enough to rebuild the networks."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

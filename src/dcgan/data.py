@@ -31,10 +31,39 @@ from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 import torch.nn.functional as F
 from PIL import Image
 
-from dcgan.config import DatasetConfig, UserError
+from dcgan.errors import UserError, at_least, one_of
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "mnist_tiny"  # mnist | fashion_mnist | celeba | folder | mnist_tiny
+    root: str = "data"  # where the data set lives (or is downloaded to)
+    image_size: int = 28  # square side in pixels, after crop and resize
+    channels: int = 1  # 1 (grayscale) or 3 (RGB); images are converted to this
+    split: str = "train"  # train | test (mnist, fashion_mnist); celeba: train | valid | test | all
+    download: bool = True  # try torchvision's downloader when the files are missing
+    crop: int = 0  # side of the centered square cropped before resizing; 0 = the largest square
+    max_images: int = 0  # use only the first N images (0 = all)
+    on_bad_file: str = "skip"  # folder/celeba: skip unreadable images with a warning, or error
+    cache_dir: Optional[str] = None  # decoded-image cache; None = beside the data (or $XDG_CACHE_HOME, else ~/.cache)
+    num_workers: int = 0  # processes for the one-time JPEG decode; 0 = one per core
+
+
+DATASETS = ("mnist", "fashion_mnist", "celeba", "folder", "mnist_tiny")
+
+
+def validate_dataset(d: DatasetConfig | DictConfig) -> None:
+    one_of("dataset.name", d.name, DATASETS)
+    one_of("dataset.channels", d.channels, (1, 3))
+    at_least("dataset.image_size", d.image_size, 8)
+    at_least("dataset.max_images", d.max_images, 0)
+    at_least("dataset.crop", d.crop, 0)
+    one_of("dataset.on_bad_file", d.on_bad_file, ("skip", "error"))
+    one_of("dataset.split", d.split, ("train", "test", "valid", "all"))
 
 log = logging.getLogger(__name__)
 

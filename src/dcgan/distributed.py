@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dcgan.config import UserError, resolve_device
+from dcgan.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -149,3 +149,24 @@ def replica_checksums(*models: nn.Module) -> List[float]:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- devices
+
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+
+
+def validate_device(key: str, device: str) -> None:
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return
+    raise UserError(f"{key} must be {DEVICES_HELP}, got {device!r}")
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """auto | cpu | cuda | cuda:N as a torch.device; `key` names the setting in error messages."""
+    validate_device(key, name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{key}={name} but CUDA is not available here; use {key}=cpu (or auto)")
+    return torch.device(name)

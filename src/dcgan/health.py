@@ -47,12 +47,35 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from dcgan import checkpoint, distributed, runcard
-from dcgan.config import HealthConfig, UserError, to_yaml
+from dcgan.errors import DIVERGED_EXIT, UserError, at_least
+
+
+@dataclass
+class HealthConfig:
+    """The health guard's thresholds (health.py); the defaults never trip on a run that is learning."""
+
+    collapse_steps: int = 1000  # a collapse signature must hold this many steps to count; 0 = watch NaN/Inf only
+    collapse_d_accuracy: float = 0.99  # collapse: D's accuracy at or above this ...
+    collapse_loss_g: float = 10.0  # ... while G's loss is at or above this (ns loss: D(G(z)) < 5e-5)
+    min_diversity: float = 0.05  # or the fixed-noise grid varies less than this fraction of real images
+    max_rollbacks: int = 3  # on_divergence=rollback: stop after this many rollbacks
+    rollback_lr_factor: float = 0.5  # the k-th rollback trains on with both learning rates x factor**k
+
+
+def validate_health(cfg: HealthConfig, on_divergence: str) -> None:
+    if on_divergence not in ("stop", "rollback"):
+        raise UserError(f"trainer.on_divergence must be one of stop, rollback; got {on_divergence!r}")
+    at_least("trainer.health.collapse_steps", cfg.collapse_steps, 0)
+    at_least("trainer.health.max_rollbacks", cfg.max_rollbacks, 0)
+    if not 0.0 < cfg.rollback_lr_factor < 1.0:
+        raise UserError(f"trainer.health.rollback_lr_factor must be in (0, 1), got {cfg.rollback_lr_factor}")
+    if not 0.0 <= cfg.collapse_d_accuracy <= 1.0 or cfg.min_diversity < 0:
+        raise UserError("trainer.health.collapse_d_accuracy must be in [0, 1] and trainer.health.min_diversity >= 0")
 
 log = logging.getLogger(__name__)
 
 # gan-train's exit code when training diverged (2 is a usage error, 128 + N a stop by signal N).
-DIVERGED_EXIT_CODE = 3
+DIVERGED_EXIT_CODE = DIVERGED_EXIT
 SUSPECT_FOLDER = "suspect"
 REFERENCE_IMAGES = 64  # real images whose diversity the grids are measured against
 
@@ -376,7 +399,7 @@ def rolled_back_state(target: Path, cfg: DictConfig, fault: Fault, rollbacks: in
         set_learning_rate(state[key], cfg.optimizer[part].lr * factor)
     state["health"] = {**(state.get("health") or {}), "rollbacks": rollbacks, "last_fault_step": fault.step, "rolled_back_to": state["step"]}
     # This run's config, so that resuming sees no learning rate "changed since the checkpoint" (on_resume).
-    state["config_yaml"] = to_yaml(cfg)
+    state["config_yaml"] = checkpoint.config_yaml(cfg)
     return state
 
 

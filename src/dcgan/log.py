@@ -21,8 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dcgan import distributed
-
-from dcgan.config import UserError
+from dcgan.errors import UserError, one_of
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,17 @@ TENSORBOARD_TAGS = {
     "lr_g": "LearningRate/G",
     "lr_d": "LearningRate/D",
 }
+
+LOGGERS = ("jsonl", "tensorboard")
+
+
+def validate_loggers(loggers) -> None:
+    for name in loggers:
+        one_of("logger", name, LOGGERS)
+    if "jsonl" not in loggers:
+        raise UserError(f"logger must include jsonl (metrics.jsonl feeds gan-report and resume), got {list(loggers)}; e.g. logger=[jsonl,tensorboard]")
+    if "tensorboard" in loggers:
+        import_summary_writer()  # fails here, before a run folder exists, when the package is missing
 
 
 class MetricsLog:

@@ -9,13 +9,22 @@ is left to the logger, so nothing here syncs the GPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgan.config import LossConfig
+from dcgan.errors import UserError, one_of
+
+
+@dataclass
+class LossConfig:
+    name: str = "ns"  # ns (non-saturating BCE) | hinge | lsgan | wgan_gp
+    real_label: float = 1.0  # target for real images; 0.9 is one-sided label smoothing (ns, lsgan)
+    gp_weight: float = 10.0  # gradient-penalty weight (wgan_gp)
+    r1_weight: float = 0.0  # R1 penalty gamma on real images, gamma/2 * |grad D(x)|^2 (Mescheder et al. 2018); 0 = off
 
 Stats = Dict[str, torch.Tensor]
 
@@ -143,3 +152,13 @@ LOSSES: Dict[str, Callable[[LossConfig], GANLoss]] = {
 
 def build_loss(cfg: LossConfig) -> GANLoss:
     return LOSSES[cfg.name](cfg)
+
+
+def validate_loss(cfg: LossConfig) -> None:
+    one_of("loss.name", cfg.name, tuple(LOSSES))
+    if not 0.0 < cfg.real_label <= 1.0:
+        raise UserError(f"loss.real_label must be in (0, 1], got {cfg.real_label}")
+    if cfg.gp_weight < 0:
+        raise UserError(f"loss.gp_weight must be >= 0, got {cfg.gp_weight}")
+    if cfg.r1_weight < 0:
+        raise UserError(f"loss.r1_weight must be >= 0 (0 turns R1 off), got {cfg.r1_weight}")

@@ -10,10 +10,34 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Tuple
 
+import os
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from dcgan.config import DiscriminatorConfig, GeneratorConfig, UserError
+from dcgan import distributed
+from dcgan.errors import UserError, at_least, one_of
+
+
+@dataclass
+class GeneratorConfig:
+    arch: str = "dcgan"  # a name in models.GENERATORS
+    z_dim: int = 100  # length of the latent vector
+    z_distribution: str = "normal"  # normal (N(0,1)) | uniform (U(-1,1))
+    width: float = 1.0  # multiplies every hidden layer's channel count (1.0 = the published model)
+    dropout: float = 0.0  # used by architectures that have dropout layers
+    init: str = "dcgan"  # dcgan: N(0, 0.02) weights, BN N(1, 0.02) | default: PyTorch's own
+
+
+@dataclass
+class DiscriminatorConfig:
+    arch: str = "dcgan"  # a name in models.DISCRIMINATORS
+    width: float = 1.0
+    dropout: float = 0.0
+    norm: str = "batch"  # batch | none: normalization of the hidden conv layers
+    init: str = "dcgan"
+    spectral_norm: bool = False  # divide every conv/linear weight by its largest singular value (Miyato et al. 2018)
 
 GeneratorBuilder = Callable[[int, int, GeneratorConfig], nn.Module]
 DiscriminatorBuilder = Callable[[int, int, DiscriminatorConfig], nn.Module]
@@ -398,3 +422,50 @@ def training_bytes_lower_bound(cfg, batch_size: int) -> int:
         for hook in hooks:
             hook.remove()
     return 4 * (2 * parameters + batch_size * sum(kept_per_pair) // 2)
+
+
+# ---------------------------------------------------------------- checks before training
+
+
+def validate_networks(cfg) -> None:
+    """generator.* and discriminator.* (check_shapes and check_memory then try the architectures at the data's size)."""
+    at_least("generator.z_dim", cfg.generator.z_dim, 1)
+    one_of("generator.z_distribution", cfg.generator.z_distribution, ("normal", "uniform"))
+    for part in ("generator", "discriminator"):
+        section = cfg[part]
+        if not section.width > 0:
+            raise UserError(f"{part}.width must be > 0, got {section.width}")
+        if not 0.0 <= section.dropout < 1.0:
+            raise UserError(f"{part}.dropout must be in [0, 1), got {section.dropout}")
+        one_of(f"{part}.init", section.init, ("dcgan", "default"))
+    one_of("discriminator.norm", cfg.discriminator.norm, ("batch", "none"))
+
+
+def check_memory(cfg) -> None:
+    """Refuse a config whose networks clearly cannot fit, before a byte is allocated.
+
+    The estimate is a lower bound (float32 weights, their gradients, and the conv outputs one batch
+    keeps for the backward pass; no optimizer state, no data set), compared with all of the device's
+    memory, so it only trips on configs that would certainly fail, such as a huge dataset.image_size.
+    """
+    batch_per_rank = max(1, cfg.trainer.batch_size // distributed.world().size)
+    needed = training_bytes_lower_bound(cfg, batch_per_rank)
+    where, available = _device_memory(cfg.trainer.device)
+    if available and needed > available:
+        raise UserError(
+            f"this config needs at least {needed / 2**30:,.0f} GiB to train (dataset.image_size={cfg.dataset.image_size}, "
+            f"a batch of {batch_per_rank}), more than the {available / 2**30:,.0f} GiB of {where}; use a smaller "
+            "dataset.image_size (64 or 128 are typical), or lower trainer.batch_size, generator.width or discriminator.width"
+        )
+
+
+def _device_memory(device: str) -> tuple:
+    """(what, bytes) of memory on the device trainer.device names; (None, 0) when it cannot be known here."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "this machine's RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if not torch.cuda.is_available():
+        return None, 0  # resolve_device reports cuda without CUDA
+    index = int(device[5:]) if device.startswith("cuda:") else distributed.world().local_rank
+    if index >= torch.cuda.device_count():
+        return None, 0
+    return f"GPU cuda:{index}", torch.cuda.get_device_properties(index).total_memory

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List
 
 import torch
 from torch import nn
 
-from dcgan.config import OptimizerSettings, UserError
+from dcgan.errors import UserError
+
+
+@dataclass
+class OptimizerSettings:
+    name: str = "Adam"  # any class in torch.optim
+    lr: float = 2e-4
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])  # for optimizers that take betas
+    weight_decay: float = 0.0
+    extra: Dict[str, Any] = field(default_factory=dict)  # further keyword arguments, e.g. {momentum: 0.9}
+
+
+@dataclass
+class OptimizerConfig:
+    generator: OptimizerSettings = field(default_factory=OptimizerSettings)
+    discriminator: OptimizerSettings = field(default_factory=OptimizerSettings)
 
 
 def build_optimizer(params, settings: OptimizerSettings, key: str, fused: bool = False) -> torch.optim.Optimizer:
@@ -36,6 +52,18 @@ def build_optimizer(params, settings: OptimizerSettings, key: str, fused: bool =
         return cls(params, **kwargs)
     except (TypeError, ValueError) as error:
         raise UserError(f"{key}: torch.optim.{settings.name} rejected its settings: {error}") from None
+
+
+def validate_optimizers(cfg: OptimizerConfig) -> None:
+    for part in ("generator", "discriminator"):
+        settings = cfg[part]
+        if not settings.lr > 0:
+            raise UserError(f"optimizer.{part}.lr must be > 0, got {settings.lr}")
+        if len(settings.betas) != 2 or not all(0.0 <= b < 1.0 for b in settings.betas):
+            raise UserError(f"optimizer.{part}.betas must be two numbers in [0, 1), got {list(settings.betas)}")
+        if settings.weight_decay < 0:
+            raise UserError(f"optimizer.{part}.weight_decay must be >= 0, got {settings.weight_decay}")
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], settings, f"optimizer.{part}")  # name and arguments exist
 
 
 class EMA:

@@ -14,16 +14,22 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from dcgan.config import ReportConfig, UserError, check_writable_folder, compose, exit_with, exit_with_help
+from dcgan.errors import UserError, check_writable_folder
 from dcgan.log import read_metrics
-from dcgan.sample import save_gif
+from dcgan.images import save_gif
+
+
+@dataclass
+class ReportConfig:
+    run: str = ""  # a gan-train run folder (required): reads metrics.jsonl and samples/, writes the figures there
+    fps: int = 4  # progress movie frame rate
+    max_frames: int = 100  # progress movie: at most this many grids, evenly spaced (the first and last kept)
 
 log = logging.getLogger(__name__)
 
@@ -160,20 +166,3 @@ def run(cfg: ReportConfig) -> List[Path]:
         raise UserError(f"{run_dir} has no metrics.jsonl and no samples/step_*.png: is it a gan-train run folder?")
     check_writable_folder("run", run_dir)  # the figures go into the run folder
     return write_report(run_dir, cfg.fps, cfg.max_frames)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    """`gan-report run=DIR [fps=4] [max_frames=100]`."""
-    args = sys.argv[1:] if argv is None else argv
-    exit_with_help(main.__doc__, __doc__, "report", args)
-    logging.basicConfig(level=logging.INFO, format="gan-report: %(message)s")
-    try:
-        written = run(OmegaConf.to_object(compose("report", args)))
-    except UserError as error:
-        exit_with(error, "gan-report")
-    for path in written:
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dcgan import distributed
-from dcgan.config import UserError
+from dcgan.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Dict, Iterable, List, Optional
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from dcgan import checkpoint, distributed, runcard
-from dcgan.config import UserError
+from dcgan import checkpoint, config, distributed, runcard
+from dcgan.errors import UserError
 
 try:
     import fcntl
@@ -189,16 +189,26 @@ def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
             moved_to = move_aside(run, keep)
             log.warning("trainer.resume=auto: %s has no checkpoint yet; its files moved to %s, starting fresh", folder, moved_to)
         if found is not None:
-            checkpoint.changes_since(checkpoint.load(found), cfg, found)
+            check_resume(found, cfg)
         return
     if resume:
-        checkpoint.changes_since(checkpoint.load(resume), cfg, Path(resume))
+        check_resume(Path(resume), cfg)
     if run.holds_a_run() and not (resume and _same_as_newest(Path(resume), run)):
         raise UserError(
             f"hydra.run.dir={folder} already holds {run.describe_run()}; continue it with trainer.resume=auto, "
             "start elsewhere with another hydra.run.dir, or replace it with trainer.overwrite=true "
             f"(its files then move to {folder / REPLACED}/)"
         )
+
+
+def check_resume(path: Path, cfg: DictConfig) -> None:
+    """The checkpoint's config is one this version reads, and the run changes nothing a resume can't change."""
+    state = checkpoint.load(path)
+    try:
+        config.train_config_from_yaml(state["config_yaml"])
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    checkpoint.changes_since(state, cfg, path)
 
 
 def move_aside(run: RunFolder, keep: Iterable[str]) -> Path:

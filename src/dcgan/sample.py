@@ -5,136 +5,51 @@
                as a looping GIF or a grid (.png)                  images (pixel L2): is G copying its data?
   export       the generator as TorchScript or ONNX, for use without this package
 
-Image i of a grid with `seed=s` comes from seed s+i, and every latent vector is drawn on the CPU
-from its own seed, so an image depends on its seed only: not on the batch size, nor on the device.
-`truncation=t` trades variety for fidelity in every mode (see `latents`).
+Image i of a grid with `seed=s` comes from seed s+i (images.latents), so an image depends on its seed
+only. `truncation=t` trades variety for fidelity in every mode (see `images.latents`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch import nn
 
-from dcgan import checkpoint, data, models
-from dcgan.config import (
-    SampleConfig,
-    UserError,
-    check_output_file,
-    check_seeds,
-    check_writable_folder,
-    compose,
-    exit_with,
-    exit_with_help,
-    resolve_device,
-    to_yaml,
-    train_config_from_yaml,
-    validate_device,
-)
+from dcgan import checkpoint, config, data, models
+from dcgan.distributed import resolve_device, validate_device
+from dcgan.errors import UserError, check_output_file, check_seeds, check_writable_folder
+from dcgan.images import generate, latents, save_atomically, save_gif, save_grid, to_pil, to_uint8
 
 
-def latents(
-    seeds: List[int], z_dim: int, distribution: str, device: torch.device | str = "cpu", truncation: Optional[float] = None
-) -> torch.Tensor:
-    """One latent vector per seed, [len(seeds), z_dim], each drawn from its own CPU generator.
-
-    `truncation` (the truncation trick; None = off) keeps latents near the mode, where G is at its
-    best: normal entries beyond +-truncation are redrawn, uniform latents are scaled to U(-t, t).
-    """
-    rows = []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        z = models.random_latents((z_dim,), distribution, generator)
-        if truncation is not None:
-            z = z * truncation if distribution == "uniform" else redraw_beyond(z, truncation, generator)
-        rows.append(z)
-    return torch.stack(rows).to(device)
-
-
-def redraw_beyond(z: torch.Tensor, threshold: float, generator: torch.Generator) -> torch.Tensor:
-    """BigGAN's truncation trick: every entry with |z| > threshold is redrawn from N(0, 1) cut to +-threshold.
-
-    Redrawing, not clamping, gives a truncated normal with no pile-up at +-threshold; entries already
-    inside are kept. Each redraw inverts the normal CDF on one uniform number (no rejection loop, so
-    any threshold > 0 is quick), drawn from the seed's own generator: a seed still fixes its latent.
-    """
-    outside = z.abs() > threshold
-    low = torch.special.ndtr(torch.tensor(-threshold, dtype=torch.float64))  # P(z < -threshold)
-    uniform = torch.rand(int(outside.sum()), generator=generator, dtype=torch.float64)
-    redrawn = torch.special.ndtri(low + uniform * (1 - 2 * low))
-    z[outside] = redrawn.clamp(-threshold, threshold).float()  # the clamp only absorbs rounding at the edges
-    return z
+@dataclass
+class SampleConfig:
+    ckpt: str = ""  # the checkpoint to sample from (required)
+    mode: str = "grid"  # grid | seeds | interpolate | neighbors | export
+    n: int = 64  # images in the grid
+    nrow: int = 8  # images per grid row
+    seed: int = 0  # first seed: image i of the grid comes from seed + i
+    seeds: str = ""  # mode=seeds, neighbors: e.g. "0-15" or "3,7,42"; mode=interpolate: the key seeds to pass through
+    frames: int = 16  # mode=interpolate: frames between two key seeds
+    fps: int = 12  # mode=interpolate: GIF frame rate
+    # File (grid, interpolate: .gif = movie, .png = grid with a row per leg; neighbors; export) or folder (seeds);
+    # "" = grid.png, seeds/, interpolation.gif, neighbors.png, generator.pt (torchscript) or generator.onnx.
+    out: str = ""
+    device: str = "auto"
+    ema: bool = True  # use the EMA generator when the checkpoint has one
+    truncation: Optional[float] = None  # truncation trick: normal latents redrawn beyond +-t; uniform scaled by t
+    k: int = 5  # mode=neighbors: nearest training images shown beside each sample
+    dataset_root: Optional[str] = None  # mode=neighbors: the training data, if not at the checkpoint's dataset.root
+    format: str = "torchscript"  # mode=export: torchscript | onnx
 
 
-@torch.no_grad()
-def generate(G: nn.Module, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Images in [-1, 1] from G in eval mode (BatchNorm uses its running statistics)."""
-    was_training = G.training
-    G.eval()
-    try:
-        return torch.cat([G(chunk).float() for chunk in z.split(batch_size)])
-    finally:
-        G.train(was_training)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A uint8 [C, H, W] tensor as a PIL image (L for one channel, RGB for three)."""
-    array = image.permute(1, 2, 0).numpy()
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, "L" if array.shape[2] == 1 else "RGB")
-
-
-def grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
-    """Images in [-1, 1] (or already uint8) as one grid: `nrow` per row, `padding` black pixels around each.
-
-    The layout of torchvision's make_grid, built in uint8 here: importing torchvision would add a
-    second or more to the start of every command.
-    """
-    pixels = images.cpu() if images.dtype == torch.uint8 else to_uint8(images)
-    count, channels, height, width = pixels.shape
-    if count == 1:  # a lone image is written bare, as make_grid does
-        return to_pil(pixels[0])
-    columns = min(nrow, count)
-    rows = -(-count // columns)
-    grid = torch.zeros(channels, rows * (height + padding) + padding, columns * (width + padding) + padding, dtype=torch.uint8)
-    for index, image in enumerate(pixels):
-        top = padding + (index // columns) * (height + padding)
-        left = padding + (index % columns) * (width + padding)
-        grid[:, top : top + height, left : left + width] = image
-    return to_pil(grid)
-
-
-def save_atomically(image: Image.Image, path: Path, **save_args) -> None:
-    """Write to a temporary file and rename, so a kill never leaves a half-written image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    image.save(temporary, format=save_args.pop("format", None) or path.suffix.lstrip(".").upper().replace("JPG", "JPEG"), **save_args)
-    os.replace(temporary, path)
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Image.Image:
-    """Write the grid and return it (the trainer also shows it in TensorBoard)."""
-    image = grid_image(images, nrow)
-    save_atomically(image, path)
-    return image
-
-
-def save_gif(frames: Sequence[Image.Image], path: Path, duration_ms: int | List[int]) -> None:
-    """An endlessly looping GIF; `duration_ms` for every frame, or one per frame."""
-    frames = [frame.convert("P" if frame.mode == "L" else "RGB") for frame in frames]
-    save_atomically(frames[0], path, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+config.register_schema("sample_schema", SampleConfig)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -191,7 +106,7 @@ def load_generator(path: str | Path, device: torch.device, use_ema: bool = True)
     """Rebuild the generator from the config stored in a checkpoint; EMA weights when present."""
     state = checkpoint.load(path)
     try:
-        cfg = train_config_from_yaml(state["config_yaml"])
+        cfg = config.train_config_from_yaml(state["config_yaml"])
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
     G = models.build_generator(cfg, "cpu")
@@ -352,7 +267,7 @@ def export_generator(G: nn.Module, train_cfg: DictConfig, export_format: str, pa
         "image_size": train_cfg.dataset.image_size,
         "channels": train_cfg.dataset.channels,
         "output": "images [batch, channels, image_size, image_size] in [-1, 1]",
-        "config_yaml": to_yaml(train_cfg),
+        "config_yaml": checkpoint.config_yaml(train_cfg),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
@@ -459,24 +374,3 @@ def run(cfg: SampleConfig) -> List[Path]:
     if cfg.truncation is not None and cfg.truncation > 1 and train_cfg.generator.z_distribution == "uniform":
         raise UserError(f"truncation scales this checkpoint's uniform latents, so it must be in (0, 1]; got {cfg.truncation}")
     return MODES[cfg.mode](Studio(G, train_cfg, cfg, device))
-
-
-def main(argv: List[str] | None = None) -> None:
-    """`gan-sample ckpt=PATH [mode=grid|seeds|interpolate|neighbors|export] [n=64] [seeds=0-63] [truncation=0.7] [out=...]`."""
-    args = sys.argv[1:] if argv is None else argv
-    # Hydra reads a,b as a sweep; for seeds it can only mean a list, so quote it on the user's behalf.
-    args = [f"seeds='{a[6:]}'" if a.startswith("seeds=") and "," in a and a[6:7] not in "'\"[" else a for a in args]
-    exit_with_help(main.__doc__, __doc__, "sample", args)
-    try:
-        cfg = compose("sample", args)
-        written = run(OmegaConf.to_object(cfg))
-    except UserError as error:
-        exit_with(error, "gan-sample")
-    for path in written[:3]:
-        print(f"wrote {path}")
-    if len(written) > 3:
-        print(f"... and {len(written) - 3} more in {written[0].parent}")
-
-
-if __name__ == "__main__":
-    main()

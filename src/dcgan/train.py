@@ -1,33 +1,32 @@
 """The training loop (`gan-train`): alternate D and G updates, keep an EMA of G, log, draw grids, checkpoint.
 
-`train(cfg, run_dir)` holds the whole loop; everything it needs comes in as arguments. `main()`
-validates the command line before Hydra creates a run folder, so a typo costs no empty output dir.
-To resume, run the same command again with `trainer.resume=auto` (and the same `hydra.run.dir`).
+`train(cfg, run_dir)` holds the whole loop; everything it needs comes in as arguments, checked by
+config.validate_train (the command line: cli.py). To resume, run the same command again with
+`trainer.resume=auto` (and the same `hydra.run.dir`).
 """
 
 from __future__ import annotations
 
-import datetime
 import functools
 import logging
-import re
 import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dcgan import augment, checkpoint, data, distributed, evaluate, health, models, report, runcard, runfolder, speed
-from dcgan.config import UserError, compose, config_dir, exit_with, to_yaml, validate_train
+from dcgan import augment, checkpoint, data, distributed, health, models, report, runcard, speed
+from dcgan.errors import UserError, at_least, check_seeds, signal_exit
 from dcgan.log import MetricsLog
+from dcgan.metrics import TrainingEvaluator
 from dcgan.losses import build_loss
+from dcgan.health import HealthConfig
 from dcgan.optim import EMA, build_optimizer
-from dcgan.sample import generate, latents, save_grid
+from dcgan.images import generate, latents, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +35,62 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+@dataclass
+class TrainerConfig:
+    batch_size: int = 128  # real images per D update (and fakes per G update)
+    max_steps: int = 0  # generator updates to run; 0 = run `epochs` epochs
+    epochs: int = 5  # passes over the data set (counted in D's real batches), when max_steps = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    d_steps: int = 1  # discriminator updates per generator update
+    sample_every: int = 500  # steps between fixed-noise grids in samples/
+    ckpt_every: int = 1000  # steps between step_NNNNNN.pt checkpoints (last.pt is written with them)
+    log_every: int = 50  # steps between metrics.jsonl rows (the only GPU syncs of the loop)
+    resume: Optional[str] = None  # a checkpoint path, or "auto" for checkpoints/last.pt of the run dir
+    overwrite: bool = False  # start over in a run dir that holds a run: its files move to RUN_DIR/replaced/<time>/
+    amp: bool = False  # bf16 autocast (CUDA; also allowed on CPU)
+    # Speed options (speed.py; measured in docs/PERFORMANCE.md): the same maths on other layouts and kernels.
+    channels_last: bool = True  # NHWC layout for G and D
+    compile: bool = False  # torch.compile G and D; a failure in the trial step before training falls back to eager
+    cuda_graphs: bool = False  # CUDA only: compile in reduce-overhead mode (CUDA graphs of G's and D's passes); unmeasured
+    fused_optimizer: bool = True  # fused kernels for Adam/AdamW/SGD/Adagrad (CUDA and CPU); other optimizers ignore it
+    cudnn_benchmark: bool = True  # CUDA: cuDNN picks the fastest conv algorithm for our fixed shapes
+    ema: float = 0.999  # decay of the generator's moving average; 0 turns it off
+    keep_last: int = 3  # step checkpoints kept (0 = keep all); last.pt and the newest healthy one are always kept
+    on_divergence: str = "stop"  # stop | rollback: what NaN/Inf or a collapse does (health.py; thresholds in `health`)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    deterministic: bool = False  # PyTorch's deterministic algorithms (a warning where an op has none)
+    grid_size: int = 64  # images in each progress grid
+    progress: bool = True  # tqdm progress bar
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
+    dist_timeout_s: float = 1800.0  # under torchrun: a collective waiting longer than this ends the job
+    eval_every: int = 0  # steps between FID/KID evaluations of the sampling generator (see `eval`); 0 = never
+
+
+def validate_trainer(t: TrainerConfig) -> None:
+    at_least("trainer.batch_size", t.batch_size, 1)
+    at_least("trainer.max_steps", t.max_steps, 0)
+    at_least("trainer.epochs", t.epochs, 0)
+    if t.max_steps == 0 and t.epochs == 0:
+        raise UserError("nothing to train: set trainer.max_steps or trainer.epochs above 0")
+    at_least("trainer.d_steps", t.d_steps, 1)
+    for key in ("sample_every", "ckpt_every", "log_every", "grid_size"):
+        at_least(f"trainer.{key}", t[key], 1)
+    at_least("trainer.keep_last", t.keep_last, 0)
+    at_least("trainer.eval_every", t.eval_every, 0)
+    # Rank r seeds its dropout with seed + r, and the training latents come from seed + 1.
+    check_seeds("trainer.seed", t.seed, t.seed + max(1, distributed.world().size - 1))
+    if not t.dist_timeout_s > 0:
+        raise UserError(f"trainer.dist_timeout_s must be > 0 seconds, got {t.dist_timeout_s}")
+    if not 0.0 <= t.ema < 1.0:
+        raise UserError(f"trainer.ema must be in [0, 1) (0 turns it off), got {t.ema}")
+    distributed.validate_device("trainer.device", t.device)
+    if t.cuda_graphs and (t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())):
+        raise UserError("trainer.cuda_graphs=true needs a CUDA device (CUDA graphs replay GPU kernels); set it false on CPU")
+
+
 def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     """Train from `cfg` (a composed TrainConfig) writing into `run_dir`; returns the last metrics row."""
-    validate_train(cfg)
     t = cfg.trainer
     device, rank = distributed.setup(t.device, t.dist_timeout_s), distributed.world()
     torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -69,7 +121,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
 
     step, changes = resume(t.resume, checkpoints, cfg, parts)
     runcard.start(run_dir, cfg, images, device, step, changes)  # run_card.json: command, versions, data fingerprint, seed
-    evaluator = evaluate.TrainingEvaluator(cfg, images, device, checkpoints, resumed=step > 0) if t.eval_every and rank.is_main else None
+    evaluator = TrainingEvaluator(cfg, images, device, checkpoints, resumed=step > 0) if t.eval_every and rank.is_main else None
     log.info("data: %d images %s; %d steps of batch %d on %s -> %s", len(images), tuple(images.shape[1:]), total_steps, t.batch_size, device, run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", step, total_steps, t.batch_size * t.d_steps, t.progress, cfg.logger, {"g": opt_g, "d": opt_d})
     stop = StopRequest(check_every=t.log_every if rank.enabled else 1, device=device)
@@ -126,7 +178,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     runcard.finish(run_dir, step, stop.signal, guard)
     if stop.signal is not None:
         log.warning("stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto", stop.signal, step)
-        sys.exit(128 + stop.signal)
+        sys.exit(signal_exit(stop.signal))
     guard.raise_if_diverged()  # health.supervise stops or rolls back (trainer.on_divergence)
     return row
 
@@ -196,7 +248,7 @@ def training_state(cfg: DictConfig, step: int, parts: Dict[str, Any]) -> Dict[st
         "epoch": parts["batches"].epoch,
         "data": parts["batches"].state_dict(),
         "rng": {"noise": parts["noise"].get_state(), "torch": torch.get_rng_state(), "cuda": cuda_rng},
-        "config_yaml": to_yaml(cfg),
+        "config_yaml": checkpoint.config_yaml(cfg),
         "health": parts["guard"].state_dict(),
     }
 
@@ -247,61 +299,3 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> N
     optimizer.load_state_dict(saved)
     for group, settings in zip(optimizer.param_groups, fresh):
         group.update(settings)
-
-
-# ---------------------------------------------------------------- command line
-
-
-@hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    try:
-        # main() took the folder already, except for a multirun's jobs, whose folders Hydra names.
-        runfolder.take(run_dir, cfg, keep=runfolder.hydra_record(hydra_cfg.job.name))
-        health.supervise(train, cfg, run_dir)  # stop or roll back on divergence
-    except UserError as error:
-        exit_with(error, "gan-train")
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    """`gan-train [overrides]`: check the config, then let Hydra make the run folder and call train()."""
-    args = sys.argv[1:] if argv is None else argv
-    # Flags (--help, --cfg job, --multirun) are Hydra's business; plain overrides are checked here first.
-    if not any(arg.startswith("-") for arg in args):
-        try:
-            cfg = compose("train", args)
-            validate_train(cfg)
-            runcard.check_run_dir(run_dir_from(args))  # Hydra would fail on it with a traceback
-            if distributed.world().enabled:  # under torchrun: join the job, use rank 0's run folder
-                distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
-                args = distributed.shared_run_dir(args, run_dir_from(args))
-            # One owner per run folder, and no second run mixed into it: decided before Hydra writes there.
-            runfolder.take(Path(run_dir_from(args)), cfg)
-        except UserError as error:
-            runfolder.release_all()
-            distributed.shutdown()
-            exit_with(error, "gan-train")
-    sys.argv = [sys.argv[0], *args]
-    try:
-        _hydra_main()
-    except SystemExit as exit:
-        # Hydra reports its own config errors with exit code 1; they are usage errors like ours.
-        raise SystemExit(2 if exit.code == 1 else exit.code)
-    finally:
-        runfolder.release_all()
-        distributed.shutdown()
-
-
-def run_dir_from(args: List[str]) -> str:
-    """The run folder Hydra would pick for these args: hydra.run.dir=..., or train.yaml's dated default."""
-    for arg in args:
-        if arg.startswith("hydra.run.dir="):
-            return arg.split("=", 1)[1]
-    template = OmegaConf.load(config_dir() / "train.yaml").hydra.run._get_node("dir")._value()
-    now = datetime.datetime.now()
-    return re.sub(r"\$\{now:([^}]*)\}", lambda match: now.strftime(match.group(1)), template)
-
-
-if __name__ == "__main__":
-    main()

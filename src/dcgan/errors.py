@@ -1,0 +1,80 @@
+"""What the user is told: the one exception type for their mistakes, the exit codes, and the checks that raise it.
+
+Every user-facing problem (a bad setting, missing data, an unreadable checkpoint, an unwritable path)
+is raised as `UserError`; the command-line entry points (cli.py) turn it into one line on stderr and
+USAGE_EXIT. Tracebacks are for bugs. This module imports nothing from the package, so any module may use it.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# gan-train's exit codes: 0 finished, USAGE_EXIT a usage problem, DIVERGED_EXIT training diverged,
+# 128 + N stopped by signal N (130 for SIGINT, 143 for SIGTERM), as shells report it.
+USAGE_EXIT = 2
+DIVERGED_EXIT = 3
+
+
+def signal_exit(signum: int) -> int:
+    return 128 + signum
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, checkpoint): reported without a traceback."""
+
+
+def exit_with(error: UserError, program: str) -> None:
+    # One line, whatever the message holds: scripts and people read the first line of stderr.
+    message = " ".join(line.strip() for line in str(error).splitlines())
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(USAGE_EXIT)
+
+
+def one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        options = ", ".join(str(a) for a in allowed)
+        raise UserError(f"{key} must be one of {options}; got {value!r}")
+
+
+def at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UserError(f"{key} must be >= {minimum}, got {value}")
+
+
+# The seeds torch.manual_seed and torch.Generator.manual_seed take: any 64-bit integer, signed or unsigned.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def check_seeds(key: str, first: int, last: int) -> None:
+    """Seeds `first`..`last` (inclusive) are all ones torch can seed with."""
+    if first < SEED_MIN or last > SEED_MAX:
+        uses = f"seeds {first}..{last}" if last != first else f"seed {first}"
+        raise UserError(f"{key} uses {uses}, beyond the 64-bit seeds torch takes ({SEED_MIN}..{SEED_MAX}); use smaller seeds, e.g. {key}=0")
+
+
+def check_output_file(key: str, path: Path, suffixes: tuple, what: str) -> None:
+    """`key=path` names a file we can write, with a suffix in `suffixes`: checked before any work, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{key}={path} is a folder, but {what} is one file; name the file, e.g. {key}={path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        found = f"has the suffix {path.suffix}" if path.suffix else "has no suffix"
+        raise UserError(f"{key}={path} {found}; {what} is written as {' or '.join(suffixes)}, e.g. {key}={path.with_suffix(suffixes[0])}")
+    check_writable_folder(key, path.parent)
+
+
+def check_writable_folder(key: str, folder: Path) -> None:
+    """`folder` exists and takes new files, or can be made inside a folder that does."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{key}: {existing} is a file, not a folder, so nothing can be written under it; pick another path")
+    try:
+        # An anonymous file (O_TMPFILE on Linux) proves we may write there and leaves nothing behind.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"{key}: cannot write in {existing} ({error.strerror or error}); pick a folder you can write to") from None

@@ -1,0 +1,447 @@
+"""Sample quality, measured honestly: FID and KID through torch-fidelity (for `gan-eval` and gan-train's evaluator).
+
+What is compared:
+- the generated set: `n` images from a checkpoint's generator (EMA weights when present), image i from
+  latent seed `seed + i`, so two evaluations of one checkpoint see the same images; or a folder of images.
+- the reference set: `reference_n` images of a data set, a seeded random subset (all of it when
+  reference_n=0); or a folder of images.
+
+How: torch-fidelity's Inception-v3 ("inception-v3-compat", the 2015-12-05 TensorFlow graph of the
+standard protocol) reads uint8 [3, H, W] images at their native size and resizes them to 299x299
+itself, with TensorFlow 1's bilinear resize; grayscale images are given as three identical channels.
+FID is the Fréchet distance between Gaussians fitted to the 2048-d pool features (biased: it grows as
+fewer images are used, so compare FIDs only at equal counts); KID is the mean polynomial-kernel MMD^2
+over random subsets (unbiased, so it compares across counts). Neither is implemented here.
+
+The reference features are the slow part (Inception runs at ~15 images/s on two CPU cores), so
+torch-fidelity caches them on disk under a name built from data set, split, image size, count, a hash
+of the very images and a hash of the weights: the second evaluation against a data set skips them.
+
+Every result is stamped with its protocol, printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from dcgan import checkpoint, data, files
+from dcgan.data import DatasetConfig
+from dcgan.errors import UserError, at_least, check_seeds, one_of
+from dcgan.images import generate, latents, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MetricsConfig:
+    """How FID and KID are measured (through torch-fidelity): gan-eval's settings, and `eval.*` of gan-train."""
+
+    n: int = 10000  # generated images; image i comes from latent seed `seed + i`
+    reference_n: int = 10000  # real images: a seeded random subset of the data set (0 = all of it)
+    metrics: List[str] = field(default_factory=lambda: ["fid", "kid"])
+    inception_weights: Optional[str] = None  # a local weights file (offline use); None = torch-fidelity downloads its own
+    batch_size: int = 64  # images per Inception forward pass
+    kid_subsets: int = 100  # KID averages the MMD over this many random subsets...
+    kid_subset_size: int = 1000  # ...of this many images each (capped at the smaller image count)
+    seed: int = 0
+    cache_dir: Optional[str] = None  # reference-feature cache; None = $XDG_CACHE_HOME (else ~/.cache)/dcgan/fidelity
+
+
+METRICS = ("fid", "kid")
+
+
+def validate_metrics(prefix: str, m: MetricsConfig | DictConfig) -> None:
+    """FID/KID settings, shared by gan-eval (prefix "") and gan-train's eval section (prefix "eval.")."""
+    if not m.metrics:
+        raise UserError(f"{prefix}metrics is empty; ask for fid, kid or both, e.g. {prefix}metrics=[fid,kid]")
+    for name in m.metrics:
+        one_of(f"{prefix}metrics", name, METRICS)
+    # FID needs a covariance and KID subsets of two or more images, from both sets.
+    for key in ("n", "reference_n"):
+        if m[key] < 2 and not (key == "reference_n" and m[key] == 0):
+            raise UserError(f"{prefix}{key} must be at least 2 (FID needs a covariance, KID subsets of 2+ images), got {m[key]}; use 1000 or more for a meaningful score")
+    at_least(f"{prefix}batch_size", m.batch_size, 1)
+    at_least(f"{prefix}kid_subsets", m.kid_subsets, 1)
+    at_least(f"{prefix}kid_subset_size", m.kid_subset_size, 2)
+    check_seeds(f"{prefix}seed", m.seed, m.seed + m.n - 1)  # generated image i comes from seed + i
+    if m.inception_weights and not Path(m.inception_weights).expanduser().is_file():
+        raise UserError(
+            f"{prefix}inception_weights={m.inception_weights} is not a file; point it at a torch-fidelity Inception weights "
+            "file (e.g. inception-2015-12-05-fidelity.pth), or leave it unset to let torch-fidelity download its own copy"
+        )
+
+
+def require_inception_weights(m: MetricsConfig | DictConfig) -> None:
+    """trainer.eval_every: no Inception weights on this machine is found now, not at the first evaluation."""
+    if m.inception_weights:  # validate_metrics proved it is a file
+        return
+    cached = downloaded_weights()
+    if not cached.is_file():
+        raise UserError(
+            f"trainer.eval_every needs torch-fidelity's Inception weights, which are not here (no eval.inception_weights, "
+            f"no download at {cached}); set eval.inception_weights=PATH to a local copy, or run once with internet "
+            "(e.g. gan-eval) so torch-fidelity downloads them, or set trainer.eval_every=0"
+        )
+
+FEATURE_EXTRACTOR = "inception-v3-compat"
+# The same torch-fidelity network and weights, registered under our name to run channels-last:
+# ~1.5x faster on CPU, features equal to ~1e-6 (the order of float additions changes, nothing else).
+CHANNELS_LAST_EXTRACTOR = "inception-v3-compat-channels-last"
+FEATURE_LAYER = "2048"
+GENERATE_CHUNK = 1000  # latents drawn and images kept as uint8 per chunk, so n=50000 needs little memory
+
+
+# ---------------------------------------------------------------- image sets
+
+
+class ImageSet(Dataset):
+    """uint8 images [N, C, H, W] (C = 1 or 3), served as torch-fidelity wants them: uint8 [3, H, W].
+
+    `reads` counts the images handed out: zero after an evaluation means the features came from the cache.
+    """
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.reads += 1
+        image = self.images[index]
+        return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+class FolderImages(Dataset):
+    """The images of a folder (searched recursively), decoded one at a time as uint8 RGB [3, H, W].
+
+    They are fed at their native size, so they must all have one size; `limit` > 0 keeps a seeded random subset.
+    """
+
+    def __init__(self, folder: Path, limit: int, seed: int):
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder; pass a folder of images (png, jpg, ...)")
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            raise UserError(f"no images in {folder} (looked for {', '.join(data.IMAGE_EXTENSIONS)}, recursively); point it at a folder of images")
+        self.selection = "all images" if not 0 < limit < len(found) else f"random subset of {len(found)}, seed {seed}"
+        self.files = [found[i] for i in seeded_subset(len(found), limit, seed).tolist()]
+        self.reads = 0
+        sizes, modes = {}, set()
+        for path in self.files:
+            try:
+                with Image.open(path) as image:
+                    sizes.setdefault(image.size, path)
+                    modes.add(image.mode)
+                    image.verify()  # a truncated or corrupt PNG fails here, not minutes into the evaluation
+            except Exception as error:  # Pillow fails in many ways on a bad file
+                raise unreadable(path, error) from None
+        if len(sizes) > 1:
+            (size_a, path_a), (size_b, path_b) = list(sizes.items())[:2]
+            raise UserError(
+                f"images in {folder} have different sizes ({path_a.name} is {size_a[0]}x{size_a[1]}, {path_b.name} is "
+                f"{size_b[0]}x{size_b[1]}); FID reads them at their native size, so resize them to one size first"
+            )
+        self.width, self.height = next(iter(sizes))
+        self.channels = 1 if modes <= {"L", "1", "I", "I;16", "LA"} else 3
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        self.reads += 1
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return pil_to_tensor(image.convert("RGB"))  # grayscale -> three identical channels
+        except Exception as error:  # what verify() cannot see, e.g. a JPEG cut short
+            raise unreadable(path, error) from None
+
+    def fingerprint(self) -> str:
+        """Changes when any file is renamed, resized or rewritten."""
+        digest = hashlib.sha1()
+        for path in self.files:
+            stat = path.stat()
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))  # names need not be UTF-8
+        return digest.hexdigest()
+
+
+def unreadable(path: Path, error: Exception) -> UserError:
+    return UserError(f"cannot read image {data.printable(str(path))} ({type(error).__name__}: {error}); delete or fix it")
+
+
+@dataclass
+class ImageSource:
+    """One side of a comparison: the images, what they are (for the stamp), and a cache name when cacheable."""
+
+    images: Dataset
+    stamp: Dict[str, Any]
+    cache_key: Optional[str] = None  # None: never cached (generated images differ every time)
+
+
+def seeded_subset(count: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of `n` of `count` items, a pure function of the seed; all of them when n is 0 or too big."""
+    if n <= 0 or n >= count:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def reference_from_dataset(cfg: DatasetConfig | DictConfig, n: int, seed: int, images: Optional[torch.Tensor] = None) -> ImageSource:
+    """`n` images of the data set (all when n=0), keyed for the cache by what they are and by their bytes."""
+    images = data.load_images(cfg) if images is None else images
+    picked = images[seeded_subset(len(images), n, seed)]
+    split = cfg.split if cfg.name not in ("folder", "mnist_tiny") else "all"
+    content = hashlib.sha1(picked.numpy().tobytes()).hexdigest()
+    key = f"{cfg.name}-{split}-{cfg.image_size}px-{cfg.channels}ch-n{len(picked)}-{content[:12]}"
+    stamp = {
+        "source": f"data set {cfg.name}",
+        "root": str(cfg.root),
+        "split": split,
+        "count": len(picked),
+        "selection": "all images" if len(picked) == len(images) else f"random subset of {len(images)}, seed {seed}",
+        "image_size": int(cfg.image_size),
+        "channels": int(cfg.channels),
+    }
+    return ImageSource(ImageSet(picked), stamp, key)
+
+
+def reference_from_folder(folder: Path, n: int, seed: int) -> ImageSource:
+    images = FolderImages(folder, n, seed)
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.resolve().name)[:40]
+    key = f"folder-{safe_name}-n{len(images)}-{images.fingerprint()[:12]}"
+    return ImageSource(images, folder_stamp(folder, images), key)
+
+
+def folder_stamp(folder: Path, images: FolderImages) -> Dict[str, Any]:
+    return {
+        "source": f"folder {folder}",
+        "split": "all",
+        "count": len(images),
+        "selection": images.selection,
+        "image_size": images.height if images.height == images.width else f"{images.width}x{images.height}",
+        "channels": images.channels,
+    }
+
+
+def generated_from_model(G: nn.Module, z_dim: int, distribution: str, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """`n` uint8 images from G (eval mode), image i from latent seed `seed + i`."""
+    chunks = []
+    for start in range(seed, seed + n, GENERATE_CHUNK):
+        z = latents(list(range(start, min(start + GENERATE_CHUNK, seed + n))), z_dim, distribution, device)
+        chunks.append(to_uint8(generate(G, z)))
+    return torch.cat(chunks)
+
+
+# ---------------------------------------------------------------- Inception weights
+
+
+@dataclass(frozen=True)
+class Weights:
+    path: Optional[str]  # a local file, or None for torch-fidelity's own download
+    cache_key: str  # names the weights in reference-cache entries
+
+    def sha256(self) -> str:
+        """The file's hash; for the download, of torch hub's copy (present once torch-fidelity has run)."""
+        path = Path(self.path) if self.path else downloaded_weights()
+        return file_sha256(str(path), *_stat(path)) if path.is_file() else "unknown (not downloaded yet)"
+
+
+def resolve_weights(path: Optional[str]) -> Weights:
+    if not path:
+        # The URL's file name carries the first hex digits of its sha256.
+        return Weights(None, "tf-" + Path(default_weights_url()).stem.split("-")[-1])
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise UserError(f"Inception weights {path} is not a file; point inception_weights at one, or leave it unset to let torch-fidelity download its own copy")
+    return Weights(str(resolved), file_sha256(str(resolved), *_stat(resolved))[:12])
+
+
+def default_weights_url() -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return URL_INCEPTION_V3
+
+
+def downloaded_weights() -> Path:
+    """Where torch-fidelity's own download of the weights lives (torch hub's checkpoint folder), once it has run."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(default_weights_url()).name
+
+
+def _stat(path: Path) -> tuple:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@lru_cache(maxsize=8)
+def file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, remembered per (path, size, mtime): hashing 95 MB of weights takes a few tenths of a second."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def register_extractor() -> None:
+    """Register torch-fidelity's Inception under CHANNELS_LAST_EXTRACTOR (once per process)."""
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if CHANNELS_LAST_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY:
+        return
+
+    class ChannelsLastInception(FeatureExtractorInceptionV3):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            try:
+                super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path, **kwargs)
+            except Exception as error:  # a download with no internet, or a file that is not these weights
+                reason = " ".join(str(error).split())[:200]
+                if feature_extractor_weights_path is None:
+                    raise UserError(
+                        f"could not download torch-fidelity's Inception weights ({reason}); with no internet, "
+                        "pass a local copy: inception_weights=PATH (eval.inception_weights=PATH in gan-train)"
+                    ) from None
+                raise UserError(f"{feature_extractor_weights_path} is not torch-fidelity Inception-v3 weights ({reason}); use inception-2015-12-05 weights in its format") from None
+            self.to(memory_format=torch.channels_last)
+
+    torch_fidelity.register_feature_extractor(CHANNELS_LAST_EXTRACTOR, ChannelsLastInception)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def measure(generated: ImageSource, reference: ImageSource, settings: MetricsConfig | DictConfig, device: torch.device) -> List[Dict[str, Any]]:
+    """FID and/or KID between the two sets, one stamped result per metric."""
+    import torch_fidelity
+
+    register_extractor()
+    weights = resolve_weights(settings.inception_weights)
+    count_1, count_2 = len(generated.images), len(reference.images)
+    if min(count_1, count_2) < 2:
+        raise UserError(f"FID and KID need at least 2 images on each side; got {count_1} generated and {count_2} reference images")
+    kid_subset_size = min(settings.kid_subset_size, count_1, count_2)
+    cache_name = f"{reference.cache_key}-w{weights.cache_key}" if reference.cache_key else None
+    cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else data.user_cache_dir() / "fidelity"
+    reads_before = reference.images.reads
+    started = time.perf_counter()
+    cuda = device.type == "cuda"
+    with torch.cuda.device(device) if cuda else nullcontext():
+        scores = torch_fidelity.calculate_metrics(
+            input1=generated.images,
+            input2=reference.images,
+            fid="fid" in settings.metrics,
+            kid="kid" in settings.metrics,
+            feature_extractor=CHANNELS_LAST_EXTRACTOR,
+            feature_layer_fid=FEATURE_LAYER,
+            feature_layer_kid=FEATURE_LAYER,
+            feature_extractor_weights_path=weights.path,
+            batch_size=settings.batch_size,
+            kid_subsets=settings.kid_subsets,
+            kid_subset_size=kid_subset_size,
+            cuda=cuda,
+            cache=cache_name is not None,
+            cache_root=str(cache_dir),
+            input2_cache_name=cache_name,
+            save_cpu_ram=True,  # no DataLoader worker processes: the images are in memory already
+            verbose=False,
+        )
+    seconds = time.perf_counter() - started
+    protocol = {
+        "feature_extractor": f"{FEATURE_EXTRACTOR} (torch-fidelity; run channels-last), {FEATURE_LAYER}-d pool features",
+        "resize": "native size in; bilinear (TensorFlow 1 compatible) to 299x299 inside the extractor",
+        "grayscale": "three identical channels",
+        "weights_file": weights.path or f"torch-fidelity download {default_weights_url()}",
+        "weights_sha256": weights.sha256(),
+        "library": f"torch-fidelity {torch_fidelity.__version__}",
+        "torch": torch.__version__,
+        "reference_features": "cached" if reference.images.reads == reads_before and cache_name else "computed",
+        "cache": str(cache_dir / cache_name) if cache_name else None,
+    }
+    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    results = []
+    for metric in settings.metrics:
+        if metric == "fid":
+            value, spread, extra = scores["frechet_inception_distance"], None, {}
+        else:
+            value, spread = scores["kernel_inception_distance_mean"], scores["kernel_inception_distance_std"]
+            extra = {"kid_subsets": int(settings.kid_subsets), "kid_subset_size": int(kid_subset_size)}
+        results.append({
+            "metric": metric,
+            "value": float(value),
+            "std": None if spread is None else float(spread),
+            "generated": generated.stamp,
+            "reference": reference.stamp,
+            "protocol": {**protocol, **extra},
+            "device": str(device),
+            "seconds": round(seconds, 1),
+            "date": when,
+        })
+    return results
+
+
+# ---------------------------------------------------------------- during training
+
+
+class TrainingEvaluator:
+    """gan-train's `trainer.eval_every`: FID/KID of the sampling generator against the training set, and
+    `checkpoints/best.pt` kept by FID (by KID when FID is not measured), with its stamp in best.eval.json."""
+
+    def __init__(self, cfg: DictConfig, images: torch.Tensor, device: torch.device, checkpoints: Path, resumed: bool):
+        self.settings, self.generator_cfg = cfg.eval, cfg.generator
+        self.weights_name = "ema" if cfg.trainer.ema > 0 else "generator"  # what train.sampling_generator returns
+        self.device, self.checkpoints = device, checkpoints
+        # The training images are in memory already; the reference is a seeded subset of them.
+        self.reference = reference_from_dataset(cfg.dataset, cfg.eval.reference_n, cfg.eval.seed, images)
+        self.best_by = "fid" if "fid" in cfg.eval.metrics else "kid"
+        self.best = read_best_score(checkpoints, self.best_by) if resumed else math.inf
+
+    def __call__(self, step: int, G: nn.Module, training_state: Callable[[], Dict[str, Any]]) -> Dict[str, float]:
+        """Scores for the metrics row; writes best.pt (from `training_state()`) when this is the best so far."""
+        s = self.settings
+        images = generated_from_model(G, self.generator_cfg.z_dim, self.generator_cfg.z_distribution, s.n, s.seed, self.device)
+        stamp = {"source": "training", "weights": self.weights_name, "step": step,
+                 "count": len(images), "selection": f"latent seeds {s.seed}..{s.seed + s.n - 1}",
+                 "image_size": int(images.shape[-1]), "channels": int(images.shape[1])}
+        results = measure(ImageSource(ImageSet(images), stamp), self.reference, s, self.device)
+        scores = {r["metric"]: round(r["value"], 6) for r in results}
+        scores["eval_s"] = results[0]["seconds"]
+        if scores[self.best_by] < self.best:
+            self.best = scores[self.best_by]
+            checkpoint.save_as(training_state(), self.checkpoints / checkpoint.BEST)
+            files.atomic_write_text(self.checkpoints / BEST_STAMP, json.dumps({"step": step, "best_by": self.best_by, "results": results}, indent=2) + "\n")
+        return scores
+
+
+BEST_STAMP = "best.eval.json"
+
+
+def read_best_score(checkpoints: Path, metric: str) -> float:
+    """The score best.pt was kept for, so a resumed run only replaces it with a better one."""
+    path = checkpoints / BEST_STAMP
+    try:
+        results = json.loads(path.read_text())["results"]
+        return next(float(r["value"]) for r in results if r["metric"] == metric)
+    except (OSError, ValueError, KeyError, StopIteration):
+        return math.inf
+
