@@ -52,6 +52,7 @@ from dcgan import data, models
 from dcgan.config import compose
 from dcgan.distributed import resolve_device
 from dcgan.errors import UserError, exit_with
+from dcgan.layout import RunFolder
 from dcgan.log import read_metrics
 from dcgan.train import train
 
@@ -227,7 +228,7 @@ def our_images_per_s(args: argparse.Namespace, data_overrides: List[str], extra:
     """Run gan-train's train() for warmup + steps; images/s over the metrics rows after the warm-up."""
     run_dir = folder / f"run_{len(list(folder.glob('run_*')))}"
     train(our_config(args, data_overrides, extra, args.warmup + args.steps, args.warmup), run_dir)
-    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if row["step"] > args.warmup]
+    rows = [row for row in read_metrics(RunFolder(run_dir).metrics) if row["step"] > args.warmup]
     seconds, previous = 0.0, args.warmup
     for row in rows:  # each row's images_per_s covers the steps since the row before
         seconds += (row["step"] - previous) * args.batch_size / row["images_per_s"]

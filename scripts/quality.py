@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from dcgan import checkpoint
+from dcgan.layout import RunFolder
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEFAULT_WEIGHTS = REPO.parent / "shared" / "models" / "inception-2015-12-05-fidelity.pth"
@@ -113,12 +116,17 @@ def say(message: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
+def checkpoint_path(run_dir: Path, step: Optional[int] = None) -> Path:
+    """A run's last checkpoint, or its checkpoint at `step`."""
+    return RunFolder(run_dir).checkpoints / (checkpoint.LAST if step is None else checkpoint.step_name(step))
+
+
 def train_row(row: Row, budget_images: int, work: Path, points: int = 1) -> Measured:
     """Train `row` for the budget; with `points` > 1, checkpoints at `points` evenly spaced steps are all kept."""
     run_dir = work / row.name
     steps = max(points, budget_images // row.batch_size // points * points)
     ckpt_every = min(100, steps) if points == 1 else steps // points
-    last = run_dir / "checkpoints" / "last.pt"
+    last = checkpoint_path(run_dir)
     timing = run_dir / "train_seconds.json"
     if last.is_file() and timing.is_file() and json.loads(timing.read_text())["steps"] == steps:
         say(f"{row.name}: reusing {last}")
@@ -147,8 +155,8 @@ def evaluate(measured: Measured, key: str, n: int, ema: bool, args, work: Path, 
 
     `extra`: more gan-eval overrides, e.g. another reference split.
     """
-    folder = work / measured.row.name / "checkpoints"
-    ckpt = folder / ("last.pt" if step is None else f"step_{step:06d}.pt")
+    ckpt = checkpoint_path(work / measured.row.name, step)
+    folder = ckpt.parent
     step = measured.steps if step is None else step
     out = folder / (f"eval-{key.replace('@', '-')}.json" if step == measured.steps else f"eval-{key.replace('@', '-')}-step{step}.json")
     fresh = out.is_file() and all(r["generated"]["count"] == n and r["generated"]["step"] == step for r in json.loads(out.read_text())["results"])
@@ -216,7 +224,7 @@ def real_floor(dataset: str, root: str, n: int, args, work: Path, image_size: in
 
 def sample_grid(measured: Measured, dataset: str, docs: Path, work: Path) -> str:
     grid = docs / "results" / f"{dataset}_{measured.row.name}.png"
-    run("gan-sample", [f"ckpt={work / measured.row.name / 'checkpoints' / 'last.pt'}", "mode=grid", "n=64", "nrow=8",
+    run("gan-sample", [f"ckpt={checkpoint_path(work / measured.row.name)}", "mode=grid", "n=64", "nrow=8",
                        f"out={grid}", "device=cpu"], work / f"{measured.row.name}.log")
     return f"results/{grid.name}"
 
@@ -238,19 +246,35 @@ def counts_and_time(stamp: Dict, split: bool = False) -> str:
 
 def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict], key_rows: List[Measured], key_floor: Optional[Dict[str, Dict]],
                  curves: List[Curve], args, command: str, started: datetime.datetime, out: Path) -> Path:
+    base = next(m for m in measured if m.row.name == "dcgan_ns")
+    seed1 = next((m for m in measured if m.row.group == "seed"), None)
+    spread = abs(base.results["ema"]["fid"]["value"] - seed1.results["ema"]["fid"]["value"]) if seed1 else None
+    lines = report_header(dataset, measured, floor, key_rows, key_floor, args, command, started)
+    lines += runs_table(measured, floor, key_rows, key_floor, args)
+    best = min(measured, key=lambda m: m.results["ema"]["fid"]["value"])
+    lines += ["", f"Sample grid of the best run by FID (`{best.row.name}`, EMA generator, seeds 0-63):", "",
+              f"![{best.row.name}]({best.grid})", ""]
+    lines += ema_section(curves, args)
+    lines += defaults_section(measured, base, spread, curves)
+    lines += published_section(dataset, curves, args)
+    lines += left_out_section(dataset, measured, key_rows, args)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def report_header(dataset: str, measured: List[Measured], floor: Dict[str, Dict], key_rows: List[Measured],
+                  key_floor: Optional[Dict[str, Dict]], args, command: str, started: datetime.datetime) -> List[str]:
+    """RESULTS.md's title and the facts every number below depends on: command, device, data, budget, metrics."""
     import torch
 
     any_stamp = measured[0].results["ema"]["fid"]
     protocol = any_stamp["protocol"]
     reference = any_stamp["reference"]
-    base = next(m for m in measured if m.row.name == "dcgan_ns")
-    seed1 = next((m for m in measured if m.row.group == "seed"), None)
-    spread = abs(base.results["ema"]["fid"]["value"] - seed1.results["ema"]["fid"]["value"]) if seed1 else None
     # Runs are reused across invocations, so report the time the measurements themselves took.
     train_minutes = sum(m.train_s for m in measured) / 60
     stamps = [r for m in measured for res in m.results.values() for r in res.values()] + list((floor or {}).values()) + list((key_floor or {}).values())
     eval_minutes = sum({(r["generated"]["source"], r["generated"].get("weights"), r["generated"]["count"]): r["seconds"] for r in stamps}.values()) / 60
-    lines = [
+    return [
         "# Sample quality: measured",
         "",
         f"Generated by `scripts/quality.py` on {started:%Y-%m-%d}: {train_minutes:.0f} min of training and {eval_minutes:.0f} min of",
@@ -271,6 +295,13 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
         f"above 10,000-image FIDs (FID is biased upward at small n; KID is not)."
         + (f" The key rows are repeated with {args.key_eval_n:,} images below." if key_rows else ""),
         "",
+    ]
+
+
+def runs_table(measured: List[Measured], floor: Dict[str, Dict], key_rows: List[Measured], key_floor: Optional[Dict[str, Dict]], args) -> List[str]:
+    """Every run at --eval-n beside the real-data floor, then the key runs at --key-eval-n beside theirs."""
+    reference = measured[0].results["ema"]["fid"]["reference"]
+    lines = [
         f"## All runs ({args.eval_n:,} generated vs {reference['count']:,} reference images)",
         "",
         "| run | networks | loss | what differs | steps x batch | train time | FID | KID x 10^3 (± std over subsets) | FID, EMA off | grid |",
@@ -293,16 +324,14 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
     if key_floor:
         lines.append(f"| real data | {key_floor['fid']['generated']['count']:,} real **test** images (the floor at this n) | {fid_kid(key_floor)} | "
                      f"{counts_and_time(key_floor['fid'])} |")
-    best = min(measured, key=lambda m: m.results["ema"]["fid"]["value"])
-    lines += ["", f"Sample grid of the best run by FID (`{best.row.name}`, EMA generator, seeds 0-63):", "",
-              f"![{best.row.name}]({best.grid})", ""]
-    lines += ema_section(curves, args)
-    lines += defaults_section(measured, base, spread, curves)
-    lines += published_section(dataset, curves, args)
+    return lines
+
+
+def left_out_section(dataset: str, measured: List[Measured], key_rows: List[Measured], args) -> List[str]:
     # Whole gan-eval calls with the reference cached; the largest n measured, where fixed costs weigh least.
     timed = max((m.results[k]["fid"] for m in measured for k in m.results), key=lambda r: r["generated"]["count"])
     rate = timed["generated"]["count"] / timed["seconds"]
-    lines += [
+    return [
         "## Left out, and why",
         "",
         f"- **dcgan64 and keras_celeba64 at 64x64, tf_celeba28's 1024-channel networks:** on [{NATIVE_REPORTS[dataset]}]({NATIVE_REPORTS[dataset]})",
@@ -318,8 +347,6 @@ def write_report(dataset: str, measured: List[Measured], floor: Dict[str, Dict],
         "  not beat the baseline here; DiffAugment is meant for small data sets, which 60,000 images is not.",
         "",
     ]
-    out.write_text("\n".join(lines) + "\n")
-    return out
 
 
 def write_native_report(dataset: str, measured: List[Measured], floors: Dict[int, Dict[str, Dict]], args, command: str,
@@ -512,7 +539,7 @@ def published_section(dataset: str, curves: List[Curve], args) -> List[str]:
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-images", type=int, default=64000, help="training images seen per run (default 64000)")
     parser.add_argument("--eval-n", type=int, default=10000, help="generated images per row (default 10000, the standard protocol)")
@@ -533,7 +560,11 @@ def main() -> None:
     parser.add_argument("--inception-weights", default=os.environ.get("DCGAN_INCEPTION_WEIGHTS", str(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else ""))
     parser.add_argument("--work", default=str(REPO / "outputs" / "quality"), help="run folders (reused when present)")
     parser.add_argument("--docs", default=str(REPO / "docs"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     command = "python scripts/quality.py " + " ".join(sys.argv[1:])
     started = datetime.datetime.now()
     work, docs = Path(args.work), Path(args.docs)
@@ -547,46 +578,70 @@ def main() -> None:
     else:
         say(f"MNIST: no {IDX_TRAIN}[.gz] in {args.mnist_root}; its rows are skipped")
     for dataset, root in datasets:
-        measured = []
         runs = work / f"{dataset}-{args.budget_images}"  # one folder per budget: runs are reused only within it
         runs.mkdir(parents=True, exist_ok=True)
-        only = {name.strip() for name in args.only.split(",") if name.strip()}
-        native = args.table == "native"
-        # The main table always keeps its baseline, the yardstick of every option row.
-        wanted_rows = only | ({"dcgan_ns"} if only and not native else set())
-        curves = ema_study(dataset, root, args, work / f"{dataset}-ema-{args.ema_budget_images}") if args.ema_seeds.strip() and not native else []
-        for row in native_rows_for(dataset, root) if native else rows_for(dataset, root):
-            if wanted_rows and row.name not in wanted_rows:
-                continue
-            m = train_row(row, args.budget_images, runs)
-            evaluate(m, "ema", args.eval_n, True, args, runs)
-            if row.ema_off_too:
-                evaluate(m, "generator", args.eval_n, False, args, runs)
-            m.grid = sample_grid(m, dataset, docs, runs)
-            measured.append(m)
-        if native:
-            # RESULTS.md measures the 28-px floor; the other sizes get theirs here, against the same reference as their rows.
-            sizes = sorted({m.results["ema"]["fid"]["generated"]["image_size"] for m in measured} - {28})
-            floors = {size: real_floor(dataset, root, args.eval_n, args, work, image_size=size) for size in sizes}
-            say(f"wrote {write_native_report(dataset, measured, floors, args, command, started, docs / NATIVE_REPORTS[dataset])}")
+        if args.table == "native":
+            native_table(dataset, root, args, work, runs, docs, command, started)
+        else:
+            main_table(dataset, root, args, work, runs, docs, command, started)
+
+
+def wanted_rows(args, native: bool) -> set:
+    """--only's run names; the main table always keeps its baseline, the yardstick of every option row."""
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    return only | ({"dcgan_ns"} if only and not native else set())
+
+
+def measure_rows(rows: List[Row], wanted: set, dataset: str, args, runs: Path, docs: Path) -> List[Measured]:
+    """Train and evaluate each wanted row (all when none is named), and draw its sample grid."""
+    measured = []
+    for row in rows:
+        if wanted and row.name not in wanted:
             continue
-        floor = real_floor(dataset, root, args.eval_n, args, work)
-        wanted = [name.strip() for name in args.key_rows.split(",") if name.strip()]
-        best = min(measured, key=lambda m: m.results["ema"]["fid"]["value"])
-        key_rows = []
-        for name in wanted:
-            m = best if name == "best" else next(m for m in measured if m.row.name == name)
-            if m not in key_rows:
-                evaluate(m, f"ema@{args.key_eval_n}", args.key_eval_n, True, args, runs)
-                key_rows.append(m)
-        # The longer runs once more, as the published numbers were measured: n generated vs the whole test split.
-        test = [f"dataset={dataset}", f"dataset.root={root}", "dataset.split=test"]
-        protocol_seeds = {int(x) for x in args.protocol_seeds.split(",") if x.strip()} if args.protocol_seeds else {c.seed for c in curves}
-        for c in (c for c in curves if c.seed in protocol_seeds):
-            evaluate(c.measured, f"ema@{args.key_eval_n}-test", args.key_eval_n, True, args, work / f"{dataset}-ema-{args.ema_budget_images}", extra=test)
-        key_floor = real_floor(dataset, root, args.key_eval_n, args, work) if key_rows else None
-        out = write_report(dataset, measured, floor, key_rows, key_floor, curves, args, command, started, docs / REPORTS[dataset])
-        say(f"wrote {out}")
+        m = train_row(row, args.budget_images, runs)
+        evaluate(m, "ema", args.eval_n, True, args, runs)
+        if row.ema_off_too:
+            evaluate(m, "generator", args.eval_n, False, args, runs)
+        m.grid = sample_grid(m, dataset, docs, runs)
+        measured.append(m)
+    return measured
+
+
+def native_table(dataset: str, root: str, args, work: Path, runs: Path, docs: Path, command: str, started: datetime.datetime) -> None:
+    measured = measure_rows(native_rows_for(dataset, root), wanted_rows(args, native=True), dataset, args, runs, docs)
+    # RESULTS.md measures the 28-px floor; the other sizes get theirs here, against the same reference as their rows.
+    sizes = sorted({m.results["ema"]["fid"]["generated"]["image_size"] for m in measured} - {28})
+    floors = {size: real_floor(dataset, root, args.eval_n, args, work, image_size=size) for size in sizes}
+    say(f"wrote {write_native_report(dataset, measured, floors, args, command, started, docs / NATIVE_REPORTS[dataset])}")
+
+
+def main_table(dataset: str, root: str, args, work: Path, runs: Path, docs: Path, command: str, started: datetime.datetime) -> None:
+    ema_work = work / f"{dataset}-ema-{args.ema_budget_images}"
+    curves = ema_study(dataset, root, args, ema_work) if args.ema_seeds.strip() else []
+    measured = measure_rows(rows_for(dataset, root), wanted_rows(args, native=False), dataset, args, runs, docs)
+    floor = real_floor(dataset, root, args.eval_n, args, work)
+    key_rows = evaluate_key_rows(measured, args, runs)
+    # The longer runs once more, as the published numbers were measured: n generated vs the whole test split.
+    test = [f"dataset={dataset}", f"dataset.root={root}", "dataset.split=test"]
+    protocol_seeds = {int(x) for x in args.protocol_seeds.split(",") if x.strip()} if args.protocol_seeds else {c.seed for c in curves}
+    for c in (c for c in curves if c.seed in protocol_seeds):
+        evaluate(c.measured, f"ema@{args.key_eval_n}-test", args.key_eval_n, True, args, ema_work, extra=test)
+    key_floor = real_floor(dataset, root, args.key_eval_n, args, work) if key_rows else None
+    out = write_report(dataset, measured, floor, key_rows, key_floor, curves, args, command, started, docs / REPORTS[dataset])
+    say(f"wrote {out}")
+
+
+def evaluate_key_rows(measured: List[Measured], args, runs: Path) -> List[Measured]:
+    """--key-rows (names, or 'best' by FID) once more at --key-eval-n generated images."""
+    wanted = [name.strip() for name in args.key_rows.split(",") if name.strip()]
+    best = min(measured, key=lambda m: m.results["ema"]["fid"]["value"])
+    key_rows = []
+    for name in wanted:
+        m = best if name == "best" else next(m for m in measured if m.row.name == name)
+        if m not in key_rows:
+            evaluate(m, f"ema@{args.key_eval_n}", args.key_eval_n, True, args, runs)
+            key_rows.append(m)
+    return key_rows
 
 
 if __name__ == "__main__":

@@ -28,13 +28,18 @@ def step_flops_per_image(cfg, batch_size: int) -> float:
     G, D, loss = models.build_generator(cfg), models.build_discriminator(cfg), build_loss(cfg.loss)
     size, channels, z_dim = cfg.dataset.image_size, cfg.dataset.channels, cfg.generator.z_dim
     real = torch.rand(batch_size, channels, size, size) * 2 - 1
+    noise = torch.Generator().manual_seed(0)
+
+    def latents() -> torch.Tensor:
+        return models.random_latents((batch_size, z_dim), cfg.generator.z_distribution, noise)
+
     with FlopCounterMode(display=False) as counter:
         # Mirrors one step of train(): D on real and no-grad fakes, then G through a frozen D.
         with torch.no_grad():
-            fake = G(torch.randn(batch_size, z_dim))
+            fake = G(latents())
         loss.discriminator(D, real, fake)[0].backward()
         with frozen(D):
-            loss.generator(D, G(torch.randn(batch_size, z_dim))).backward()
+            loss.generator(D, G(latents())).backward()
     return counter.get_total_flops() / batch_size
 
 

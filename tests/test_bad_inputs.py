@@ -21,8 +21,9 @@ from PIL import Image
 
 from dcgan import cli
 from conftest import FAST, run_cli
-from dcgan import data, report
+from dcgan import data
 from dcgan.data import DatasetConfig
+from dcgan.layout import RunFolder
 
 HUGE_SEED = 2**64 - 1  # the largest seed torch takes: any seed after it overflows
 NOT_WRITABLE = Path("/proc/dcgan-test/out")  # nothing can be made in /proc, not even by root
@@ -194,7 +195,7 @@ def test_gan_report_skips_a_damaged_grid(run_copy: Path, caplog, capsys):
     with caplog.at_level(logging.WARNING):
         cli.report_main([f"run={run_copy}"])
     assert "skipped 1 damaged grid(s)" in caplog.text and "step_000002.png" in caplog.text
-    assert "wrote" in capsys.readouterr().out and (run_copy / report.PROGRESS_MOVIE).is_file()
+    assert "wrote" in capsys.readouterr().out and RunFolder(run_copy).progress_movie.is_file()
 
 
 def test_gan_report_skips_a_truncated_last_metrics_line(run_copy: Path):
@@ -206,7 +207,7 @@ def test_gan_report_skips_a_truncated_last_metrics_line(run_copy: Path):
     assert result.stderr.strip().splitlines() == [
         f"gan-report: {run_copy / 'metrics.jsonl'}: skipped 1 line(s) that are not metrics rows (line 3; cut short by a killed run?)"
     ]
-    assert (run_copy / report.LOSS_FIGURE).is_file() or "matplotlib" in result.stderr
+    assert RunFolder(run_copy).loss_figure.is_file() or "matplotlib" in result.stderr
 
 
 # ---------------------------------------------------------------- --help

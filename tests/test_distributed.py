@@ -29,7 +29,7 @@ SMALL = [
 
 def torchrun(args: list, cwd: Path, nproc: int = 2, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--standalone", "-m", "dcgan.train", *args]
+    command = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--standalone", str(BIN / "gan-train"), *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun exited {result.returncode}:\n{result.stderr[-3000:]}")
@@ -102,7 +102,7 @@ def test_global_batch_must_split_evenly(tmp_path: Path):
 
 def test_a_dead_rank_ends_the_job(tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [str(BIN / "torchrun"), "--nproc_per_node=2", "--standalone", "-m", "dcgan.train", *SMALL,
+    command = [str(BIN / "torchrun"), "--nproc_per_node=2", "--standalone", str(BIN / "gan-train"), *SMALL,
                "trainer.max_steps=100000", "trainer.dist_timeout_s=30", f"hydra.run.dir={tmp_path / 'run'}"]
     job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -30,11 +31,12 @@ from PIL import Image
 
 from dcgan import cli
 from conftest import BIN, FAST, assert_same_training, run_cli
-from dcgan import checkpoint, data, health, runcard
+from dcgan import checkpoint, data, runcard
 from dcgan.config import compose
 from dcgan.data import DatasetConfig
-from dcgan.errors import UserError
-from dcgan.health import HealthConfig
+from dcgan.errors import DIVERGED_EXIT, UserError
+from dcgan.guard import Guard, HealthConfig, diversity, tensors_in
+from dcgan.layout import RunFolder
 from dcgan.train import train
 
 STEPS = 100  # the length of the runs that are interrupted and compared with an uninterrupted one
@@ -52,7 +54,7 @@ def one_thread():
 
 def train_in_process(overrides: List[str], run_dir: Path) -> Dict[str, Any]:
     """What gan-train runs once Hydra has made the run folder."""
-    return health.supervise(train, compose("train", overrides), run_dir)
+    return cli.train_in_run_dir(compose("train", overrides), run_dir)
 
 
 def logged_steps(metrics: Path) -> List[int]:
@@ -69,11 +71,11 @@ def logged_steps(metrics: Path) -> List[int]:
 
 
 def card(run_dir: Path) -> Dict[str, Any]:
-    return json.loads((run_dir / runcard.CARD).read_text())
+    return json.loads(RunFolder(run_dir).card.read_text())
 
 
 def all_finite(state: Dict[str, Any]) -> bool:
-    return all(torch.isfinite(t).all() for t in health.tensors_in(state) if t.is_floating_point())
+    return all(torch.isfinite(t).all() for t in tensors_in(state) if t.is_floating_point())
 
 
 @pytest.fixture(scope="module")
@@ -252,9 +254,10 @@ def test_random_sigkills_never_lose_the_newest_checkpoint(tmp_path: Path, straig
 
 def test_the_guard_reads_nothing_back_per_step(monkeypatch):
     """NaN detection costs no CPU-GPU sync per step: tensors are only read at log rows and checkpoints."""
-    guard = health.Guard(HealthConfig(), torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), torch.device("cpu"))
+    guard = Guard(HealthConfig(), torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), torch.device("cpu"))
     D = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
-    parts = {"G": torch.nn.Linear(2, 2), "D": D, "G_ema": None, "opt_g": torch.optim.SGD(D.parameters()), "opt_d": torch.optim.SGD(D.parameters())}
+    parts = SimpleNamespace(G=torch.nn.Linear(2, 2), D=D, G_ema=None,  # what Guard.healthy reads of a TrainingState
+                            opt_g=torch.optim.SGD(D.parameters()), opt_d=torch.optim.SGD(D.parameters()))
     x = torch.randn(4, 1, 8, 8)
 
     def read_back(*args, **kwargs):
@@ -280,9 +283,10 @@ def test_the_guard_reads_nothing_back_per_step(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_guard_does_not_sync_the_gpu_per_step():
     device = torch.device("cuda")
-    guard = health.Guard(HealthConfig(), torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), device)
+    guard = Guard(HealthConfig(), torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), device)
     D = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1)).to(device)
-    parts = {"G": D, "D": D, "G_ema": None, "opt_g": torch.optim.SGD(D.parameters()), "opt_d": torch.optim.SGD(D.parameters())}
+    parts = SimpleNamespace(G=D, D=D, G_ema=None, opt_g=torch.optim.SGD(D.parameters()),
+                            opt_d=torch.optim.SGD(D.parameters()))
     x = torch.randn(4, 1, 8, 8, device=device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
@@ -302,7 +306,7 @@ def test_nan_stops_the_run_and_no_checkpoint_holds_it(tmp_path: Path, capsys):
     run = tmp_path / "from_the_start"
     with pytest.raises(SystemExit) as exit:
         train_in_process([*sgd, "trainer.max_steps=20", "optimizer.discriminator.lr=1e10"], run)
-    assert exit.value.code == health.DIVERGED_EXIT_CODE and "No healthy checkpoint is left" in capsys.readouterr().err
+    assert exit.value.code == DIVERGED_EXIT and "No healthy checkpoint is left" in capsys.readouterr().err
     assert not (run / "checkpoints" / "last.pt").exists() and not checkpoint.step_checkpoints(run / "checkpoints")
 
     # After a healthy start, gan-train stops at the first check after the NaN, with last.pt untouched.
@@ -311,7 +315,7 @@ def test_nan_stops_the_run_and_no_checkpoint_holds_it(tmp_path: Path, capsys):
     healthy = (run / "checkpoints" / "last.pt").read_bytes()
     result = run_cli("gan-train", [*sgd, "trainer.max_steps=20", "trainer.resume=auto", "optimizer.discriminator.lr=1e10",
                                    f"hydra.run.dir={run}"], cwd=tmp_path, check=False)
-    assert result.returncode == health.DIVERGED_EXIT_CODE, result.stderr[-3000:]
+    assert result.returncode == DIVERGED_EXIT, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("gan-train:")]
     assert len(errors) == 1 and errors[0].startswith("gan-train: diverged: at step 5, NaN or Inf in D's weights")
     assert f"Last healthy checkpoint: {run / 'checkpoints' / 'step_000004.pt'}" in errors[0] and "trainer.resume=auto" in errors[0]
@@ -353,7 +357,7 @@ def test_collapse_stops_with_the_last_healthy_checkpoint_kept(tmp_path: Path):
             "trainer.health.collapse_steps=10"]  # default thresholds otherwise: accuracy 0.99, G loss 10
     with pytest.raises(SystemExit) as exit:
         train_in_process(args, run)
-    assert exit.value.code == health.DIVERGED_EXIT_CODE
+    assert exit.value.code == DIVERGED_EXIT
     fault = card(run)["health"]["fault"]
     assert fault["kind"] == "collapse" and "D has won outright" in fault["message"]
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
@@ -367,7 +371,7 @@ def test_collapse_stops_with_the_last_healthy_checkpoint_kept(tmp_path: Path):
     assert checkpoint.load(checkpoints / "last.pt")["step"] == healthy
     assert [checkpoint.step_of(p) for p in checkpoint.step_checkpoints(checkpoints)][-1] == healthy
     # The checkpoints written during the collapse are set aside, not deleted.
-    suspect = sorted(checkpoint.step_of(p) for p in (checkpoints / health.SUSPECT_FOLDER).glob("step_*.pt"))
+    suspect = sorted(checkpoint.step_of(p) for p in RunFolder(run).suspect.glob("step_*.pt"))
     assert suspect == [fault["step"] - 4, fault["step"] - 2]
 
 
@@ -381,7 +385,7 @@ def test_lost_diversity_rolls_back_a_bounded_number_of_times(tmp_path: Path):
         train_in_process([*common, "trainer.max_steps=80", "trainer.resume=auto", "optimizer.generator.lr=1",
                           "trainer.on_divergence=rollback", "trainer.health.rollback_lr_factor=0.9",
                           "trainer.health.max_rollbacks=1", "trainer.health.collapse_steps=6"], run)
-    assert exit.value.code == health.DIVERGED_EXIT_CODE
+    assert exit.value.code == DIVERGED_EXIT
     first, second = card(run)["previous"][-1], card(run)
     assert first["health"]["fault"]["kind"] == second["health"]["fault"]["kind"] == "diversity"
     rolled_back_to = first["health"]["fault"]["trusted_step"]
@@ -390,7 +394,7 @@ def test_lost_diversity_rolls_back_a_bounded_number_of_times(tmp_path: Path):
     # It failed again before getting past the first fault, so it stopped one checkpoint further back.
     last = checkpoint.load(run / "checkpoints" / "last.pt")
     assert last["step"] == rolled_back_to - 2 and second["healthy_checkpoint"].endswith(checkpoint.step_name(last["step"]))
-    assert health.diversity(torch.zeros(3, 1, 4, 4)) == 0.0
+    assert diversity(torch.zeros(3, 1, 4, 4)) == 0.0
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -446,7 +450,7 @@ def test_bad_images_are_named_before_training_and_the_run_completes(tmp_path: Pa
     (empty / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(UserError, match="no images found in .*all 2 image files are unreadable"):
         train_in_process([*FAST, "dataset=folder", f"dataset.root={empty}", "dataset.image_size=16"], run)
-    assert not (run / "checkpoints").exists() and not (run / runcard.CARD).exists()
+    assert not (run / "checkpoints").exists() and not RunFolder(run).card.exists()
 
 
 def test_a_damaged_decode_cache_is_decoded_again(tmp_path: Path):

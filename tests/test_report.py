@@ -17,8 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dcgan import cli
 from conftest import FAST, run_cli
-from dcgan import report, train
+from dcgan import report
 from dcgan.config import UserError, compose, validate_train
+from dcgan.layout import RunFolder
 from dcgan.log import MetricsLog
 
 STEPS = [5, 10]  # metrics rows: log_every=5 over 10 steps
@@ -64,11 +65,11 @@ def test_tensorboard_gets_the_scalars_and_the_grids(run_dir: Path):
 
 
 def test_the_end_of_a_run_writes_the_figure_and_the_movie(run_dir: Path):
-    figure = np.asarray(Image.open(run_dir / report.LOSS_FIGURE).convert("RGB"))
+    figure = np.asarray(Image.open(RunFolder(run_dir).loss_figure).convert("RGB"))
     # Five panels (losses, D's outputs, D's accuracy, learning rate, speed) in a 3 x 2 layout of 4 x 3.2 inch charts.
     assert figure.shape == (640, 1200, 3)
     assert pixels_of(figure, BLUE) > 500 and pixels_of(figure, ORANGE) > 200  # curves were drawn
-    movie = Image.open(run_dir / report.PROGRESS_MOVIE)
+    movie = Image.open(RunFolder(run_dir).progress_movie)
     frames = [np.asarray(frame.convert("L")) for frame in ImageSequence.Iterator(movie)]
     assert len(frames) == len(GRID_STEPS) and movie.size == (GRID_PX, GRID_PX + report.CAPTION_PX)
     for frame, step in zip(frames, GRID_STEPS):  # each frame is that step's grid, above its caption
@@ -82,8 +83,8 @@ def test_gan_report_rewrites_them_on_demand(run_dir: Path, tmp_path: Path):
     shutil.copytree(run_dir / "samples", copy / "samples", dirs_exist_ok=True)
     result = run_cli("gan-report", [f"run={copy}", "fps=10", "max_frames=3"], cwd=tmp_path)
     assert "loss_curves.png" in result.stdout and "progress.gif" in result.stdout
-    assert Image.open(copy / report.LOSS_FIGURE).size == (1200, 640)
-    movie = Image.open(copy / report.PROGRESS_MOVIE)
+    assert Image.open(RunFolder(copy).loss_figure).size == (1200, 640)
+    movie = Image.open(RunFolder(copy).progress_movie)
     durations = [frame.info["duration"] for frame in ImageSequence.Iterator(movie)]
     assert durations == [100, 100, report.FINAL_FRAME_MS]  # 3 of the 5 grids, evenly spaced: steps 2, 6 and 10
     for index, step in enumerate((2, 6, 10)):
@@ -107,8 +108,8 @@ def test_without_matplotlib_the_movie_is_still_written(run_dir: Path, tmp_path: 
     shutil.copytree(run_dir / "samples", tmp_path / "samples")
     with caplog.at_level(logging.INFO, logger="dcgan.report"):
         written = report.write_report(tmp_path)
-    assert written == [tmp_path / report.PROGRESS_MOVIE] and Image.open(written[0]).n_frames == len(GRID_STEPS)
-    assert not (tmp_path / report.LOSS_FIGURE).exists()
+    assert written == [RunFolder(tmp_path).progress_movie] and Image.open(written[0]).n_frames == len(GRID_STEPS)
+    assert not RunFolder(tmp_path).loss_figure.exists()
     assert "matplotlib is not installed" in caplog.text
 
 
@@ -118,7 +119,7 @@ def test_tensorboard_asked_for_but_missing_is_a_clear_error(tmp_path: Path, monk
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit:
-        train.main([*FAST, "trainer.max_steps=2", "logger=[jsonl,tensorboard]", f"hydra.run.dir={run_dir}"])
+        cli.train_main([*FAST, "trainer.max_steps=2", "logger=[jsonl,tensorboard]", f"hydra.run.dir={run_dir}"])
     error = capsys.readouterr().err
     assert exit.value.code == 2 and "pip install 'dcgan[tensorboard]'" in error and "Traceback" not in error
     assert not run_dir.exists()
@@ -152,4 +153,4 @@ def test_fid_when_measured_reaches_tensorboard_and_the_figure(tmp_path: Path):
     assert [(s.step, s.value) for s in events.Scalars("Metrics/FID")] == [(2, 80.5), (4, 61.25)]
     report.write_report(tmp_path)
     # Three panels (losses, FID, speed) in one line of 4 x 3.2 inch charts; without FID it would be two.
-    assert Image.open(tmp_path / report.LOSS_FIGURE).size == (1200, 320)
+    assert Image.open(RunFolder(tmp_path).loss_figure).size == (1200, 320)

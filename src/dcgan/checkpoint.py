@@ -8,7 +8,6 @@ every RNG state, and the resolved config as YAML text, which is all `gan-sample`
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dcgan import files
 from dcgan.errors import UserError
+from dcgan.layout import RunFolder
+from dcgan.state import CONFIG_YAML, REQUIRED
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
@@ -34,25 +36,13 @@ def save(state: Dict[str, Any], directory: Path, step: int, keep_last: int, keep
     """Write `step_NNNNNN.pt` and replace `last.pt` with it; a kill at any moment leaves the old files whole.
 
     The bytes go to a temporary file that is fsynced, hard-linked as the step file, and renamed over
-    last.pt; renames within a folder are atomic, so readers see either the old or the new file.
-    Old step files beyond `keep_last` are removed only after the new ones are safely on disk, except
-    the newest one at or before `keep_step` (the health guard's last trusted step; see health.py).
+    last.pt (files.atomic_write); renames within a folder are atomic, so readers see either the old
+    or the new file. Old step files beyond `keep_last` are removed only after the new ones are safely
+    on disk, except the newest one at or before `keep_step` (the health guard's last trusted step; see guard.py).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".{step_name(step)}.tmp"
-    try:
-        _write_fsynced(state, temporary)
-        step_path = directory / step_name(step)
-        step_path.unlink(missing_ok=True)
-        try:
-            os.link(temporary, step_path)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(temporary, step_path)
-        os.replace(temporary, directory / LAST)
-        _fsync_directory(directory)
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-        temporary.unlink(missing_ok=True)
-        raise _write_error(directory / step_name(step), error) from None
+    step_path = directory / step_name(step)
+    _write(state, directory / LAST, also_as=step_path)
     _prune(directory, keep_last, keep_step)
     return step_path
 
@@ -60,22 +50,17 @@ def save(state: Dict[str, Any], directory: Path, step: int, keep_last: int, keep
 def save_as(state: Dict[str, Any], path: Path) -> Path:
     """Write one named checkpoint (e.g. checkpoints/best.pt) atomically: temporary file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        _write_fsynced(state, temporary)
-        os.replace(temporary, path)
-        _fsync_directory(path.parent)
-    except (OSError, RuntimeError) as error:
-        temporary.unlink(missing_ok=True)
-        raise _write_error(path, error) from None
+    _write(state, path)
     return path
 
 
-def _write_fsynced(state: Dict[str, Any], path: Path) -> None:
-    with open(path, "wb") as file:
-        torch.save({**state, "format_version": FORMAT_VERSION}, file)
-        file.flush()
-        os.fsync(file.fileno())
+def _write(state: Dict[str, Any], path: Path, also_as: Optional[Path] = None) -> None:
+    """fsynced and atomic; a failure (a full disk) is a UserError naming the file (the step file when there is one)."""
+    try:
+        versioned = {**state, "format_version": FORMAT_VERSION}
+        files.atomic_write(path, lambda file: torch.save(versioned, file), fsync=True, also_as=also_as)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        raise _write_error(also_as or path, error) from None
 
 
 def _write_error(path: Path, error: Exception) -> UserError:
@@ -91,21 +76,9 @@ def _write_error(path: Path, error: Exception) -> UserError:
     )
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _prune(directory: Path, keep_last: int, keep_step: Optional[int]) -> None:
-    for stale in directory.glob(".*.pt.tmp"):  # left by a save that was killed; this one has finished
+    # Temporary checkpoints (.*.pt.tmp) left by a save that was killed; this one has finished.
+    for stale in directory.glob(files.temporary_path(directory / "*.pt").name):
         stale.unlink(missing_ok=True)
     if keep_last <= 0:
         return
@@ -141,7 +114,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str
     """Read a checkpoint written by `save`, or raise UserError saying what is wrong with the file."""
     path = Path(path)
     if path.is_dir():
-        found = latest(path) or latest(path / "checkpoints")
+        found = latest(path) or latest(RunFolder(path).checkpoints)
         if found is None:
             raise UserError(f"{path} is a folder with no checkpoints in it; pass a .pt file")
         path = found
@@ -156,9 +129,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str
             "use another one, e.g. an earlier step_NNNNNN.pt beside it",
             "unreadable: truncated, damaged or not a PyTorch file",
         ) from None
-    required = ("generator", "discriminator", "config_yaml", "step")
-    if not isinstance(state, dict) or any(key not in state for key in required):
-        raise Unreadable(f"{path} is a PyTorch file but not a checkpoint of this tool (it lacks {', '.join(required)})",
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
+        raise Unreadable(f"{path} is a PyTorch file but not a checkpoint of this tool (it lacks {', '.join(REQUIRED)})",
                          "a PyTorch file, but not a checkpoint of this tool")
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise Unreadable(f"{path} was written by a newer version of this tool; upgrade the package to read it",
@@ -209,7 +181,7 @@ FREE_FORM = ("extra",)  # config sections whose keys are the user's, compared as
 
 def changes_since(state: Dict[str, Any], current: DictConfig, path: Path) -> Dict[str, List[Any]]:
     """Settings that differ from the checkpoint's, as {key: [old, new]}; UserError for those a resume can't change."""
-    before = _flat(OmegaConf.to_container(OmegaConf.create(state["config_yaml"]), resolve=True))
+    before = _flat(OmegaConf.to_container(OmegaConf.create(state[CONFIG_YAML]), resolve=True))
     now = _flat(OmegaConf.to_container(current, resolve=True))
     # A key only one side has is a setting added to (or dropped from) the tool since: not a change.
     changed = {key: [before[key], now[key]] for key in before if key in now and before[key] != now[key]}

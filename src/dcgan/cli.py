@@ -3,7 +3,8 @@
 Each command composes its config (config.py) from the command line, checks it, runs, and turns a
 UserError into one line on stderr and exit code 2 (errors.py lists the exit codes). gan-train checks
 its overrides and takes the run folder (runfolder.py: one owner, one run) before Hydra writes into it,
-then Hydra calls the training loop (train.py) under the divergence supervisor (health.supervise).
+then Hydra calls the training loop (train.py) under the divergence supervisor (supervise.py).
+How a run ends (finished, stopped by a signal, diverged) becomes its exit code here and only here.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dcgan import distributed, evaluate, health, report, runcard, runfolder, sample, train
+from dcgan import distributed, evaluate, report, runcard, runfolder, sample, supervise, train
 from dcgan.config import compose, config_dir, validate_train
-from dcgan.errors import USAGE_EXIT, UserError, exit_with
+from dcgan.errors import DIVERGED_EXIT, USAGE_EXIT, UserError, exit_with, signal_exit
 
 
 def exit_with_help(usage: str, about: str, config_name: str, args: List[str]) -> None:
@@ -44,9 +45,25 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         # main() took the folder already, except for a multirun's jobs, whose folders Hydra names.
         runfolder.take(run_dir, cfg, keep=runfolder.hydra_record(hydra_cfg.job.name))
-        health.supervise(train.train, cfg, run_dir)  # stop or roll back on divergence
+        train_in_run_dir(cfg, run_dir)
     except UserError as error:
         exit_with(error, "gan-train")
+
+
+def train_in_run_dir(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
+    """What gan-train runs once its run folder is taken: train() under the divergence supervisor.
+
+    Returns the last metrics row. A stop by signal N exits 128 + N, a divergence that was not rolled
+    back exits DIVERGED_EXIT with the report as one line on stderr; a UserError is left to the caller.
+    """
+    try:
+        return supervise.supervise(train.train, cfg, run_dir)  # stop or roll back on divergence
+    except train.Stopped as stopped:
+        raise SystemExit(signal_exit(stopped.signal)) from None
+    except supervise.DivergedAndStopped as diverged:
+        if distributed.world().is_main:
+            print(f"gan-train: diverged: {diverged}", file=sys.stderr)
+        raise SystemExit(DIVERGED_EXIT) from None
 
 
 def train_main(argv: Optional[List[str]] = None) -> None:
@@ -72,7 +89,7 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         _hydra_main()
     except SystemExit as exit:
         # Hydra reports its own config errors with exit code 1; they are usage errors like ours.
-        raise SystemExit(USAGE_EXIT if exit.code == 1 else exit.code)
+        raise SystemExit(USAGE_EXIT if exit.code == 1 else exit.code) from None
     finally:
         runfolder.release_all()
         distributed.shutdown()
@@ -83,7 +100,8 @@ def run_dir_from(args: List[str]) -> str:
     for arg in args:
         if arg.startswith("hydra.run.dir="):
             return arg.split("=", 1)[1]
-    template = OmegaConf.to_container(OmegaConf.load(config_dir() / "train.yaml").hydra.run)["dir"]  # unresolved: ${now:...}
+    run = OmegaConf.load(config_dir() / "train.yaml").hydra.run
+    template = OmegaConf.to_container(run)["dir"]  # unresolved: ${now:...}
     now = datetime.datetime.now()
     return re.sub(r"\$\{now:([^}]*)\}", lambda match: now.strftime(match.group(1)), template)
 

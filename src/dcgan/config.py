@@ -18,7 +18,7 @@ from typing import Any, List
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from dcgan import augment, data, health, log, losses, metrics, models, optim, train
+from dcgan import augment, data, guard, log, losses, metrics, models, optim, train
 from dcgan.augment import AugmentConfig
 from dcgan.data import DatasetConfig
 from dcgan.errors import UserError
@@ -114,7 +114,7 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
     augment.parse_policy(cfg.augment.policy)
     optim.validate_optimizers(cfg.optimizer)
     train.validate_trainer(cfg.trainer)
-    health.validate_health(cfg.trainer.health, cfg.trainer.on_divergence)
+    guard.validate_health(cfg.trainer.health, cfg.trainer.on_divergence)
     if cfg.trainer.eval_every:
         metrics.validate_metrics("eval.", cfg.eval)
         metrics.require_inception_weights(cfg.eval)

@@ -22,12 +22,11 @@ import logging
 import multiprocessing
 import os
 import struct
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,12 +34,13 @@ from omegaconf import DictConfig
 import torch.nn.functional as F
 from PIL import Image
 
+from dcgan import files
 from dcgan.errors import UserError, at_least, one_of
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "mnist_tiny"  # mnist | fashion_mnist | celeba | folder | mnist_tiny
+    name: str = "mnist_tiny"  # in data.DATASETS: mnist | fashion_mnist | celeba | folder | mnist_tiny | yours
     root: str = "data"  # where the data set lives (or is downloaded to)
     image_size: int = 28  # square side in pixels, after crop and resize
     channels: int = 1  # 1 (grayscale) or 3 (RGB); images are converted to this
@@ -53,17 +53,42 @@ class DatasetConfig:
     num_workers: int = 0  # processes for the one-time JPEG decode; 0 = one per core
 
 
-DATASETS = ("mnist", "fashion_mnist", "celeba", "folder", "mnist_tiny")
+Loader = Callable[[DatasetConfig], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered data set: its loader, and the facts about it that validation, logs and metrics ask for."""
+
+    load: Loader  # cfg -> every image as uint8 [N, C, S, S]; see load_images
+    splits: Tuple[str, ...] = ()  # its dataset.split values; () = it has none, and dataset.split is ignored
+    origin: str = ""  # where describe() says the images come from; "" = dataset.root
+
+
+# Every data set by dataset.name, in registration order (the order error messages list them in).
+DATASETS: Dict[str, DatasetSpec] = {}
+
+
+def dataset(name: str, splits: Sequence[str] = (), origin: str = ""):
+    """Register `load(cfg) -> uint8 [N, C, S, S]` as the data set `name`, selected by dataset.name=NAME."""
+
+    def register(load: Loader) -> Loader:
+        DATASETS[name] = DatasetSpec(load, tuple(splits), origin)
+        return load
+
+    return register
 
 
 def validate_dataset(d: DatasetConfig | DictConfig) -> None:
-    one_of("dataset.name", d.name, DATASETS)
+    one_of("dataset.name", d.name, tuple(DATASETS))
     one_of("dataset.channels", d.channels, (1, 3))
     at_least("dataset.image_size", d.image_size, 8)
     at_least("dataset.max_images", d.max_images, 0)
     at_least("dataset.crop", d.crop, 0)
     one_of("dataset.on_bad_file", d.on_bad_file, ("skip", "error"))
-    one_of("dataset.split", d.split, ("train", "test", "valid", "all"))
+    # Any split some data set has passes here (data sets without splits ignore it); then the chosen one's own.
+    one_of("dataset.split", d.split, tuple(dict.fromkeys(s for spec in DATASETS.values() for s in spec.splits)))
+    _check_split(d)
 
 log = logging.getLogger(__name__)
 
@@ -81,35 +106,82 @@ BAD_FILES_SHOWN = 10
 def load_images(cfg: DatasetConfig) -> torch.Tensor:
     """All images of the data set as a uint8 CPU tensor [N, C, S, S], S = cfg.image_size, C = cfg.channels.
 
-    CelebA and folder data sets come back memory-mapped from the decode cache.
+    CelebA and folder data sets come back memory-mapped from the decode cache. Only the first
+    cfg.max_images are kept, so a loader may ignore that setting (the shipped ones cut before decoding).
     """
-    if cfg.name == "mnist_tiny":
-        with np.load(MNIST_TINY) as archive:
-            gray = torch.from_numpy(archive["images"])
-        return _gray_to_config(_first(gray, cfg.max_images), cfg)
-    if cfg.name in ("mnist", "fashion_mnist"):
-        return _gray_to_config(_first(_load_mnist_like(cfg), cfg.max_images), cfg)
-    if cfg.name == "celeba":
-        source = _find_celeba(cfg)
-    elif cfg.name == "folder":
-        source = _find_folder(cfg)
-    else:
-        raise UserError(f"unknown dataset.name {cfg.name!r}; use mnist, fashion_mnist, celeba, folder or mnist_tiny")
-    return _cached_decode(source, cfg)
+    _check_split(cfg)
+    images = _first(_spec(cfg.name).load(cfg), cfg.max_images)
+    expected = (cfg.channels, cfg.image_size, cfg.image_size)
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        got, wanted = f"{images.dtype} {tuple(images.shape)}", ", ".join(map(str, expected))
+        raise ValueError(f"data set {cfg.name}'s loader returned {got}, not uint8 [N, {wanted}]")
+    return images
+
+
+def split_of(cfg: DatasetConfig | DictConfig) -> Optional[str]:
+    """The split the data set reads, or None for a data set without splits (folder, mnist_tiny)."""
+    return cfg.split if _spec(cfg.name).splits else None
 
 
 def describe(cfg: DatasetConfig, num_images: Optional[int] = None) -> str:
     """A short line for logs, e.g. "mnist (train, 60000 images, 28x28x1) from data"."""
-    parts = [] if cfg.name in ("folder", "mnist_tiny") else [cfg.split]
+    split = split_of(cfg)
+    parts = [] if split is None else [split]
     if num_images is not None:
         parts.append(f"{num_images} images")
     parts.append(f"{cfg.image_size}x{cfg.image_size}x{cfg.channels}")
-    origin = "the bundled MNIST subset" if cfg.name == "mnist_tiny" else cfg.root
-    return f"{cfg.name} ({', '.join(parts)}) from {origin}"
+    return f"{cfg.name} ({', '.join(parts)}) from {_spec(cfg.name).origin or cfg.root}"
+
+
+def _spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset.name {name!r}; use {_either(tuple(DATASETS))}")
+    return DATASETS[name]
+
+
+def _check_split(cfg: DatasetConfig | DictConfig) -> None:
+    splits = _spec(cfg.name).splits
+    if splits and cfg.split not in splits:
+        raise UserError(f"dataset.split must be {_either(splits)} for {cfg.name}, got {cfg.split!r}")
+
+
+def _either(names: Tuple[str, ...]) -> str:
+    """("a", "b", "c") -> "a, b or c"."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def _first(images: torch.Tensor, max_images: int) -> torch.Tensor:
     return images[:max_images] if max_images > 0 else images
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped data sets: one registered loader each (README.md, "Extending", adds another)
+
+
+@dataset("mnist", splits=("train", "test"))
+def mnist_like_images(cfg: DatasetConfig) -> torch.Tensor:
+    """MNIST or Fashion-MNIST, by cfg.name: IDX files under dataset.root, else torchvision's download."""
+    return _gray_to_config(_first(_load_mnist_like(cfg), cfg.max_images), cfg)
+
+
+dataset("fashion_mnist", splits=("train", "test"))(mnist_like_images)
+
+
+@dataset("celeba", splits=("train", "valid", "test", "all"))
+def celeba_images(cfg: DatasetConfig) -> torch.Tensor:
+    return _cached_decode(_find_celeba(cfg), cfg)
+
+
+@dataset("folder")
+def folder_images(cfg: DatasetConfig) -> torch.Tensor:
+    return _cached_decode(_find_folder(cfg), cfg)
+
+
+@dataset("mnist_tiny", origin="the bundled MNIST subset")
+def mnist_tiny_images(cfg: DatasetConfig) -> torch.Tensor:
+    with np.load(MNIST_TINY) as archive:
+        gray = torch.from_numpy(archive["images"])
+    return _gray_to_config(_first(gray, cfg.max_images), cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,8 +190,6 @@ def _first(images: torch.Tensor, max_images: int) -> torch.Tensor:
 
 def _load_mnist_like(cfg: DatasetConfig) -> torch.Tensor:
     """The split's images as uint8 [N, 28, 28]: from IDX files on disk, else via torchvision."""
-    if cfg.split not in ("train", "test"):
-        raise UserError(f"dataset.split must be train or test for {cfg.name}, got {cfg.split!r}")
     root = Path(cfg.root).expanduser()
     folder = "MNIST" if cfg.name == "mnist" else "FashionMNIST"
     stem = "train-images-idx3-ubyte" if cfg.split == "train" else "t10k-images-idx3-ubyte"
@@ -293,8 +363,6 @@ def _try_torchvision_celeba(root: Path) -> None:
 
 
 def _celeba_split(source: _Source, root: Path, split: str) -> _Source:
-    if split != "all" and split not in CELEBA_SPLITS:
-        raise UserError(f"dataset.split must be train, valid, test or all for celeba, got {split!r}")
     # The partition file sits beside the image folder or zip, or at the top of the root.
     beside = source.location.parent if source.location != root else root
     candidates = (beside, root / "celeba", root)
@@ -459,20 +527,22 @@ def _open_cache(path: Path) -> Optional[torch.Tensor]:
 
 
 def _decode_into(path: Path, source: _Source, cfg: DatasetConfig) -> None:
-    """Decode every image of `source` into the .npy file `path`, atomically."""
+    """Decode every image of `source` into the .npy file `path`, atomically: only a complete cache ever gets the
+    name that is trusted. Two runs may decode one data set at once, so each writes a temporary file of its own."""
+    log.info("decoding %d images from %s into %s (once; later runs reuse it)", len(source.names), source.location, path)
+    files.atomic_create(path, lambda temporary: _decode_to(temporary, source, cfg), unique=True)
+
+
+def _decode_to(path: Path, source: _Source, cfg: DatasetConfig) -> None:
     from tqdm import tqdm
 
     count = len(source.names)
     size, channels = cfg.image_size, cfg.channels
-    log.info("decoding %d images from %s into %s (once; later runs reuse it)", count, source.location, path)
-    handle, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    os.close(handle)
-    temporary = Path(temporary_name)
     decoder = _Decoder(source, size, channels, cfg.crop)
     workers = cfg.num_workers or os.cpu_count() or 1
     pool = multiprocessing.Pool(workers) if count >= POOL_MIN_FILES and workers > 1 else None
     try:
-        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(count, channels, size, size))
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, channels, size, size))
         # imap hands results back in order as they are ready, so memory holds only a few chunks.
         results = pool.imap(decoder, source.names, chunksize=64) if pool else map(decoder, source.names)
         written, bad = 0, []
@@ -486,13 +556,11 @@ def _decode_into(path: Path, source: _Source, cfg: DatasetConfig) -> None:
         del array
         _report_bad_files(bad, count, source.location, cfg.on_bad_file)
         if written < count:
-            _shrink_npy(temporary, written)
-        os.replace(temporary, path)  # only a complete cache ever gets the name that is trusted
+            _shrink_npy(path, written)
     finally:
         if pool is not None:
             pool.terminate()
         decoder.close()
-        temporary.unlink(missing_ok=True)
 
 
 def _report_bad_files(bad: List[Tuple[str, str]], count: int, location: Path, on_bad_file: str) -> None:
@@ -520,18 +588,17 @@ def printable(name: str) -> str:
 
 def _shrink_npy(path: Path, rows: int) -> None:
     """Keep the first `rows` images of an .npy file (the others were left blank by skipped files)."""
-    full = np.load(path, mmap_mode="r")
-    shrunk_path = path.with_suffix(".shrink.tmp")
-    try:
+
+    def copy_rows(shrunk_path: Path) -> None:
+        full = np.load(path, mmap_mode="r")
         shrunk = np.lib.format.open_memmap(shrunk_path, mode="w+", dtype=full.dtype, shape=(rows, *full.shape[1:]))
         for start in range(0, rows, 4096):
             stop = min(start + 4096, rows)
             shrunk[start:stop] = full[start:stop]
         shrunk.flush()
-        del shrunk, full
-        os.replace(shrunk_path, path)
-    finally:
-        shrunk_path.unlink(missing_ok=True)
+        del shrunk, full  # both maps closed before the rename
+
+    files.atomic_create(path, copy_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,30 +641,31 @@ class ImageBatches:
         self._order_epoch = -1
         self._order = torch.empty(0, dtype=torch.long)
 
-    def _shard_order(self) -> torch.Tensor:
-        """This rank's indices for the current epoch, computed once per epoch."""
-        if self._order_epoch != self.epoch:
-            # torch reads a seed as 64 unsigned bits, so wrapping keeps every order it made before and never overflows.
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)
-            permutation = torch.randperm(self.num_images, generator=generator)
-            global_batches = permutation[: self.batches_per_epoch * self.batch_size * self.world_size]
-            self._order = global_batches.view(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
-            self._order_epoch = self.epoch
-        return self._order
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """This rank's batches of epoch `epoch` as image indices [batches_per_epoch, batch_size], each row sorted.
+
+        Drawn on the CPU (the same order on every device), then moved once to where the images are, so a
+        step takes its batch with a device-side slice and gather: nothing crosses from host to device, and
+        the host never waits for the GPU, between epochs.
+        """
+        # torch reads a seed as 64 unsigned bits, so wrapping keeps every order it made before and never overflows.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
+        permutation = torch.randperm(self.num_images, generator=generator)
+        global_batches = permutation[: self.batches_per_epoch * self.batch_size * self.world_size]
+        order = global_batches.view(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank]
+        order = order.sort(dim=1).values  # sorted rows read a memory-mapped cache sequentially
+        return order.to(self.images.device, non_blocking=True) if self.on_device else order
 
     def next(self) -> torch.Tensor:
         """The next batch: float32 [B, C, H, W] in [-1, 1] on the device."""
-        start = self.position * self.batch_size
-        indices = self._shard_order()[start : start + self.batch_size].sort().values
+        if self._order_epoch != self.epoch:
+            self._order, self._order_epoch = self.epoch_order(self.epoch), self.epoch
+        batch = self.images[self._order[self.position]]  # on the GPU: a slice and a gather, no sync
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        if self.on_device:
-            batch = self.images[indices.to(self.device)]
-        else:
-            batch = self.images[indices]
-            if self.device.type == "cuda":
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
+        if not self.on_device and self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
         # Converting on the device moves a quarter of the bytes a float batch would.
         return batch.float().div_(127.5).sub_(1)
 

@@ -32,6 +32,7 @@ from dcgan.metrics import (
     validate_metrics,
 )
 from dcgan.sample import load_generator
+from dcgan.state import STEP, sampling_weights
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,12 @@ def results_path(cfg: DictConfig) -> Path:
 
 
 def generated_from_checkpoint(path: Path, cfg: DictConfig, device: torch.device) -> Tuple[ImageSource, DictConfig]:
-    G, train_cfg, state = load_generator(path, device, cfg.ema)
-    uses_ema = cfg.ema and state.get("generator_ema") is not None
+    G, train_cfg, saved = load_generator(path, device, cfg.ema)
     images = generated_from_model(G, train_cfg.generator.z_dim, train_cfg.generator.z_distribution, cfg.n, cfg.seed, device)
     stamp = {
         "source": f"checkpoint {path}",
-        "weights": "ema" if uses_ema else "generator",
-        "step": int(state["step"]),
+        "weights": sampling_weights(saved, cfg.ema)[1],
+        "step": int(saved[STEP]),
         "count": len(images),
         "selection": f"latent seeds {cfg.seed}..{cfg.seed + cfg.n - 1} ({train_cfg.generator.z_distribution})",
         "image_size": int(images.shape[-1]),

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dcgan import distributed
+from dcgan import distributed, files
 from dcgan.errors import UserError, one_of
+from dcgan.layout import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,10 @@ class MetricsLog:
         loggers: Sequence[str] = ("jsonl",),
         optimizers: Optional[Mapping[str, torch.optim.Optimizer]] = None,
     ):
-        """`optimizers` by short name ({"g": opt_g}) add their learning rate to every row as lr_<name>."""
+        """Rows go to `path` (RunFolder.metrics), TensorBoard events to the run folder's tensorboard/.
+
+        `optimizers` by short name ({"g": opt_g}) add their learning rate to every row as lr_<name>.
+        """
         self.path = path
         self.images_per_step = images_per_step
         # Under torchrun every rank averages its statistics with the others; only rank 0 writes.
@@ -73,7 +77,8 @@ class MetricsLog:
         self.tensorboard = None
         if "tensorboard" in loggers and self.is_main:
             # On resume, purge_step hides events a crashed run logged after its checkpoint (as _truncate_after does).
-            self.tensorboard = import_summary_writer()(str(path.parent / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            events = RunFolder(path.parent).tensorboard
+            self.tensorboard = import_summary_writer()(str(events), purge_step=start_step + 1 if start_step else None)
         self._sums: Dict[str, torch.Tensor] = {}
         self._count = 0
         self._clock = time.perf_counter()
@@ -87,9 +92,7 @@ class MetricsLog:
             return
         # A line cut short (a full disk or a power cut during the append) is dropped, not a crash at resume.
         kept = [line for line in self.path.read_text().splitlines() if (logged := _logged_step(line)) is not None and logged <= step]
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        temporary.replace(self.path)
+        files.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def add(self, stats: Dict[str, torch.Tensor]) -> None:
         """Accumulate one step's statistics (detached scalars; no sync)."""

@@ -10,7 +10,7 @@ is left to the logger, so nothing here syncs the GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from dcgan.errors import UserError, one_of
 
 @dataclass
 class LossConfig:
-    name: str = "ns"  # ns (non-saturating BCE) | hinge | lsgan | wgan_gp
+    name: str = "ns"  # a name in losses.LOSSES: ns (non-saturating BCE) | hinge | lsgan | wgan_gp, or one you register
     real_label: float = 1.0  # target for real images; 0.9 is one-sided label smoothing (ns, lsgan)
     gp_weight: float = 10.0  # gradient-penalty weight (wgan_gp)
     r1_weight: float = 0.0  # R1 penalty gamma on real images, gamma/2 * |grad D(x)|^2 (Mescheder et al. 2018); 0 = off
@@ -32,11 +32,19 @@ Stats = Dict[str, torch.Tensor]
 class GANLoss:
     # Logit threshold between "real" and "fake" for D's accuracy.
     decision_threshold = 0.0
+    # True when the loss itself differentiates a gradient (create_graph=True), as WGAN-GP's penalty does.
+    double_backward = False
 
     def __init__(self, cfg: LossConfig):
         self.real_label = cfg.real_label
         self.gp_weight = cfg.gp_weight
         self.r1_weight = cfg.r1_weight
+
+    @property
+    def needs_double_backward(self) -> bool:
+        """Whether D's update takes the gradient of a gradient (the loss's own penalty, or R1), which
+        torch.compile can't: speed.py then leaves D eager."""
+        return self.double_backward or self.r1_weight > 0
 
     def d_terms(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -82,6 +90,21 @@ def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return grad.float().square().flatten(1).sum(1).mean()
 
 
+# Every loss by loss.name, in registration order (the order error messages list them in).
+LOSSES: Dict[str, Type[GANLoss]] = {}
+
+
+def loss(name: str):
+    """Register a GANLoss subclass as the loss `name`, selected by loss.name=NAME."""
+
+    def register(cls: Type[GANLoss]) -> Type[GANLoss]:
+        LOSSES[name] = cls
+        return cls
+
+    return register
+
+
+@loss("ns")
 class NonSaturating(GANLoss):
     """Goodfellow et al.'s non-saturating loss: binary cross-entropy on logits."""
 
@@ -99,6 +122,7 @@ class NonSaturating(GANLoss):
         return torch.sigmoid(logits)
 
 
+@loss("hinge")
 class Hinge(GANLoss):
     """Hinge loss (Lim & Ye 2017; SAGAN, BigGAN)."""
 
@@ -109,6 +133,7 @@ class Hinge(GANLoss):
         return -D(fake).float().mean()
 
 
+@loss("lsgan")
 class LeastSquares(GANLoss):
     """LSGAN (Mao et al. 2017) with targets a=0 (fake), b=real_label (real), c=1 (G's target)."""
 
@@ -121,8 +146,11 @@ class LeastSquares(GANLoss):
         return 0.5 * ((D(fake).float() - 1) ** 2).mean()
 
 
+@loss("wgan_gp")
 class WassersteinGP(GANLoss):
     """WGAN-GP (Gulrajani et al. 2017): critic E[D(fake)] - E[D(real)] + gp_weight * E[(|grad D(x_hat)| - 1)^2]."""
+
+    double_backward = True
 
     def d_terms(self, real_logits, fake_logits):
         return fake_logits.mean() - real_logits.mean()
@@ -140,14 +168,6 @@ class WassersteinGP(GANLoss):
 
     def generator(self, D, fake):
         return -D(fake).float().mean()
-
-
-LOSSES: Dict[str, Callable[[LossConfig], GANLoss]] = {
-    "ns": NonSaturating,
-    "hinge": Hinge,
-    "lsgan": LeastSquares,
-    "wgan_gp": WassersteinGP,
-}
 
 
 def build_loss(cfg: LossConfig) -> GANLoss:

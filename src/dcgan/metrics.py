@@ -33,7 +33,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -45,6 +45,7 @@ from dcgan import checkpoint, data, files
 from dcgan.data import DatasetConfig
 from dcgan.errors import UserError, at_least, check_seeds, one_of
 from dcgan.images import generate, latents, to_uint8
+from dcgan.layout import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def reference_from_dataset(cfg: DatasetConfig | DictConfig, n: int, seed: int, i
     """`n` images of the data set (all when n=0), keyed for the cache by what they are and by their bytes."""
     images = data.load_images(cfg) if images is None else images
     picked = images[seeded_subset(len(images), n, seed)]
-    split = cfg.split if cfg.name not in ("folder", "mnist_tiny") else "all"
+    split = data.split_of(cfg) or "all"
     content = hashlib.sha1(picked.numpy().tobytes()).hexdigest()
     key = f"{cfg.name}-{split}-{cfg.image_size}px-{cfg.channels}ch-n{len(picked)}-{content[:12]}"
     stamp = {
@@ -333,8 +334,6 @@ def register_extractor() -> None:
 
 def measure(generated: ImageSource, reference: ImageSource, settings: MetricsConfig | DictConfig, device: torch.device) -> List[Dict[str, Any]]:
     """FID and/or KID between the two sets, one stamped result per metric."""
-    import torch_fidelity
-
     register_extractor()
     weights = resolve_weights(settings.inception_weights)
     count_1, count_2 = len(generated.images), len(reference.images)
@@ -345,9 +344,38 @@ def measure(generated: ImageSource, reference: ImageSource, settings: MetricsCon
     cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else data.user_cache_dir() / "fidelity"
     reads_before = reference.images.reads
     started = time.perf_counter()
+    scores = fidelity_scores(generated, reference, settings, device, weights, kid_subset_size, cache_dir, cache_name)
+    seconds = time.perf_counter() - started
+    cached = reference.images.reads == reads_before and cache_name is not None  # no image read: the cache served all
+    protocol = measurement_protocol(weights, cached, cache_dir / cache_name if cache_name else None)
+    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    results = []
+    for metric in settings.metrics:
+        value, spread, extra = read_score(metric, scores, settings.kid_subsets, kid_subset_size)
+        results.append({
+            "metric": metric,
+            "value": value,
+            "std": spread,
+            "generated": generated.stamp,
+            "reference": reference.stamp,
+            "protocol": {**protocol, **extra},
+            "device": str(device),
+            "seconds": round(seconds, 1),
+            "date": when,
+        })
+    return results
+
+
+def fidelity_scores(
+    generated: ImageSource, reference: ImageSource, settings: MetricsConfig | DictConfig, device: torch.device,
+    weights: Weights, kid_subset_size: int, cache_dir: Path, cache_name: Optional[str],
+) -> Dict[str, float]:
+    """torch-fidelity's scores; the reference features are cached under `cache_name` (None: not cached)."""
+    import torch_fidelity
+
     cuda = device.type == "cuda"
     with torch.cuda.device(device) if cuda else nullcontext():
-        scores = torch_fidelity.calculate_metrics(
+        return torch_fidelity.calculate_metrics(
             input1=generated.images,
             input2=reference.images,
             fid="fid" in settings.metrics,
@@ -366,38 +394,33 @@ def measure(generated: ImageSource, reference: ImageSource, settings: MetricsCon
             save_cpu_ram=True,  # no DataLoader worker processes: the images are in memory already
             verbose=False,
         )
-    seconds = time.perf_counter() - started
-    protocol = {
+
+
+def measurement_protocol(weights: Weights, cached: bool, cache: Optional[Path]) -> Dict[str, Any]:
+    """What every result is stamped with: extractor, resize, weights and their hash, library versions, cache use."""
+    import torch_fidelity
+
+    return {
         "feature_extractor": f"{FEATURE_EXTRACTOR} (torch-fidelity; run channels-last), {FEATURE_LAYER}-d pool features",
         "resize": "native size in; bilinear (TensorFlow 1 compatible) to 299x299 inside the extractor",
         "grayscale": "three identical channels",
         "weights_file": weights.path or f"torch-fidelity download {default_weights_url()}",
-        "weights_sha256": weights.sha256(),
+        "weights_sha256": weights.sha256(),  # after the run: torch-fidelity's own download is there by then
         "library": f"torch-fidelity {torch_fidelity.__version__}",
         "torch": torch.__version__,
-        "reference_features": "cached" if reference.images.reads == reads_before and cache_name else "computed",
-        "cache": str(cache_dir / cache_name) if cache_name else None,
+        "reference_features": "cached" if cached else "computed",
+        "cache": str(cache) if cache else None,
     }
-    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    results = []
-    for metric in settings.metrics:
-        if metric == "fid":
-            value, spread, extra = scores["frechet_inception_distance"], None, {}
-        else:
-            value, spread = scores["kernel_inception_distance_mean"], scores["kernel_inception_distance_std"]
-            extra = {"kid_subsets": int(settings.kid_subsets), "kid_subset_size": int(kid_subset_size)}
-        results.append({
-            "metric": metric,
-            "value": float(value),
-            "std": None if spread is None else float(spread),
-            "generated": generated.stamp,
-            "reference": reference.stamp,
-            "protocol": {**protocol, **extra},
-            "device": str(device),
-            "seconds": round(seconds, 1),
-            "date": when,
-        })
-    return results
+
+
+def read_score(
+    metric: str, scores: Dict[str, float], kid_subsets: int, kid_subset_size: int
+) -> Tuple[float, Optional[float], Dict[str, int]]:
+    """(value, spread or None, the metric's own protocol fields) of one metric in torch-fidelity's scores."""
+    if metric == "fid":
+        return float(scores["frechet_inception_distance"]), None, {}
+    extra = {"kid_subsets": int(kid_subsets), "kid_subset_size": int(kid_subset_size)}
+    return float(scores["kernel_inception_distance_mean"]), float(scores["kernel_inception_distance_std"]), extra
 
 
 # ---------------------------------------------------------------- during training
@@ -405,16 +428,16 @@ def measure(generated: ImageSource, reference: ImageSource, settings: MetricsCon
 
 class TrainingEvaluator:
     """gan-train's `trainer.eval_every`: FID/KID of the sampling generator against the training set, and
-    `checkpoints/best.pt` kept by FID (by KID when FID is not measured), with its stamp in best.eval.json."""
+    `checkpoints/best.pt` kept by FID (by KID when FID is not measured), with its stamp in RunFolder.best_stamp."""
 
-    def __init__(self, cfg: DictConfig, images: torch.Tensor, device: torch.device, checkpoints: Path, resumed: bool):
+    def __init__(self, cfg: DictConfig, images: torch.Tensor, device: torch.device, run: RunFolder, resumed: bool):
         self.settings, self.generator_cfg = cfg.eval, cfg.generator
-        self.weights_name = "ema" if cfg.trainer.ema > 0 else "generator"  # what train.sampling_generator returns
-        self.device, self.checkpoints = device, checkpoints
+        self.weights_name = "ema" if cfg.trainer.ema > 0 else "generator"  # what TrainingState.sampling_generator returns
+        self.device, self.run = device, run
         # The training images are in memory already; the reference is a seeded subset of them.
         self.reference = reference_from_dataset(cfg.dataset, cfg.eval.reference_n, cfg.eval.seed, images)
         self.best_by = "fid" if "fid" in cfg.eval.metrics else "kid"
-        self.best = read_best_score(checkpoints, self.best_by) if resumed else math.inf
+        self.best = read_best_score(run.best_stamp, self.best_by) if resumed else math.inf
 
     def __call__(self, step: int, G: nn.Module, training_state: Callable[[], Dict[str, Any]]) -> Dict[str, float]:
         """Scores for the metrics row; writes best.pt (from `training_state()`) when this is the best so far."""
@@ -428,17 +451,14 @@ class TrainingEvaluator:
         scores["eval_s"] = results[0]["seconds"]
         if scores[self.best_by] < self.best:
             self.best = scores[self.best_by]
-            checkpoint.save_as(training_state(), self.checkpoints / checkpoint.BEST)
-            files.atomic_write_text(self.checkpoints / BEST_STAMP, json.dumps({"step": step, "best_by": self.best_by, "results": results}, indent=2) + "\n")
+            checkpoint.save_as(training_state(), self.run.checkpoints / checkpoint.BEST)
+            kept_for = {"step": step, "best_by": self.best_by, "results": results}
+            files.atomic_write_text(self.run.best_stamp, json.dumps(kept_for, indent=2) + "\n")
         return scores
 
 
-BEST_STAMP = "best.eval.json"
-
-
-def read_best_score(checkpoints: Path, metric: str) -> float:
-    """The score best.pt was kept for, so a resumed run only replaces it with a better one."""
-    path = checkpoints / BEST_STAMP
+def read_best_score(path: Path, metric: str) -> float:
+    """The score best.pt was kept for (`path`: RunFolder.best_stamp), so a resumed run only replaces it with a better one."""
     try:
         results = json.loads(path.read_text())["results"]
         return next(float(r["value"]) for r in results if r["metric"] == metric)

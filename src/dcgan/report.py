@@ -12,17 +12,17 @@ movie is still written. Both files are replaced atomically, so a viewer never se
 from __future__ import annotations
 
 import logging
-import os
-import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
+from dcgan import files
 from dcgan.errors import UserError, check_writable_folder
-from dcgan.log import read_metrics
 from dcgan.images import save_gif
+from dcgan.layout import RunFolder, grid_step
+from dcgan.log import read_metrics
 
 
 @dataclass
@@ -33,9 +33,6 @@ class ReportConfig:
 
 log = logging.getLogger(__name__)
 
-LOSS_FIGURE = "loss_curves.png"
-PROGRESS_MOVIE = "progress.gif"
-GRID_NAME = re.compile(r"^step_(\d+)\.png$")  # the trainer's samples/step_NNNNNN.png
 FINAL_FRAME_MS = 2000  # the last grid stays up a while before the movie loops
 CAPTION_PX = 14  # height of the "step N" band under each frame
 
@@ -66,17 +63,16 @@ def write_report(
     run_dir: Path, fps: int = ReportConfig.fps, max_frames: int = ReportConfig.max_frames
 ) -> List[Path]:
     """Write the loss-curve figure and the progress movie into `run_dir`; returns the files written."""
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     written = []
-    metrics = run_dir / "metrics.jsonl"
-    rows = read_metrics(metrics) if metrics.is_file() else []
+    rows = read_metrics(run.metrics) if run.metrics.is_file() else []
     if rows:
-        figure = plot_metrics(rows, run_dir / LOSS_FIGURE)
+        figure = plot_metrics(rows, run.loss_figure)
         if figure is not None:
             written.append(figure)
-    grids = progress_grids(run_dir / "samples")
+    grids = run.grids()
     if grids:
-        written.append(write_progress_movie(grids, run_dir / PROGRESS_MOVIE, fps, max_frames))
+        written.append(write_progress_movie(grids, run.progress_movie, fps, max_frames))
     return written
 
 
@@ -105,18 +101,7 @@ def plot_metrics(rows: List[Dict[str, float]], path: Path) -> Optional[Path]:
         axes.grid(alpha=0.3)
         if len(keys) > 1:
             axes.legend()
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png")
-    os.replace(temporary, path)
-    return path
-
-
-def progress_grids(samples: Path) -> List[Path]:
-    """The trainer's fixed-noise grids, in step order."""
-    if not samples.is_dir():
-        return []
-    found = [(int(match.group(1)), path) for path in samples.iterdir() if (match := GRID_NAME.match(path.name))]
-    return [path for _, path in sorted(found)]
+    return files.atomic_write(path, lambda file: figure.savefig(file, format="png"))
 
 
 def write_progress_movie(grids: Sequence[Path], path: Path, fps: int, max_frames: int) -> Path:
@@ -124,7 +109,7 @@ def write_progress_movie(grids: Sequence[Path], path: Path, fps: int, max_frames
     if len(grids) > max_frames:
         last = len(grids) - 1
         grids = [grids[round(i * last / (max_frames - 1))] for i in range(max_frames)] if max_frames > 1 else [grids[-1]]
-    frames = [captioned(image, f"step {int(GRID_NAME.match(grid.name).group(1)):,}") for grid, image in read_grids(grids)]
+    frames = [captioned(image, f"step {grid_step(grid):,}") for grid, image in read_grids(grids)]
     durations = [round(1000 / fps)] * (len(frames) - 1) + [FINAL_FRAME_MS]
     save_gif(frames, path, durations)
     return path
@@ -161,8 +146,8 @@ def run(cfg: ReportConfig) -> List[Path]:
         raise UserError("no run folder given: pass run=DIR (the hydra.run.dir of a gan-train run)")
     if cfg.fps < 1 or cfg.max_frames < 1:
         raise UserError(f"fps and max_frames must be >= 1, got fps={cfg.fps} max_frames={cfg.max_frames}")
-    run_dir = Path(cfg.run)
-    if not (run_dir / "metrics.jsonl").is_file() and not progress_grids(run_dir / "samples"):
-        raise UserError(f"{run_dir} has no metrics.jsonl and no samples/step_*.png: is it a gan-train run folder?")
-    check_writable_folder("run", run_dir)  # the figures go into the run folder
-    return write_report(run_dir, cfg.fps, cfg.max_frames)
+    run = RunFolder(cfg.run)
+    if not run.metrics.is_file() and not run.grids():
+        raise UserError(f"{run.root} has no {run.metrics.name} and no {run.samples.name}/step_*.png: is it a gan-train run folder?")
+    check_writable_folder("run", run.root)  # the figures go into the run folder
+    return write_report(run.root, cfg.fps, cfg.max_frames)

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dcgan import distributed
+from dcgan import distributed, files
 from dcgan.errors import UserError
+from dcgan.layout import RunFolder
 
 log = logging.getLogger(__name__)
 
-CARD = "run_card.json"
 HASH_ALL_BYTES = 256 * 2**20
 SAMPLED_IMAGES = 4096
 # Tells this process's card from an earlier one (a pid can repeat, e.g. as pid 1 in containers).
@@ -97,21 +97,18 @@ def update(run_dir: Path, **fields: Any) -> None:
     try:
         _write(run_dir, card)
     except OSError as error:  # a full disk must not hide the error that brought us here
-        log.warning("could not update %s: %s", run_dir / CARD, error)
+        log.warning("could not update %s: %s", RunFolder(run_dir).card, error)
 
 
 def read(run_dir: Path) -> Optional[Dict[str, Any]]:
     try:
-        return json.loads((run_dir / CARD).read_text())
+        return json.loads(RunFolder(run_dir).card.read_text())
     except (OSError, ValueError):
         return None
 
 
 def _write(run_dir: Path, card: Dict[str, Any]) -> None:
-    path = run_dir / CARD
-    temporary = path.with_name(f".{CARD}.tmp")
-    temporary.write_text(json.dumps(card, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    files.atomic_write_text(RunFolder(run_dir).card, json.dumps(card, indent=2, default=str) + "\n")
 
 
 def now() -> str:

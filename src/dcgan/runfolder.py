@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -29,6 +28,8 @@ from omegaconf import DictConfig
 
 from dcgan import checkpoint, config, distributed, runcard
 from dcgan.errors import UserError
+from dcgan.layout import RunFolder
+from dcgan.state import CONFIG_YAML, STEP
 
 try:
     import fcntl
@@ -37,52 +38,15 @@ except ImportError:  # Windows: no flock; the folder is then not guarded against
 
 log = logging.getLogger(__name__)
 
-LOCK = ".lock"
-REPLACED = "replaced"
 HYDRA_RECORD = ".hydra"  # Hydra writes it (and the job's .log) into the folder before the task runs
 
 
-@dataclass(frozen=True)
-class RunFolder:
-    """The names of a run's files, in one place."""
-
-    root: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def card(self) -> Path:
-        return self.root / runcard.CARD
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK
-
-    def holds_a_run(self) -> bool:
-        """Anything a gan-train run writes: a checkpoint, a metrics row, a grid, a run card."""
-        return (
-            any(self.checkpoints.glob("*.pt"))
-            or (self.metrics.is_file() and self.metrics.stat().st_size > 0)
-            or any(self.samples.glob("*.png"))
-            or self.card.is_file()
-        )
-
-    def describe_run(self) -> str:
-        """'a run at step N' from its newest readable checkpoint, else from its run card."""
-        found, _ = checkpoint.find_latest(self.checkpoints)
-        if found is not None:
-            return f"a run at step {checkpoint.load(found)['step']} ({found.relative_to(self.root)})"
-        return "files of an earlier run (no readable checkpoint)"
+def describe_run(run: RunFolder) -> str:
+    """'a run at step N' from its newest readable checkpoint, else from its run card."""
+    found, _ = checkpoint.find_latest(run.checkpoints)
+    if found is not None:
+        return f"a run at step {checkpoint.load(found)[STEP]} ({found.relative_to(run.root)})"
+    return "files of an earlier run (no readable checkpoint)"
 
 
 # ---------------------------------------------------------------- ownership
@@ -102,7 +66,7 @@ def claim(folder: Path) -> bool:
         _held[folder] = -1
         return True
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(RunFolder(folder).lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -195,31 +159,31 @@ def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
         check_resume(Path(resume), cfg)
     if run.holds_a_run() and not (resume and _same_as_newest(Path(resume), run)):
         raise UserError(
-            f"hydra.run.dir={folder} already holds {run.describe_run()}; continue it with trainer.resume=auto, "
+            f"hydra.run.dir={folder} already holds {describe_run(run)}; continue it with trainer.resume=auto, "
             "start elsewhere with another hydra.run.dir, or replace it with trainer.overwrite=true "
-            f"(its files then move to {folder / REPLACED}/)"
+            f"(its files then move to {run.replaced}/)"
         )
 
 
 def check_resume(path: Path, cfg: DictConfig) -> None:
     """The checkpoint's config is one this version reads, and the run changes nothing a resume can't change."""
-    state = checkpoint.load(path)
+    saved = checkpoint.load(path)
     try:
-        config.train_config_from_yaml(state["config_yaml"])
+        config.train_config_from_yaml(saved[CONFIG_YAML])
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
-    checkpoint.changes_since(state, cfg, path)
+    checkpoint.changes_since(saved, cfg, path)
 
 
 def move_aside(run: RunFolder, keep: Iterable[str]) -> Path:
     """Move every entry of the folder but the lock, earlier replaced runs and `keep` to replaced/<time>/."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    target = run.root / REPLACED / stamp
+    target = run.replaced / stamp
     suffix = 1
     while target.exists():
-        target, suffix = run.root / REPLACED / f"{stamp}_{suffix}", suffix + 1
+        target, suffix = run.replaced / f"{stamp}_{suffix}", suffix + 1
     target.mkdir(parents=True)
-    skip = {LOCK, REPLACED, *keep}
+    skip = {run.lock.name, run.replaced.name, *keep}
     for entry in sorted(run.root.iterdir()):
         if entry.name not in skip:
             entry.rename(target / entry.name)
@@ -235,7 +199,7 @@ def _same_as_newest(path: Path, run: RunFolder) -> bool:
     found, _ = checkpoint.find_latest(run.checkpoints)
     if found is None or not path.is_file():
         return False
-    return checkpoint.load(found)["step"] == checkpoint.load(path)["step"] and _inside(path, run.root)
+    return checkpoint.load(found)[STEP] == checkpoint.load(path)[STEP] and _inside(path, run.root)
 
 
 def hydra_record(job_name: str) -> List[str]:

@@ -12,7 +12,6 @@ only. `truncation=t` trades variety for fidelity in every mode (see `images.late
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dcgan import checkpoint, config, data, models
+from dcgan import checkpoint, config, data, files, models
 from dcgan.distributed import resolve_device, validate_device
 from dcgan.errors import UserError, check_output_file, check_seeds, check_writable_folder
+from dcgan.state import CONFIG_YAML, sampling_weights
 from dcgan.images import generate, latents, save_atomically, save_gif, save_grid, to_pil, to_uint8
 
 
@@ -104,18 +104,18 @@ def parse_seeds(text: str) -> List[int]:
 
 def load_generator(path: str | Path, device: torch.device, use_ema: bool = True):
     """Rebuild the generator from the config stored in a checkpoint; EMA weights when present."""
-    state = checkpoint.load(path)
+    saved = checkpoint.load(path)
     try:
-        cfg = config.train_config_from_yaml(state["config_yaml"])
+        cfg = config.train_config_from_yaml(saved[CONFIG_YAML])
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
     G = models.build_generator(cfg, "cpu")
-    weights = state.get("generator_ema") if use_ema and state.get("generator_ema") is not None else state["generator"]
+    weights, _ = sampling_weights(saved, use_ema)
     try:
         G.load_state_dict(weights)
     except RuntimeError as error:
         raise UserError(f"checkpoint {path} does not match the generator its config describes: {str(error)[:200]}") from None
-    return G.to(device).eval(), cfg, state
+    return G.to(device).eval(), cfg, saved
 
 
 # ---------------------------------------------------------------- the studio's modes
@@ -202,7 +202,7 @@ def write_neighbors(studio: Studio) -> List[Path]:
         for seed, row_indices, row_distances in zip(seeds, indices, distances)
     ]
     summary = {"distance": "L2 over 8-bit pixel values", "training_images": len(training), "samples": rows}
-    table.write_text(json.dumps(summary, indent=1) + "\n")
+    files.atomic_write_text(table, json.dumps(summary, indent=1) + "\n")
     return [out, table]
 
 
@@ -269,23 +269,25 @@ def export_generator(G: nn.Module, train_cfg: DictConfig, export_format: str, pa
         "output": "images [batch, channels, image_size, image_size] in [-1, 1]",
         "config_yaml": checkpoint.config_yaml(train_cfg),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    if export_format == "torchscript":
-        with warnings.catch_warnings():
-            # torch.jit is deprecated in favour of torch.export, but TorchScript is what torch.jit.load and libtorch read.
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.save(torch.jit.trace(G, example), str(temporary), _extra_files={"dcgan.json": json.dumps(about)})
-    else:
-        onnx = import_onnx()
-        torch.onnx.export(
-            G, (example,), str(temporary), dynamo=True, input_names=["z"], output_names=["images"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
-        )
-        model = onnx.load(str(temporary))
-        onnx.helper.set_model_props(model, {key: str(value) for key, value in about.items()})
-        onnx.save(model, str(temporary))
-    os.replace(temporary, path)
+    files.atomic_create(path, lambda temporary: EXPORTERS[export_format](G, example, about, temporary))
+
+
+def export_torchscript(G: nn.Module, example: torch.Tensor, about: Dict[str, object], path: Path) -> None:
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export, but TorchScript is what torch.jit.load and libtorch read.
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.trace(G, example), str(path), _extra_files={"dcgan.json": json.dumps(about)})
+
+
+def export_onnx(G: nn.Module, example: torch.Tensor, about: Dict[str, object], path: Path) -> None:
+    onnx = import_onnx()
+    torch.onnx.export(
+        G, (example,), str(path), dynamo=True, input_names=["z"], output_names=["images"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
+    )
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {key: str(value) for key, value in about.items()})
+    onnx.save(model, str(path))
 
 
 def import_onnx():
@@ -297,6 +299,8 @@ def import_onnx():
         raise UserError("format=onnx needs the onnx and onnxscript packages: pip install 'dcgan[export]'") from None
     return onnx
 
+
+EXPORTERS = {"torchscript": export_torchscript, "onnx": export_onnx}
 
 MODES: Dict[str, Callable[[Studio], List[Path]]] = {
     "grid": write_grid,

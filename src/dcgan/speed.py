@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, nullcontext
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+
+from dcgan.losses import build_loss
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +27,12 @@ log = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"
 
 
-def autocast(amp: bool, device: torch.device) -> AbstractContextManager:
-    """bf16 autocast for trainer.amp (matmuls and convs in bf16, reductions in fp32); a no-op otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+def autocast(amp: bool, device: torch.device, cache: bool = True) -> AbstractContextManager:
+    """bf16 autocast for trainer.amp (matmuls and convs in bf16, reductions in fp32); a no-op otherwise.
+
+    `cache=False` under a CUDA graph: autocast's cache of bf16 weight copies would outlive the capture.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if amp else nullcontext()
 
 
 def prepare_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: int, device: torch.device) -> None:
@@ -46,7 +51,7 @@ def prepare_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: in
         # RGB ones are converted by D's first conv.
         G.to(memory_format=torch.channels_last)
         D.to(memory_format=torch.channels_last)
-    if t.compile or t.cuda_graphs:
+    if t.compile:
         compile_networks(cfg, G, D, batch_size, device)
 
 
@@ -61,21 +66,19 @@ def compile_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: in
     are as they were. Under torchrun, DDP wraps the compiled networks. Returns True if compiled.
     """
     t = cfg.trainer
-    key = "trainer.cuda_graphs" if t.cuda_graphs else "trainer.compile"
+    key = "trainer.compile"
     networks = [G, D]
-    if needs_double_backward(cfg.loss):
+    loss = build_loss(cfg.loss)
+    if loss.needs_double_backward:
         networks = [G]
         log.warning(
             "%s: D stays eager, because loss %s needs the gradient of a gradient, which torch.compile can't take "
             "(AOTAutograd has no double backward); G is compiled",
             key,
-            "wgan_gp" if cfg.loss.name == "wgan_gp" else f"{cfg.loss.name} with loss.r1_weight > 0",
+            cfg.loss.name if loss.double_backward else f"{cfg.loss.name} with loss.r1_weight > 0",
         )
-    # reduce-overhead = inductor plus CUDA graphs of each compiled forward and backward: one launch
-    # replaces a few hundred small kernel launches, which bound a step at small batches.
-    options = {"mode": "reduce-overhead"} if t.cuda_graphs else {}
     for network in networks:
-        network.compile(backend=COMPILE_BACKEND, **options)
+        network.compile(backend=COMPILE_BACKEND)
     try:
         trial_step(G, D, cfg, batch_size, device)
     except Exception as error:  # any compiler or runtime failure: the eager networks still train correctly
@@ -86,11 +89,6 @@ def compile_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: in
         log.warning("%s: torch.compile failed in the trial step (%s: %s); training without it", key, type(error).__name__, message[:300])
         return False
     return True
-
-
-def needs_double_backward(loss_cfg: DictConfig) -> bool:
-    """WGAN-GP's penalty and R1 differentiate D's input gradient (losses.py: create_graph=True)."""
-    return loss_cfg.name == "wgan_gp" or loss_cfg.r1_weight > 0
 
 
 def trial_step(G: nn.Module, D: nn.Module, cfg: DictConfig, batch_size: int, device: torch.device) -> None:
@@ -131,3 +129,81 @@ def _snapshot(network: nn.Module) -> Dict[str, torch.Tensor]:
     # load_state_dict copies back into the same tensors, keeping their layout and addresses.
     return {name: tensor.detach().clone() for name, tensor in network.state_dict().items()}
 
+
+
+# ---------------------------------------------------------------- trainer.cuda_graphs: the whole step as one graph
+
+
+class CapturedStep:
+    """`trainer.cuda_graphs`: the whole training step, captured once as a CUDA graph and replayed.
+
+    A step at DCGAN sizes is a few hundred small kernels whose launches cost more host time than the
+    GPU needs to run them; a replay launches them all at once. What the step needs is made static:
+    the real batches are copied into fixed buffers before each replay (device to device, no sync),
+    latents come from the training generator registered with the graph, the optimizers are fused
+    and `capturable`, gradients are zeroed in place, the EMA's decay follows a step counter on the
+    device, and the guard's finite flags and the statistics are tensors the graph writes in place.
+    Logging, grids, checkpoints, evaluation and signal checks stay outside, between replays.
+
+    The first WARMUP_STEPS steps run eagerly on a side stream (CUDA graphs need their kernels and
+    cuDNN's choices settled first); they are real training steps. The next step is captured and
+    replayed. If capturing fails, training goes on eagerly, with one warning naming the cause.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, step):
+        self.step, self.state = step, step.state
+        self.d_steps = step.cfg.trainer.d_steps
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.failed = False
+        self.warmed = 0
+        self.counter = torch.tensor(float(self.state.step), device=step.device)  # the EMA's step, on the device
+        self.reals: list = []
+        self.stats: Dict[str, torch.Tensor] = {}
+
+    def __call__(self) -> Dict[str, torch.Tensor]:
+        if self.failed:
+            return self.step()
+        reals = [self.state.batches.next() for _ in range(self.d_steps)]  # device slices and gathers: no sync
+        if self.graph is not None:
+            for buffer, real in zip(self.reals, reals, strict=True):
+                buffer.copy_(real)
+            self.graph.replay()
+            stats = self.stats
+        elif self.warmed < self.WARMUP_STEPS:
+            stats = self._warm_up(reals)
+        else:
+            stats = self._capture(reals)
+        self.state.step += 1
+        if self.state.G_ema is not None:
+            self.state.G_ema.mark_updated()
+        return stats
+
+    def _warm_up(self, reals: list) -> Dict[str, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            stats = self.step.update(reals, self.counter, set_to_none=False)
+        torch.cuda.current_stream().wait_stream(side)
+        self.warmed += 1
+        return stats
+
+    def _capture(self, reals: list) -> Dict[str, torch.Tensor]:
+        """Record this step's kernels, then replay them once: the capture itself runs nothing."""
+        self.reals = [real.clone() for real in reals]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            graph.register_generator_state(self.state.noise)  # the latents' stream advances at every replay
+            with torch.cuda.graph(graph):
+                self.stats = self.step.update(self.reals, self.counter, set_to_none=False)
+        except Exception as error:  # any capture failure: the eager step still trains correctly
+            message = (str(error).strip().splitlines() or [""])[0]
+            log.warning("trainer.cuda_graphs: capturing the training step failed (%s: %s); training without CUDA graphs",
+                        type(error).__name__, message[:300])
+            self.failed = True
+            torch.cuda.synchronize()
+            return self.step.update(reals, self.state.step)
+        self.graph = graph
+        graph.replay()
+        return self.stats

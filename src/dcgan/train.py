@@ -1,8 +1,9 @@
 """The training loop (`gan-train`): alternate D and G updates, keep an EMA of G, log, draw grids, checkpoint.
 
-`train(cfg, run_dir)` holds the whole loop; everything it needs comes in as arguments, checked by
-config.validate_train (the command line: cli.py). To resume, run the same command again with
-`trainer.resume=auto` (and the same `hydra.run.dir`).
+`train(cfg, run_dir)` is the loop: `build` makes the training state (state.py) and the step that
+updates it (`TrainStep`: D, G, EMA), then the loop steps, logs, draws grids and saves checkpoints.
+Everything comes in as arguments, checked by config.validate_train (the command line: cli.py).
+To resume, run the same command again with `trainer.resume=auto` (and the same `hydra.run.dir`).
 """
 
 from __future__ import annotations
@@ -10,28 +11,29 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
-from dcgan import augment, checkpoint, data, distributed, health, models, report, runcard, speed
-from dcgan.errors import UserError, at_least, check_seeds, signal_exit
-from dcgan.log import MetricsLog
-from dcgan.metrics import TrainingEvaluator
-from dcgan.losses import build_loss
-from dcgan.health import HealthConfig
-from dcgan.optim import EMA, build_optimizer
+from dcgan import augment, checkpoint, data, distributed, models, report, runcard, speed
+from dcgan.errors import UserError, at_least, check_seeds
+from dcgan.guard import Guard, HealthConfig
 from dcgan.images import generate, latents, save_grid
+from dcgan.layout import RunFolder
+from dcgan.log import MetricsLog
+from dcgan.losses import build_loss
+from dcgan.metrics import TrainingEvaluator
+from dcgan.optim import EMA, build_optimizer
+from dcgan.state import REPLICA_CHECKSUMS, TrainingState
 
 log = logging.getLogger(__name__)
 
-# Exit codes of a run stopped by a signal after saving its checkpoint (128 + signal number, as shells do:
-# 130 for SIGINT, 143 for SIGTERM); 2 is a usage error, health.DIVERGED_EXIT_CODE (3) a divergence.
+# Signals that stop a run once its current step is done and checkpointed (gan-train then exits 128 + N, cli.py).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -52,12 +54,12 @@ class TrainerConfig:
     # Speed options (speed.py; measured in docs/PERFORMANCE.md): the same maths on other layouts and kernels.
     channels_last: bool = True  # NHWC layout for G and D
     compile: bool = False  # torch.compile G and D; a failure in the trial step before training falls back to eager
-    cuda_graphs: bool = False  # CUDA only: compile in reduce-overhead mode (CUDA graphs of G's and D's passes); unmeasured
+    cuda_graphs: bool = False  # CUDA only: compile in reduce-overhead mode (CUDA graphs of G's and D's passes)
     fused_optimizer: bool = True  # fused kernels for Adam/AdamW/SGD/Adagrad (CUDA and CPU); other optimizers ignore it
     cudnn_benchmark: bool = True  # CUDA: cuDNN picks the fastest conv algorithm for our fixed shapes
     ema: float = 0.999  # decay of the generator's moving average; 0 turns it off
     keep_last: int = 3  # step checkpoints kept (0 = keep all); last.pt and the newest healthy one are always kept
-    on_divergence: str = "stop"  # stop | rollback: what NaN/Inf or a collapse does (health.py; thresholds in `health`)
+    on_divergence: str = "stop"  # stop | rollback: what NaN/Inf or a collapse does (supervise.py; `health`: guard.py)
     health: HealthConfig = field(default_factory=HealthConfig)
     deterministic: bool = False  # PyTorch's deterministic algorithms (a warning where an op has none)
     grid_size: int = 64  # images in each progress grid
@@ -86,108 +88,165 @@ def validate_trainer(t: TrainerConfig) -> None:
         raise UserError(f"trainer.ema must be in [0, 1) (0 turns it off), got {t.ema}")
     distributed.validate_device("trainer.device", t.device)
     if t.cuda_graphs and (t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())):
-        raise UserError("trainer.cuda_graphs=true needs a CUDA device (CUDA graphs replay GPU kernels); set it false on CPU")
+        raise UserError("trainer.cuda_graphs=true needs a CUDA device (CUDA graphs replay GPU kernels); "
+                        "set it false on CPU")
 
 
 def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
-    """Train from `cfg` (a composed TrainConfig) writing into `run_dir`; returns the last metrics row."""
-    t = cfg.trainer
-    device, rank = distributed.setup(t.device, t.dist_timeout_s), distributed.world()
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    images = data.load_images(cfg.dataset)
-    local_batch = distributed.per_rank_batch(t.batch_size)  # batch_size is global: split over ranks
-    batches = data.ImageBatches(images, local_batch, device, t.seed, rank.rank, rank.size)
-    G, D = models.build_generator(cfg, device), models.build_discriminator(cfg, device)
-    speed.prepare_networks(cfg, G, D, local_batch, device)  # layout, cuDNN, compile: before EMA and DDP copy them
-    runcard.use_deterministic_algorithms(t.deterministic)  # after prepare_networks: it turns cuDNN's autotuner off
-    # The EMA's BatchNorm statistics are measured on ~2,048 fixed latents in global-size batches: N ranks agree with one process.
-    ema_batch = functools.partial(models.random_latents, (t.batch_size, cfg.generator.z_dim), cfg.generator.z_distribution, device=device)
-    G_ema = EMA(G, t.ema, ema_batch, device, batches=-(-2048 // t.batch_size)) if t.ema > 0 else None
-    G_ddp, D_ddp = distributed.wrap(G, device, t.sync_bn), distributed.wrap(D, device, t.sync_bn)
-    # The losses judge every image through DiffAugment (augment.policy); with no policy these are D itself.
-    D_for_d_step, D_for_g_step = augment.wrap(D_ddp, cfg.augment.policy), augment.wrap(D, cfg.augment.policy)
-    torch.manual_seed(t.seed + rank.rank)  # dropout differs between ranks
-    opt_g = build_optimizer(G.parameters(), cfg.optimizer.generator, "optimizer.generator", t.fused_optimizer)
-    opt_d = build_optimizer(D.parameters(), cfg.optimizer.discriminator, "optimizer.discriminator", t.fused_optimizer)
-    loss = build_loss(cfg.loss)
-    noise = torch.Generator(device).manual_seed(t.seed + 1)  # training latents; its state is checkpointed
-    grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)
-    autocast = speed.autocast(t.amp, device)
-    total_steps = t.max_steps or max(1, t.epochs * batches.batches_per_epoch // t.d_steps)
-    checkpoints, samples = run_dir / "checkpoints", run_dir / "samples"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    guard = health.Guard(t.health, images, device)  # NaN/Inf and collapse; trainer.on_divergence acts on what it finds
-    parts = dict(G=G, D=D, G_ema=G_ema, opt_g=opt_g, opt_d=opt_d, batches=batches, noise=noise, guard=guard)
+    """Train from `cfg` (a composed TrainConfig) writing into `run_dir`; returns the last metrics row.
 
-    step, changes = resume(t.resume, checkpoints, cfg, parts)
-    runcard.start(run_dir, cfg, images, device, step, changes)  # run_card.json: command, versions, data fingerprint, seed
-    evaluator = TrainingEvaluator(cfg, images, device, checkpoints, resumed=step > 0) if t.eval_every and rank.is_main else None
-    log.info("data: %d images %s; %d steps of batch %d on %s -> %s", len(images), tuple(images.shape[1:]), total_steps, t.batch_size, device, run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", step, total_steps, t.batch_size * t.d_steps, t.progress, cfg.logger, {"g": opt_g, "d": opt_d})
-    stop = StopRequest(check_every=t.log_every if rank.enabled else 1, device=device)
+    Ends early by raising Stopped (SIGINT/SIGTERM; the checkpoint is saved) or guard.Diverged (a fault,
+    which supervise.py stops or rolls back).
+    """
+    t = cfg.trainer
+    device, world = distributed.setup(t.device, t.dist_timeout_s), distributed.world()
+    state, train_step, images = build(cfg, device)
+    run = RunFolder(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    changes = resume(state, t.resume, run.checkpoints, cfg)
+    runcard.start(run_dir, cfg, images, device, state.step, changes)  # run_card.json: command, versions, data, seed
+    evaluator = None
+    if t.eval_every and world.is_main:  # FID/KID of the sampling generator, on rank 0
+        evaluator = TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0)
+    grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)  # seeds 0..
+    total_steps = t.max_steps or max(1, t.epochs * state.batches.batches_per_epoch // t.d_steps)
+    log.info("data: %d images %s; %d steps of batch %d on %s -> %s",
+             len(images), tuple(images.shape[1:]), total_steps, t.batch_size, device, run_dir)
+    metrics = MetricsLog(run.metrics, state.step, total_steps, t.batch_size * t.d_steps, t.progress,
+                         cfg.logger, {"g": state.opt_g, "d": state.opt_d})
+    stop = StopRequest(check_every=t.log_every if world.enabled else 1, device=device)
     row: Dict[str, Any] = {}
     stopping = False
-    while step < total_steps and not stopping and guard.fault is None:
-        # D update(s): fakes come from a no-grad G forward, since D's step needs no gradient through G.
-        for _ in range(t.d_steps):
-            real = batches.next()
-            with torch.no_grad(), autocast:
-                fake = G_ddp(sample_z(t.batch_size, cfg, noise, device, rank))
-            with autocast:
-                loss_d, stats = loss.discriminator(D_for_d_step, real, fake)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            guard.watch("D", loss_d, D)  # NaN/Inf flags stay on the device: no sync
-            opt_d.step()
-
-        # G update on fresh latents; D's weights need no gradient here, so the plain D (no DDP) is frozen.
-        with autocast, frozen(D):
-            loss_g = loss.generator(D_for_g_step, G_ddp(sample_z(t.batch_size, cfg, noise, device, rank)))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        guard.watch("G", loss_g, G)
-        opt_g.step()
-        if G_ema is not None:
-            G_ema.update(G, step)
-        step += 1
+    while state.step < total_steps and not stopping and state.guard.fault is None:
+        metrics.add(train_step())  # d_steps D updates, one G update, the EMA; the losses stay on the device
+        step = state.step
 
         # Evaluation, logging, grids and checkpoints; the metrics write is the only GPU sync.
-        metrics.add({"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **stats})
         stopping = stop.agreed(step)
         last = step == total_steps or stopping
         # FID/KID (rank 0) go into this step's metrics row; best.pt follows the best FID.
         evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == total_steps)
-        scores = evaluator(step, sampling_generator(G, G_ema), lambda: training_state(cfg, step, parts)) if evaluator and evaluating else {}
+        scores = evaluator(step, state.sampling_generator(), state.state_dict) if evaluator and evaluating else {}
         if step % t.log_every == 0 or last or evaluating:
-            row = metrics.write(step, batches.epoch, scores)
-            guard.check_row(step, row)
-        if rank.is_main and (step % t.sample_every == 0 or last):
-            grid = generate(sampling_generator(G, G_ema), grid_z)
-            guard.check_grid(step, grid)
-            metrics.add_grid(save_grid(grid, samples / f"step_{step:06d}.png", nrow=8), step)
-        if (step % t.ckpt_every == 0 or last) and guard.healthy(step, parts):  # a sync: never a checkpoint of NaN weights
-            # Each rank's BatchNorm statistics follow its own batches (DDP hands out rank 0's at every forward); save rank 0's.
-            distributed.broadcast_buffers(G, D)
-            replicas = distributed.replica_checksums(G, D, *([G_ema.calibrated()] if G_ema else []))
-            if rank.is_main:
-                checkpoint.save({**training_state(cfg, step, parts), "replica_checksums": replicas}, checkpoints, step, t.keep_last, guard.trusted_step)
+            row = metrics.write(step, state.batches.epoch, scores)
+            state.guard.check_row(step, row)
+        if world.is_main and (step % t.sample_every == 0 or last):
+            draw_grid(state, grid_z, run, metrics)
+        if (step % t.ckpt_every == 0 or last) and state.guard.healthy(step, state):  # a sync: no checkpoint of NaN
+            save_checkpoint(state, run.checkpoints, t.keep_last)
     metrics.close()
-    if rank.is_main:
+    if world.is_main:
         report.write_report(run_dir)  # loss_curves.png and progress.gif
     stop.restore()
-    runcard.finish(run_dir, step, stop.signal, guard)
+    runcard.finish(run_dir, state.step, stop.signal, state.guard)
     if stop.signal is not None:
-        log.warning("stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto", stop.signal, step)
-        sys.exit(signal_exit(stop.signal))
-    guard.raise_if_diverged()  # health.supervise stops or rolls back (trainer.on_divergence)
+        log.warning("stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto",
+                    stop.signal, state.step)
+        raise Stopped(stop.signal)
+    state.guard.raise_if_diverged()  # supervise.py stops or rolls back (trainer.on_divergence)
     return row
 
 
-def sample_z(batch_size: int, cfg: DictConfig, generator: torch.Generator, device: torch.device, rank: distributed.World) -> torch.Tensor:
-    """This rank's slice of the global batch of latents: every rank draws the same global batch, so N
-    processes train on the latents one process would (drawing is cheap next to the networks)."""
-    z = models.random_latents((batch_size, cfg.generator.z_dim), cfg.generator.z_distribution, generator, device)
-    return z.chunk(rank.size)[rank.rank]
+def build(cfg: DictConfig, device: torch.device) -> Tuple[TrainingState, TrainStep, torch.Tensor]:
+    """A fresh run's training state (a resume loads into it), the step that updates it, and the uint8 training images.
+
+    The order of the seeds and random draws here is part of every result: keep it.
+    """
+    t, world = cfg.trainer, distributed.world()
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    images = data.load_images(cfg.dataset)
+    local_batch = distributed.per_rank_batch(t.batch_size)  # batch_size is global: split over ranks
+    batches = data.ImageBatches(images, local_batch, device, t.seed, world.rank, world.size)
+    G, D = models.build_generator(cfg, device), models.build_discriminator(cfg, device)
+    speed.prepare_networks(cfg, G, D, local_batch, device)  # layout, cuDNN, compile: before EMA and DDP copy them
+    runcard.use_deterministic_algorithms(t.deterministic)  # after prepare_networks: it turns cuDNN's autotuner off
+    # The EMA's BatchNorm statistics come from ~2,048 fixed latents in global-size batches: N ranks agree with one.
+    calibration_latents = functools.partial(latent_batch, cfg=cfg, device=device)
+    G_ema = EMA(G, t.ema, calibration_latents, device, batches=-(-2048 // t.batch_size)) if t.ema > 0 else None
+    G_train, D_train = distributed.wrap(G, device, t.sync_bn), distributed.wrap(D, device, t.sync_bn)  # DDP
+    torch.manual_seed(t.seed + world.rank)  # dropout differs between ranks
+    state = TrainingState(
+        G=G,
+        D=D,
+        G_ema=G_ema,
+        opt_g=build_optimizer(G.parameters(), cfg.optimizer.generator, "optimizer.generator", t.fused_optimizer),
+        opt_d=build_optimizer(D.parameters(), cfg.optimizer.discriminator, "optimizer.discriminator",
+                              t.fused_optimizer),
+        batches=batches,
+        noise=torch.Generator(device).manual_seed(t.seed + 1),  # training latents; its state is checkpointed
+        guard=Guard(t.health, images, device),  # NaN/Inf and collapse; trainer.on_divergence acts on what it finds
+        config_yaml=checkpoint.config_yaml(cfg),
+    )
+    return state, TrainStep(state, cfg, device, G_train, D_train), images
+
+
+class TrainStep:
+    """One training step: `d_steps` D updates, one G update, the EMA update, on `state` in place.
+
+    Calling it returns the step's losses and D's statistics, still on the device (reading them is a
+    sync: the metrics do it at log rows). The whole step is this one unit over named state, the shape
+    a whole-step CUDA graph needs.
+    """
+
+    def __init__(self, state: TrainingState, cfg: DictConfig, device: torch.device,
+                 G_train: nn.Module, D_train: nn.Module):
+        self.state, self.cfg, self.device, self.world = state, cfg, device, distributed.world()
+        self.loss, self.autocast = build_loss(cfg.loss), speed.autocast(cfg.trainer.amp, device)
+        # G_train and D_train are G and D wrapped for DDP under torchrun. G's update judges its fakes with the
+        # plain D (frozen: no weight gradient to all-reduce). Both see every image through DiffAugment
+        # (augment.policy); with no policy these are the networks themselves.
+        self.G_train = G_train
+        self.D_train = augment.wrap(D_train, cfg.augment.policy)
+        self.D_judge = augment.wrap(state.D, cfg.augment.policy)
+
+    def __call__(self) -> Dict[str, torch.Tensor]:
+        reals = [self.state.batches.next() for _ in range(self.cfg.trainer.d_steps)]  # no random numbers drawn
+        stats = self.update(reals, self.state.step)
+        self.state.step += 1
+        return stats
+
+    def update(self, reals: List[torch.Tensor], ema_step: Any, set_to_none: bool = True) -> Dict[str, torch.Tensor]:
+        """The updates themselves, on given real batches (one per D update); `ema_step` sets the EMA's decay ramp.
+
+        The step counter is the caller's: replaying a captured step (speed.py) advances it outside.
+        """
+        s = self.state
+        # D update(s): fakes come from a no-grad G forward, since D's step needs no gradient through G.
+        for real in reals:
+            with torch.no_grad(), self.autocast:
+                fake = self.G_train(self.latents())
+            with self.autocast:
+                loss_d, stats = self.loss.discriminator(self.D_train, real, fake)
+            s.opt_d.zero_grad(set_to_none=set_to_none)
+            loss_d.backward()
+            s.guard.watch("D", loss_d, s.D)  # NaN/Inf flags stay on the device: no sync
+            s.opt_d.step()
+
+        # G update on fresh latents; D's weights need no gradient here, so the plain D (no DDP) is frozen.
+        with self.autocast, frozen(s.D):
+            loss_g = self.loss.generator(self.D_judge, self.G_train(self.latents()))
+        s.opt_g.zero_grad(set_to_none=set_to_none)
+        loss_g.backward()
+        s.guard.watch("G", loss_g, s.G)
+        s.opt_g.step()
+        if s.G_ema is not None:
+            s.G_ema.update(s.G, ema_step)
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **stats}
+
+    def latents(self) -> torch.Tensor:
+        return latent_batch(self.state.noise, self.cfg, self.device, self.world)
+
+
+def latent_batch(generator: torch.Generator, cfg: DictConfig, device: torch.device,
+                 world: Optional[distributed.World] = None) -> torch.Tensor:
+    """A global batch (trainer.batch_size) of latents from `generator`; with `world`, this rank's slice of it.
+
+    Every rank draws the same global batch, so N processes train on the latents one process would
+    (drawing is cheap next to the networks).
+    """
+    g = cfg.generator
+    z = models.random_latents((cfg.trainer.batch_size, g.z_dim), g.z_distribution, generator, device)
+    return z if world is None else z.chunk(world.size)[world.rank]
 
 
 @contextmanager
@@ -200,8 +259,51 @@ def frozen(model: torch.nn.Module):
         model.requires_grad_(True)
 
 
-def sampling_generator(G: torch.nn.Module, G_ema: Optional[EMA]) -> torch.nn.Module:
-    return G_ema.calibrated() if G_ema is not None else G
+def draw_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, metrics: MetricsLog) -> None:
+    """The fixed-noise progress grid, samples/step_NNNNNN.png; the guard checks it for lost diversity."""
+    grid = generate(state.sampling_generator(), grid_z)
+    state.guard.check_grid(state.step, grid)
+    metrics.add_grid(save_grid(grid, run.grid(state.step), nrow=8), state.step)
+
+
+def save_checkpoint(state: TrainingState, checkpoints: Path, keep_last: int) -> None:
+    """step_NNNNNN.pt and last.pt, written by rank 0; every rank calls it (the replica check is a collective)."""
+    # Each rank's BatchNorm statistics follow its own batches (DDP hands out rank 0's at every forward); save rank 0's.
+    distributed.broadcast_buffers(state.G, state.D)
+    networks = [state.G, state.D] + ([state.G_ema.calibrated()] if state.G_ema is not None else [])
+    replicas = distributed.replica_checksums(*networks)
+    if distributed.world().is_main:
+        saved = {**state.state_dict(), REPLICA_CHECKSUMS: replicas}
+        checkpoint.save(saved, checkpoints, state.step, keep_last, state.guard.trusted_step)
+
+
+def resume(state: TrainingState, source: Optional[str], checkpoints: Path, cfg: DictConfig) -> Dict[str, List[Any]]:
+    """Load the checkpoint trainer.resume names into `state`; returns the settings changed since it was written."""
+    if not source:
+        return {}
+    if source == "auto":
+        path = checkpoint.latest(checkpoints)
+        if path is None:  # runfolder.prepare has refused a folder of unreadable checkpoints before this
+            log.info("trainer.resume=auto: no checkpoint in %s yet, starting fresh", checkpoints)
+            return {}
+    else:
+        path = Path(source)
+    saved = checkpoint.load(path)
+    changes = checkpoint.changes_since(saved, cfg, path)
+    if changes:
+        listed = ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+        log.warning("resuming from %s with changed settings: %s", path, listed)
+    state.load_state_dict(saved)  # the learning rates changed since replace the saved ones
+    log.info("resumed from %s at step %d", path, state.step)
+    return changes
+
+
+class Stopped(Exception):
+    """train() ended early on SIGINT or SIGTERM, its checkpoint saved; gan-train exits 128 + the signal (cli.py)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signal = signum
 
 
 class StopRequest:
@@ -232,70 +334,3 @@ class StopRequest:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-# ---------------------------------------------------------------- checkpoint state
-
-def training_state(cfg: DictConfig, step: int, parts: Dict[str, Any]) -> Dict[str, Any]:
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {
-        "generator": parts["G"].state_dict(),
-        "discriminator": parts["D"].state_dict(),
-        "generator_ema": parts["G_ema"].calibrated().state_dict() if parts["G_ema"] is not None else None,
-        "optimizer_g": parts["opt_g"].state_dict(),
-        "optimizer_d": parts["opt_d"].state_dict(),
-        "step": step,
-        "epoch": parts["batches"].epoch,
-        "data": parts["batches"].state_dict(),
-        "rng": {"noise": parts["noise"].get_state(), "torch": torch.get_rng_state(), "cuda": cuda_rng},
-        "config_yaml": checkpoint.config_yaml(cfg),
-        "health": parts["guard"].state_dict(),
-    }
-
-
-def resume(source: Optional[str], checkpoints: Path, cfg: DictConfig, parts: Dict[str, Any]) -> Tuple[int, Dict[str, List[Any]]]:
-    """Load the state named by trainer.resume into `parts`; returns the step to continue from and the changed settings."""
-    if not source:
-        return 0, {}
-    if source == "auto":
-        path = checkpoint.latest(checkpoints)
-        if path is None:  # runfolder.prepare has refused a folder of unreadable checkpoints before this
-            log.info("trainer.resume=auto: no checkpoint in %s yet, starting fresh", checkpoints)
-            return 0, {}
-    else:
-        path = Path(source)
-    state = checkpoint.load(path)
-    changes = checkpoint.changes_since(state, cfg, path)
-    if changes:
-        listed = ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
-        log.warning("resuming from %s with changed settings: %s", path, listed)
-    parts["G"].load_state_dict(state["generator"])
-    parts["D"].load_state_dict(state["discriminator"])
-    if parts["G_ema"] is not None:
-        parts["G_ema"].model.load_state_dict(state["generator_ema"] or state["generator"])
-    load_optimizer(parts["opt_g"], state["optimizer_g"])
-    load_optimizer(parts["opt_d"], state["optimizer_d"])
-    parts["batches"].load_state_dict(state["data"])
-    health.on_resume(state, cfg, parts)  # the guard's memory; learning rates changed on the command line since
-    rng = state["rng"]
-    try:
-        parts["noise"].set_state(rng["noise"])
-    except RuntimeError:  # a CUDA generator's state means nothing to a CPU one, and vice versa
-        log.warning("the checkpoint's latent stream comes from another device type; continuing with a fresh one")
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"]), changes
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> None:
-    """The saved moments and step counts, with this run's hyperparameters (betas, weight decay, kernel choice).
-
-    `load_state_dict` takes every group setting from the checkpoint; only the learning rate keeps the saved value
-    here, since a rollback may have lowered it (health.on_resume applies one changed on the command line).
-    """
-    fresh = [{key: value for key, value in group.items() if key not in ("params", "lr")} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
-    for group, settings in zip(optimizer.param_groups, fresh):
-        group.update(settings)
