@@ -63,3 +63,76 @@ def test_device_batches_equal_host_batches_without_a_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert [image_ids(b.cpu()) for b in batches] == [image_ids(host.next()) for _ in range(6)]
+
+
+def test_the_graph_paths_step_function_trains_like_the_eager_one(tmp_path):
+    """What a captured step runs (TrainStep.update with gradients zeroed in place and the EMA's step counter on
+    the device) gives the eager step's weights: on the CPU, the same function, minus the capture."""
+    from dcgan import train
+    from dcgan.config import compose
+
+    cfg = compose("train", ["trainer.device=cpu", "trainer.batch_size=8", "generator.width=0.25", "discriminator.width=0.25",
+                            "dataset.max_images=64"])
+    torch.set_num_threads(1)
+    eager_state, eager_step, _ = train.build(cfg, torch.device("cpu"))
+    graph_state, graph_step, _ = train.build(cfg, torch.device("cpu"))
+    counter = torch.tensor(0.0)
+    for _ in range(4):
+        eager_step()
+        reals = [graph_state.batches.next() for _ in range(cfg.trainer.d_steps)]
+        graph_step.update(reals, counter, set_to_none=False)
+        graph_state.step += 1
+    assert counter.item() == 4
+    for name, eager in eager_state.state_dict()["generator_ema"].items():
+        assert torch.allclose(eager, graph_state.state_dict()["generator_ema"][name], atol=1e-6), name
+    for eager, graph in zip(eager_state.G.parameters(), graph_state.G.parameters(), strict=True):
+        assert torch.allclose(eager, graph, atol=1e-6)
+
+
+def test_the_guards_flags_are_updated_in_place_across_checks():
+    """A replayed graph writes into the flag tensors it captured: watch and the checks must keep using them."""
+    from dcgan.guard import Guard, HealthConfig
+
+    guard = Guard(HealthConfig(), numbered_images(8), torch.device("cpu"))
+    model = torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    guard.watch("G", torch.tensor(1.0), model)
+    flags = dict(guard._finite)
+    guard.check_row(10, {})
+    guard.watch("G", torch.tensor(float("nan")), model)
+    assert all(guard._finite[name] is flag for name, flag in flags.items())
+    guard.check_row(20, {})
+    assert guard.fault is not None and guard.fault.kind == "non-finite"
+
+
+def test_cuda_graphs_stay_off_without_cuda_and_under_torchrun(monkeypatch):
+    from dcgan import distributed, speed
+
+    assert not speed.use_cuda_graphs(True, torch.device("cpu"))
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 0, 2))
+    assert not speed.use_cuda_graphs(True, torch.device("cuda"))
+
+
+@needs_cuda
+def test_the_captured_loop_does_not_sync_between_log_rows(tmp_path, monkeypatch):
+    """The real loop with trainer.cuda_graphs=true: after the warm-up and the capture, steps between log rows
+    run under torch.cuda.set_sync_debug_mode("error") (any host sync raises)."""
+    from dcgan import speed, train
+    from dcgan.config import compose
+
+    original = speed.CapturedStep.__call__
+
+    def strict(self):
+        if self.graph is None:
+            return original(self)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(speed.CapturedStep, "__call__", strict)
+    cfg = compose("train", ["trainer.device=cuda", "trainer.cuda_graphs=true", "trainer.max_steps=40", "trainer.log_every=20",
+                            "trainer.sample_every=1000", "trainer.ckpt_every=1000", "trainer.progress=false"])
+    row = train.train(cfg, tmp_path / "run")
+    assert row["step"] == 40 and row["loss_d"] == row["loss_d"]

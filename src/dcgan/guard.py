@@ -127,7 +127,11 @@ class Guard:
         norm = torch.nn.utils.get_total_norm(gradients, error_if_nonfinite=False)
         for what, value in ((f"{name}'s loss", loss.detach()), (f"{name}'s gradient", norm)):
             finite = torch.isfinite(value).all()
-            self._finite[what] = self._finite[what] & finite if what in self._finite else finite
+            # In place once the flag exists: a replayed CUDA graph writes into the tensor read at the next check.
+            if what in self._finite:
+                self._finite[what].logical_and_(finite)
+            else:
+                self._finite[what] = finite.clone()
 
     def check_row(self, step: int, row: Dict[str, Any]) -> None:
         """At a log row: read the non-finite flags and look for the collapse signature."""
@@ -204,7 +208,8 @@ class Guard:
                 listed = ", ".join(bad[:-1]) + " and " + bad[-1] if len(bad) > 1 else bad[0]
                 message = f"NaN or Inf in {listed} between steps {since} and {step}"
                 self._found = Fault("non-finite", step, message, since)
-        self._finite = {}
+        for flag in self._finite.values():
+            flag.fill_(True)  # in place (see watch); the next check covers the steps from here on
         if self._found is None:
             self.checked_step = step
             if saved_state is not None:

@@ -28,7 +28,8 @@ class OptimizerConfig:
     discriminator: OptimizerSettings = field(default_factory=OptimizerSettings)
 
 
-def build_optimizer(params, settings: OptimizerSettings, key: str, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(params, settings: OptimizerSettings, key: str, fused: bool = False,
+                    capturable: bool = False) -> torch.optim.Optimizer:
     """Any torch.optim class by name; `betas` go only to optimizers that take them.
 
     `key` (e.g. "optimizer.generator") names the config section in error messages. `fused`
@@ -45,6 +46,8 @@ def build_optimizer(params, settings: OptimizerSettings, key: str, fused: bool =
     kwargs.update(dict(settings.extra))
     if fused and "fused" in accepted and not {"fused", "foreach"} & set(kwargs):
         kwargs["fused"] = True
+    if capturable and "capturable" in accepted:  # step counts on the device: the update can run inside a CUDA graph
+        kwargs["capturable"] = True
     unknown = sorted(k for k in kwargs if k not in accepted)
     if unknown:
         raise UserError(f"{key}: torch.optim.{settings.name} takes no argument {', '.join(unknown)}; remove it from {key}")
@@ -88,14 +91,24 @@ class EMA:
         self.copied = [i for i, b in enumerate(self.model.buffers()) if id(b) not in measured]
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
+    def update(self, model: nn.Module, step: int | torch.Tensor) -> None:
+        """`step` is the number of updates so far; a tensor (a CUDA graph's counter, speed.CapturedStep) is
+        read and advanced on the device, so the decay ramp goes on while the graph replays."""
+        if isinstance(step, torch.Tensor):
+            decay = step.add(1).div(step.add(10)).clamp(max=self.decay)
+            step.add_(1)
+        else:
+            decay = min(self.decay, (1 + step) / (10 + step))
         ema_params = list(self.model.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
         if self.copied:
             ema_buffers, buffers = list(self.model.buffers()), list(model.buffers())
             for i in self.copied:
                 ema_buffers[i].copy_(buffers[i])
+        self.mark_updated()
+
+    def mark_updated(self) -> None:
+        """The averaged weights changed (also after a graph replay, which runs no Python): re-measure BatchNorm."""
         self.stale = bool(self.norms)
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dcgan import distributed
 from dcgan.losses import build_loss
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,17 @@ def _snapshot(network: nn.Module) -> Dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- trainer.cuda_graphs: the whole step as one graph
 
 
+def use_cuda_graphs(requested: bool, device: torch.device) -> bool:
+    """trainer.cuda_graphs on this device (validate_trainer refuses it without CUDA); under torchrun the step runs
+    eagerly, with a warning: DDP's gradient all-reduce is not captured here."""
+    if not requested or device.type != "cuda":
+        return False
+    if distributed.world().enabled:
+        log.warning("trainer.cuda_graphs: not under torchrun (DDP's all-reduce is not captured); training eagerly")
+        return False
+    return True
+
+
 class CapturedStep:
     """`trainer.cuda_graphs`: the whole training step, captured once as a CUDA graph and replayed.
 
@@ -158,13 +170,15 @@ class CapturedStep:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.failed = False
         self.warmed = 0
-        self.counter = torch.tensor(float(self.state.step), device=step.device)  # the EMA's step, on the device
+        self.counter: Optional[torch.Tensor] = None  # the EMA's step on the device, from the (resumed) step
         self.reals: list = []
         self.stats: Dict[str, torch.Tensor] = {}
 
     def __call__(self) -> Dict[str, torch.Tensor]:
         if self.failed:
             return self.step()
+        if self.counter is None:
+            self.counter = torch.tensor(float(self.state.step), device=self.step.device)
         reals = [self.state.batches.next() for _ in range(self.d_steps)]  # device slices and gathers: no sync
         if self.graph is not None:
             for buffer, real in zip(self.reals, reals, strict=True):

@@ -14,7 +14,7 @@ import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -54,7 +54,7 @@ class TrainerConfig:
     # Speed options (speed.py; measured in docs/PERFORMANCE.md): the same maths on other layouts and kernels.
     channels_last: bool = True  # NHWC layout for G and D
     compile: bool = False  # torch.compile G and D; a failure in the trial step before training falls back to eager
-    cuda_graphs: bool = False  # CUDA only: compile in reduce-overhead mode (CUDA graphs of G's and D's passes)
+    cuda_graphs: bool = False  # CUDA only: the whole step captured once as a CUDA graph and replayed (speed.py)
     fused_optimizer: bool = True  # fused kernels for Adam/AdamW/SGD/Adagrad (CUDA and CPU); other optimizers ignore it
     cudnn_benchmark: bool = True  # CUDA: cuDNN picks the fastest conv algorithm for our fixed shapes
     ema: float = 0.999  # decay of the generator's moving average; 0 turns it off
@@ -147,12 +147,13 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     return row
 
 
-def build(cfg: DictConfig, device: torch.device) -> Tuple[TrainingState, TrainStep, torch.Tensor]:
+def build(cfg: DictConfig, device: torch.device) -> Tuple[TrainingState, Callable[[], Dict[str, torch.Tensor]], torch.Tensor]:
     """A fresh run's training state (a resume loads into it), the step that updates it, and the uint8 training images.
 
     The order of the seeds and random draws here is part of every result: keep it.
     """
     t, world = cfg.trainer, distributed.world()
+    graphs = speed.use_cuda_graphs(t.cuda_graphs, device)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     images = data.load_images(cfg.dataset)
     local_batch = distributed.per_rank_batch(t.batch_size)  # batch_size is global: split over ranks
@@ -169,15 +170,17 @@ def build(cfg: DictConfig, device: torch.device) -> Tuple[TrainingState, TrainSt
         G=G,
         D=D,
         G_ema=G_ema,
-        opt_g=build_optimizer(G.parameters(), cfg.optimizer.generator, "optimizer.generator", t.fused_optimizer),
+        opt_g=build_optimizer(G.parameters(), cfg.optimizer.generator, "optimizer.generator", t.fused_optimizer,
+                              capturable=graphs),
         opt_d=build_optimizer(D.parameters(), cfg.optimizer.discriminator, "optimizer.discriminator",
-                              t.fused_optimizer),
+                              t.fused_optimizer, capturable=graphs),
         batches=batches,
         noise=torch.Generator(device).manual_seed(t.seed + 1),  # training latents; its state is checkpointed
         guard=Guard(t.health, images, device),  # NaN/Inf and collapse; trainer.on_divergence acts on what it finds
         config_yaml=checkpoint.config_yaml(cfg),
     )
-    return state, TrainStep(state, cfg, device, G_train, D_train), images
+    step = TrainStep(state, cfg, device, G_train, D_train, graphs)
+    return state, speed.CapturedStep(step) if graphs else step, images
 
 
 class TrainStep:
@@ -189,9 +192,10 @@ class TrainStep:
     """
 
     def __init__(self, state: TrainingState, cfg: DictConfig, device: torch.device,
-                 G_train: nn.Module, D_train: nn.Module):
+                 G_train: nn.Module, D_train: nn.Module, graphs: bool = False):
         self.state, self.cfg, self.device, self.world = state, cfg, device, distributed.world()
-        self.loss, self.autocast = build_loss(cfg.loss), speed.autocast(cfg.trainer.amp, device)
+        self.loss = build_loss(cfg.loss)
+        self.autocast = speed.autocast(cfg.trainer.amp, device, cache=not graphs)
         # G_train and D_train are G and D wrapped for DDP under torchrun. G's update judges its fakes with the
         # plain D (frozen: no weight gradient to all-reduce). Both see every image through DiffAugment
         # (augment.policy); with no policy these are the networks themselves.
