@@ -19,7 +19,8 @@ torch.utils.flop_counter over one training step (convs and matmuls; ours: a 2-st
 
     python scripts/bench.py --device cuda --data fashion_mnist --root /usr/share/datasets/fashion-mnist \\
         --image-size 64 --batch-size 128 --steps 200 --ours "" --ours "trainer.amp=true trainer.channels_last=true"
-    python scripts/bench.py --device cpu --data synthetic --image-size 32 --batch-size 32 --steps 20 --threads 1 --repeat 3
+    python scripts/bench.py --device cpu --data synthetic --image-size 32 --batch-size 32 --steps 20 \\
+        --threads 1 --repeat 3
 
 Prints a table (and with --json, writes the same numbers to a file). docs/PERFORMANCE.md has results.
 """
@@ -61,7 +62,9 @@ IDX_IMAGES_MAGIC = 0x00000803
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--data", default="synthetic", choices=["synthetic", "mnist_tiny", "mnist", "fashion_mnist"])
     parser.add_argument("--root", default="data", help="mnist / fashion_mnist: the folder of the IDX files")
@@ -73,11 +76,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="the reference's DataLoader workers (its default: 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument(
-        "--ours", action="append", default=None, metavar="OVERRIDES",
+        "--ours",
+        action="append",
+        default=None,
+        metavar="OVERRIDES",
         help='our trainer with these gan-train overrides, e.g. "trainer.amp=true trainer.channels_last=true"; '
         'repeat for more runs; "" = the defaults (the default)',
     )
-    parser.add_argument("--repeat", type=int, default=1, help="time each loop this many times, in turns; report the median")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="time each loop this many times, in turns; report the median"
+    )
     parser.add_argument("--no-reference", action="store_true", help="time only our trainer")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -133,14 +141,20 @@ class ReferenceLoop:
 
     real_label, fake_label = 1.0, 0.0
 
-    def __init__(self, images: np.ndarray, G: nn.Module, D: nn.Module, args: argparse.Namespace, z_dim: int, device: torch.device):
-        transform = transforms.Compose([
-            transforms.Resize(args.image_size),
-            transforms.ToTensor(),
-            transforms.Normalize((0.5,), (0.5,)),
-        ])
+    def __init__(
+        self, images: np.ndarray, G: nn.Module, D: nn.Module, args: argparse.Namespace, z_dim: int, device: torch.device
+    ):
+        transform = transforms.Compose(
+            [
+                transforms.Resize(args.image_size),
+                transforms.ToTensor(),
+                transforms.Normalize((0.5,), (0.5,)),
+            ]
+        )
         torch.backends.cudnn.benchmark = True  # main.py sets it too
-        self.dataloader = DataLoader(PILImages(images, transform), batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+        self.dataloader = DataLoader(
+            PILImages(images, transform), batch_size=args.batch_size, shuffle=True, num_workers=args.workers
+        )
         self.netG, self.netD = G, nn.Sequential(D, nn.Sigmoid())
         self.criterion = nn.BCELoss()
         self.optimizerD = torch.optim.Adam(self.netD.parameters(), lr=0.0002, betas=(0.5, 0.999))
@@ -185,7 +199,11 @@ class ReferenceLoop:
         errG.backward()
         D_G_z2 = output.mean().item()
         self.optimizerG.step()
-        print("Loss_D: %.4f Loss_G: %.4f D(x): %.4f D(G(z)): %.4f / %.4f" % (errD.item(), errG.item(), D_x, D_G_z1, D_G_z2), file=self.log)
+        print(
+            "Loss_D: %.4f Loss_G: %.4f D(x): %.4f D(G(z)): %.4f / %.4f"
+            % (errD.item(), errG.item(), D_x, D_G_z1, D_G_z2),
+            file=self.log,
+        )
         return batch_size
 
     def images_per_s(self, warmup: int, steps: int) -> float:
@@ -214,14 +232,22 @@ def synchronize(device: torch.device) -> None:
 
 
 def our_config(args: argparse.Namespace, data_overrides: List[str], extra: List[str], max_steps: int, log_every: int):
-    return compose("train", [
-        *data_overrides,
-        f"dataset.image_size={args.image_size}", "dataset.channels=1",
-        f"trainer.device={args.device}", f"trainer.batch_size={args.batch_size}",
-        f"trainer.max_steps={max_steps}", f"trainer.log_every={log_every}",
-        "trainer.sample_every=1000000000", "trainer.ckpt_every=1000000000", "trainer.progress=false",
-        *extra,
-    ])
+    return compose(
+        "train",
+        [
+            *data_overrides,
+            f"dataset.image_size={args.image_size}",
+            "dataset.channels=1",
+            f"trainer.device={args.device}",
+            f"trainer.batch_size={args.batch_size}",
+            f"trainer.max_steps={max_steps}",
+            f"trainer.log_every={log_every}",
+            "trainer.sample_every=1000000000",
+            "trainer.ckpt_every=1000000000",
+            "trainer.progress=false",
+            *extra,
+        ],
+    )
 
 
 def our_images_per_s(args: argparse.Namespace, data_overrides: List[str], extra: List[str], folder: Path) -> float:
@@ -267,17 +293,29 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             torch.manual_seed(0)
             G, D = models.build_generator(cfg, device), models.build_discriminator(cfg, device)
             reference = ReferenceLoop(images, G, D, args, cfg.generator.z_dim, device)
-            results.append({"name": "reference (pytorch/examples loop)", "overrides": None, "flops_per_image": reference.flops_per_image()})
+            results.append(
+                {
+                    "name": "reference (pytorch/examples loop)",
+                    "overrides": None,
+                    "flops_per_image": reference.flops_per_image(),
+                }
+            )
             measures.append(lambda: reference.images_per_s(args.warmup, args.steps))
         for overrides in variants:
-            results.append({"name": "ours" + (" " + " ".join(overrides) if overrides else " (defaults)"), "overrides": overrides, "flops_per_image": our_flops})
+            results.append(
+                {
+                    "name": "ours" + (" " + " ".join(overrides) if overrides else " (defaults)"),
+                    "overrides": overrides,
+                    "flops_per_image": our_flops,
+                }
+            )
             measures.append(lambda overrides=overrides: our_images_per_s(args, data_overrides, overrides, folder))
         # Round-robin repeats spread a shared machine's load changes evenly over the loops.
         runs: List[List[float]] = [[] for _ in measures]
         for _ in range(args.repeat):
-            for samples, measure in zip(runs, measures):
+            for samples, measure in zip(runs, measures, strict=False):
                 samples.append(measure())
-    for result, samples in zip(results, runs):
+    for result, samples in zip(results, runs, strict=False):
         result["images_per_s"] = statistics.median(samples)
         result["images_per_s_runs"] = samples
     reference_speed = results[0]["images_per_s"] if not args.no_reference else None
@@ -289,7 +327,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "command": " ".join(shlex.quote(a) for a in ["python", "scripts/bench.py", *sys.argv[1:]]),
         "device": describe_device(device),
         "torch": torch.__version__,
-        "data": f"{args.data}, {len(images)} images, {SOURCE_SIDE}x{SOURCE_SIDE} resized to {args.image_size}x{args.image_size}x1",
+        "data": f"{args.data}, {len(images)} images, {SOURCE_SIDE}x{SOURCE_SIDE} resized to "
+        f"{args.image_size}x{args.image_size}x1",
         "batch_size": args.batch_size,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
@@ -311,7 +350,10 @@ def print_table(report: Dict[str, Any]) -> None:
         f"{report['warmup_steps']} warm-up; median of {report['repeats']} run(s), in turns"
     )
     name_width = max(len(r["name"]) for r in report["results"])
-    print(f"{'loop':<{name_width}}  {'images/s':>10}  {'(min-max)':>15}  {'x ref':>6}  {'GFLOP/image':>11}  {'TFLOP/s':>8}")
+    print(
+        f"{'loop':<{name_width}}  {'images/s':>10}  {'(min-max)':>15}  {'x ref':>6}  {'GFLOP/image':>11}  "
+        f"{'TFLOP/s':>8}"
+    )
     for r in report["results"]:
         ratio = f"{r['ratio_to_reference']:.2f}" if r["ratio_to_reference"] is not None else "-"
         spread = f"{min(r['images_per_s_runs']):.1f}-{max(r['images_per_s_runs']):.1f}"

@@ -59,8 +59,10 @@ def main() -> None:
         megabytes = 4 * (g_params + cfg.trainer.d_steps * d_params) / 1e6
         flops = step_flops_per_image(cfg, args.batch_size)
         side = cfg.dataset.image_size
-        print(f"| `{preset}` | {side}x{side}x{cfg.dataset.channels} | {g_params / 1e6:.2f} M | {d_params / 1e6:.2f} M "
-              f"| {megabytes:.1f} MB | {flops / 1e9:.3f} |")
+        print(
+            f"| `{preset}` | {side}x{side}x{cfg.dataset.channels} | {g_params / 1e6:.2f} M | {d_params / 1e6:.2f} M "
+            f"| {megabytes:.1f} MB | {flops / 1e9:.3f} |"
+        )
 
 
 if __name__ == "__main__":

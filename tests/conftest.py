@@ -16,15 +16,20 @@ from PIL import Image
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 # Data and weights this machine may hold; tests that need them skip, saying why, when they are absent.
-WEIGHTS = Path(os.environ.get("DCGAN_INCEPTION_WEIGHTS", REPO.parent / "shared" / "models" / "inception-2015-12-05-fidelity.pth"))
+WEIGHTS = Path(
+    os.environ.get("DCGAN_INCEPTION_WEIGHTS", REPO.parent / "shared" / "models" / "inception-2015-12-05-fidelity.pth")
+)
 needs_weights = pytest.mark.skipif(
     not WEIGHTS.is_file(),
-    reason=f"no Inception weights at {WEIGHTS}: set DCGAN_INCEPTION_WEIGHTS to a torch-fidelity weights file (tests never download)",
+    reason=f"no Inception weights at {WEIGHTS}: set DCGAN_INCEPTION_WEIGHTS to a torch-fidelity weights file (tests "
+    "never download)",
 )
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 
 
-def run_cli(program: str, args: List[str], cwd: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    program: str, args: List[str], cwd: Path, timeout: float = 900, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run an installed console script (gan-train, gan-sample) the way a user would.
 
     The timeout only catches hangs: on two cores shared with another job, the 300-step smoke run once took
@@ -81,5 +86,9 @@ def assert_same_training(a: dict, b: dict) -> None:
     for part in ("optimizer_g", "optimizer_d"):
         for index, values in a[part]["state"].items():
             for name, value in values.items():
-                assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[part]["state"][index][name])), (part, index, name)
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[part]["state"][index][name])), (
+                    part,
+                    index,
+                    name,
+                )
     assert a["data"] == b["data"] and torch.equal(a["rng"]["noise"], b["rng"]["noise"])

@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan import cli
-from conftest import FAST, run_cli
-from dcgan import data
+from dcgan import cli, data
 from dcgan.data import DatasetConfig
 from dcgan.layout import RunFolder
+
+from conftest import FAST, run_cli
 
 HUGE_SEED = 2**64 - 1  # the largest seed torch takes: any seed after it overflows
 NOT_WRITABLE = Path("/proc/dcgan-test/out")  # nothing can be made in /proc, not even by root
@@ -33,8 +33,18 @@ NOT_WRITABLE = Path("/proc/dcgan-test/out")  # nothing can be made in /proc, not
 def run(tmp_path_factory) -> Path:
     """One tiny training run: checkpoints, two progress grids, metrics.jsonl."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    run_cli("gan-train", [*FAST, "trainer.max_steps=4", "trainer.sample_every=2", "trainer.log_every=2",
-                          "trainer.ckpt_every=4", f"hydra.run.dir={root / 'run'}"], cwd=root)
+    run_cli(
+        "gan-train",
+        [
+            *FAST,
+            "trainer.max_steps=4",
+            "trainer.sample_every=2",
+            "trainer.log_every=2",
+            "trainer.ckpt_every=4",
+            f"hydra.run.dir={root / 'run'}",
+        ],
+        cwd=root,
+    )
     return root / "run"
 
 
@@ -52,7 +62,13 @@ def files(run: Path, tmp_path_factory) -> Dict[str, Path]:
     (images / "1.png").write_bytes((images / "1.png").read_bytes()[:60])
     (root / "a_file").write_text("not a folder")
     (root / "a_folder").mkdir()
-    return {"root": root, "newer": root / "newer.pt", "images": images, "file": root / "a_file", "folder": root / "a_folder"}
+    return {
+        "root": root,
+        "newer": root / "newer.pt",
+        "images": images,
+        "file": root / "a_file",
+        "folder": root / "a_folder",
+    }
 
 
 def snapshot(folder: Path) -> Dict[str, str]:
@@ -120,7 +136,10 @@ EVAL_CASES = {
     "out cannot be written": (lambda f: [f"out={NOT_WRITABLE}.json"], "cannot write in"),
     "seeds past 64 bits": (lambda f: [f"seed={HUGE_SEED}"], "64-bit"),
     "truncated PNG in a folder": (lambda f: [f"input1={f['images']}", f"input2={f['images']}"], "cannot read image"),
-    "checkpoint from a newer version": (lambda f: [f"ckpt={f['newer']}", f"out={f['root'] / 'newer.json'}"], "newer version"),
+    "checkpoint from a newer version": (
+        lambda f: [f"ckpt={f['newer']}", f"out={f['root'] / 'newer.json'}"],
+        "newer version",
+    ),
 }
 
 
@@ -134,10 +153,15 @@ def test_gan_eval_refuses_before_measuring(case: str, run: Path, files: Dict[str
 
 
 def test_gan_eval_out_is_checked_in_a_real_process(run: Path, files: Dict[str, Path], tmp_path: Path):
-    result = run_cli("gan-eval", [f"ckpt={run / 'checkpoints' / 'last.pt'}", f"out={files['folder']}"], cwd=tmp_path, check=False)
+    result = run_cli(
+        "gan-eval", [f"ckpt={run / 'checkpoints' / 'last.pt'}", f"out={files['folder']}"], cwd=tmp_path, check=False
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"gan-eval: error: out={files['folder']} is a folder, but gan-eval's result "
-                                                  f"is one file; name the file, e.g. out={files['folder'] / 'out.json'}"]
+    assert result.stderr.strip().splitlines() == [
+        f"gan-eval: error: out={files['folder']} is a folder, but gan-eval's "
+        "result "
+        f"is one file; name the file, e.g. out={files['folder'] / 'out.json'}"
+    ]
 
 
 # ---------------------------------------------------------------- gan-train
@@ -154,20 +178,29 @@ def test_gan_train_refuses_before_the_run_starts(case: str, tmp_path: Path, monk
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached download of the Inception weights here
     args, expected = TRAIN_CASES[case]
     run_dir = tmp_path / "run"
-    assert_refused(cli.train_main, "gan-train", [*FAST, "trainer.max_steps=2", *args, f"hydra.run.dir={run_dir}"], expected, capsys)
+    assert_refused(
+        cli.train_main, "gan-train", [*FAST, "trainer.max_steps=2", *args, f"hydra.run.dir={run_dir}"], expected, capsys
+    )
     assert not run_dir.exists()
 
 
 def test_gan_train_image_size_in_a_real_process(tmp_path: Path):
-    result = run_cli("gan-train", [*FAST, "dataset.image_size=65536", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    result = run_cli(
+        "gan-train", [*FAST, "dataset.image_size=65536", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "dataset.image_size=65536" in result.stderr and not (tmp_path / "run").exists()
 
 
 def test_gan_train_refuses_a_checkpoint_from_a_newer_version(run: Path, files: Dict[str, Path], tmp_path: Path, capsys):
     before = snapshot(run)
-    assert_refused(cli.train_main, "gan-train", [*FAST, "trainer.max_steps=2", f"trainer.resume={files['newer']}",
-                                                   f"hydra.run.dir={tmp_path / 'run'}"], "upgrade dcgan", capsys)
+    assert_refused(
+        cli.train_main,
+        "gan-train",
+        [*FAST, "trainer.max_steps=2", f"trainer.resume={files['newer']}", f"hydra.run.dir={tmp_path / 'run'}"],
+        "upgrade dcgan",
+        capsys,
+    )
     assert snapshot(run) == before
 
 
@@ -205,7 +238,8 @@ def test_gan_report_skips_a_truncated_last_metrics_line(run_copy: Path):
     result = run_cli("gan-report", [f"run={run_copy}"], cwd=run_copy)
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"gan-report: {run_copy / 'metrics.jsonl'}: skipped 1 line(s) that are not metrics rows (line 3; cut short by a killed run?)"
+        f"gan-report: {run_copy / 'metrics.jsonl'}: skipped 1 line(s) that are not metrics rows (line 3; cut short by "
+        "a killed run?)"
     ]
     assert RunFolder(run_copy).loss_figure.is_file() or "matplotlib" in result.stderr
 
@@ -213,7 +247,9 @@ def test_gan_report_skips_a_truncated_last_metrics_line(run_copy: Path):
 # ---------------------------------------------------------------- --help
 
 
-@pytest.mark.parametrize("program, main", [("gan-sample", cli.sample_main), ("gan-eval", cli.eval_main), ("gan-report", cli.report_main)])
+@pytest.mark.parametrize(
+    "program, main", [("gan-sample", cli.sample_main), ("gan-eval", cli.eval_main), ("gan-report", cli.report_main)]
+)
 def test_help_prints_usage(program: str, main, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--help"])

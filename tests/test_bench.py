@@ -18,18 +18,59 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 def test_bench_compares_the_reference_loop_with_ours_on_cpu(tmp_path: Path):
     out = tmp_path / "bench.json"
     command = [
-        sys.executable, str(SCRIPT), "--device", "cpu", "--data", "synthetic", "--max-images", "256",
-        "--image-size", "16", "--batch-size", "16", "--steps", "3", "--warmup", "2", "--workers", "1", "--threads", "1", "--repeat", "2",
-        "--ours", "", "--ours", "trainer.channels_last=true trainer.fused_optimizer=false", "--json", str(out),
+        sys.executable,
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--data",
+        "synthetic",
+        "--max-images",
+        "256",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--steps",
+        "3",
+        "--warmup",
+        "2",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--repeat",
+        "2",
+        "--ours",
+        "",
+        "--ours",
+        "trainer.channels_last=true trainer.fused_optimizer=false",
+        "--json",
+        str(out),
     ]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     report = json.loads(out.read_text())
     assert report["device"].startswith("CPU") and report["torch"] == __import__("torch").__version__
-    assert report["batch_size"] == 16 and report["timed_steps"] == 3 and report["warmup_steps"] == 2 and report["repeats"] == 2
+    assert (
+        report["batch_size"] == 16
+        and report["timed_steps"] == 3
+        and report["warmup_steps"] == 2
+        and report["repeats"] == 2
+    )
     names = [r["name"] for r in report["results"]]
-    assert names == ["reference (pytorch/examples loop)", "ours (defaults)", "ours trainer.channels_last=true trainer.fused_optimizer=false"]
+    assert names == [
+        "reference (pytorch/examples loop)",
+        "ours (defaults)",
+        "ours trainer.channels_last=true trainer.fused_optimizer=false",
+    ]
     for r in report["results"]:
         assert len(r["images_per_s_runs"]) == 2 and all(math.isfinite(v) and v > 0 for v in r["images_per_s_runs"])
         assert min(r["images_per_s_runs"]) <= r["images_per_s"] <= max(r["images_per_s_runs"])

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import FAST, assert_same_training, run_cli
 from dcgan import checkpoint, data, models
 from dcgan.config import compose, train_config_from_yaml
 from dcgan.images import generate, latents
+
+from conftest import FAST, assert_same_training, run_cli
 
 
 def pixel_statistics_distance(images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -27,14 +28,24 @@ def test_smoke_training_learns_mnist(tmp_path: Path):
     full_width = [arg for arg in FAST if ".width=" not in arg]  # the real default networks
     run_cli(
         "gan-train",
-        [*full_width, f"trainer.max_steps={steps}", "trainer.batch_size=64", "trainer.log_every=25",
-         "trainer.sample_every=100", "trainer.ckpt_every=100", f"hydra.run.dir={run_dir}"],
+        [
+            *full_width,
+            f"trainer.max_steps={steps}",
+            "trainer.batch_size=64",
+            "trainer.log_every=25",
+            "trainer.sample_every=100",
+            "trainer.ckpt_every=100",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=tmp_path,
     )
     # Outputs: checkpoints, grids, metrics, Hydra's record of the config.
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     assert [p.name for p in checkpoint.step_checkpoints(run_dir / "checkpoints")] == [
-        "step_000100.pt", "step_000200.pt", "step_000300.pt"]
+        "step_000100.pt",
+        "step_000200.pt",
+        "step_000300.pt",
+    ]
     grids = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
     assert grids == ["step_000100.png", "step_000200.png", "step_000300.png"]
     assert Image.open(run_dir / "samples" / "step_000300.png").size == (8 * 30 + 2, 8 * 30 + 2)
@@ -66,7 +77,9 @@ def test_resume_is_exact(tmp_path: Path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_cli("gan-train", [*common, "trainer.max_steps=14", f"hydra.run.dir={straight}"], cwd=tmp_path)
     run_cli("gan-train", [*common, "trainer.max_steps=7", f"hydra.run.dir={split}"], cwd=tmp_path)
-    run_cli("gan-train", [*common, "trainer.max_steps=14", "trainer.resume=auto", f"hydra.run.dir={split}"], cwd=tmp_path)
+    run_cli(
+        "gan-train", [*common, "trainer.max_steps=14", "trainer.resume=auto", f"hydra.run.dir={split}"], cwd=tmp_path
+    )
     a = checkpoint.load(straight / "checkpoints" / "last.pt")
     b = checkpoint.load(split / "checkpoints" / "last.pt")
     assert a["step"] == 14
@@ -81,11 +94,23 @@ def test_resume_from_explicit_path_and_mismatch(tmp_path: Path):
     run_cli("gan-train", [*FAST, "trainer.max_steps=5", f"hydra.run.dir={first}"], cwd=tmp_path)
     ckpt = first / "checkpoints" / "last.pt"
     other = tmp_path / "other"
-    run_cli("gan-train", [*FAST, "trainer.max_steps=8", f"trainer.resume={ckpt}", f"hydra.run.dir={other}"], cwd=tmp_path)
+    run_cli(
+        "gan-train", [*FAST, "trainer.max_steps=8", f"trainer.resume={ckpt}", f"hydra.run.dir={other}"], cwd=tmp_path
+    )
     assert checkpoint.load(other / "checkpoints" / "last.pt")["step"] == 8
     # A checkpoint of another architecture is refused with a message, not a state-dict traceback.
-    result = run_cli("gan-train", [*FAST, "trainer.max_steps=8", "generator.width=0.5", f"trainer.resume={ckpt}",
-                                   f"hydra.run.dir={tmp_path / 'third'}"], cwd=tmp_path, check=False)
+    result = run_cli(
+        "gan-train",
+        [
+            *FAST,
+            "trainer.max_steps=8",
+            "generator.width=0.5",
+            f"trainer.resume={ckpt}",
+            f"hydra.run.dir={tmp_path / 'third'}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2
     assert "generator" in result.stderr and "Traceback" not in result.stderr
 
@@ -96,15 +121,28 @@ def test_checkpoint_is_self_contained_and_safe(tmp_path: Path):
     path = run_dir / "checkpoints" / "last.pt"
     state = torch.load(path, weights_only=True)  # no pickled code inside
     assert isinstance(state["config_yaml"], str) and "generator:" in state["config_yaml"]
-    assert set(state) >= {"generator", "discriminator", "generator_ema", "optimizer_g", "optimizer_d",
-                          "step", "epoch", "rng", "data", "config_yaml"}
+    assert set(state) >= {
+        "generator",
+        "discriminator",
+        "generator_ema",
+        "optimizer_g",
+        "optimizer_d",
+        "step",
+        "epoch",
+        "rng",
+        "data",
+        "config_yaml",
+    }
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
 
 def test_keep_last_retention(tmp_path: Path):
     run_dir = tmp_path / "run"
-    run_cli("gan-train", [*FAST, "trainer.max_steps=20", "trainer.ckpt_every=4", "trainer.keep_last=2",
-                          f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    run_cli(
+        "gan-train",
+        [*FAST, "trainer.max_steps=20", "trainer.ckpt_every=4", "trainer.keep_last=2", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )
     names = [p.name for p in checkpoint.step_checkpoints(run_dir / "checkpoints")]
     assert names == ["step_000016.pt", "step_000020.pt"]
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] == 20
@@ -113,8 +151,11 @@ def test_keep_last_retention(tmp_path: Path):
 def test_epochs_bound_and_d_steps(tmp_path: Path):
     run_dir = tmp_path / "run"
     # 200 images, batch 16 -> 12 batches per epoch; 2 epochs with 2 D steps per G step -> 12 G steps.
-    run_cli("gan-train", [*FAST, "dataset.max_images=200", "trainer.epochs=2", "trainer.d_steps=2",
-                          f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    run_cli(
+        "gan-train",
+        [*FAST, "dataset.max_images=200", "trainer.epochs=2", "trainer.d_steps=2", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )
     state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert state["step"] == 12
     assert state["data"] == {"epoch": 2, "position": 0}
@@ -124,7 +165,11 @@ def test_every_loss_trains(tmp_path: Path):
     for loss in ("ns", "hinge", "lsgan", "wgan_gp"):
         extra = ["discriminator.norm=none"] if loss == "wgan_gp" else []
         run_dir = tmp_path / loss
-        run_cli("gan-train", [*FAST, f"loss={loss}", *extra, "trainer.max_steps=6", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        run_cli(
+            "gan-train",
+            [*FAST, f"loss={loss}", *extra, "trainer.max_steps=6", f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path,
+        )
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in rows), loss
         if loss == "wgan_gp":
@@ -133,9 +178,19 @@ def test_every_loss_trains(tmp_path: Path):
 
 def test_other_optimizers_and_amp(tmp_path: Path):
     run_dir = tmp_path / "run"
-    run_cli("gan-train", [*FAST, "optimizer=rmsprop", "optimizer.discriminator.name=SGD",
-                          "+optimizer.discriminator.extra.momentum=0.9", "trainer.amp=true",
-                          "trainer.max_steps=4", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    run_cli(
+        "gan-train",
+        [
+            *FAST,
+            "optimizer=rmsprop",
+            "optimizer.discriminator.name=SGD",
+            "+optimizer.discriminator.extra.momentum=0.9",
+            "trainer.amp=true",
+            "trainer.max_steps=4",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert "momentum_buffer" in next(iter(state["optimizer_d"]["state"].values()))
 

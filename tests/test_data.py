@@ -17,11 +17,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import DEBIAN_FASHION_MNIST
 from dcgan import data
-from dcgan.data import DatasetConfig
+from dcgan.data import DatasetConfig, ImageBatches, describe, load_images
 from dcgan.errors import UserError
-from dcgan.data import ImageBatches, describe, load_images
+
+from conftest import DEBIAN_FASHION_MNIST
 
 CELEBA_COUNT = 20
 # list_eval_partition.txt of the fake CelebA: 12 train, 4 valid, 4 test images.
@@ -172,10 +172,15 @@ def test_mnist_rejects_celeba_splits(tmp_path):
         load_images(DatasetConfig(name="mnist", root=str(tmp_path), split="valid"))
 
 
-@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's fashion-mnist package (/usr/share/datasets/fashion-mnist) is not installed")
+@pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.is_dir(),
+    reason="Debian's fashion-mnist package (/usr/share/datasets/fashion-mnist) is not installed",
+)
 def test_debian_fashion_mnist():
     train = load_images(DatasetConfig(name="fashion_mnist", root=str(DEBIAN_FASHION_MNIST), download=False))
-    test = load_images(DatasetConfig(name="fashion_mnist", root=str(DEBIAN_FASHION_MNIST), split="test", download=False))
+    test = load_images(
+        DatasetConfig(name="fashion_mnist", root=str(DEBIAN_FASHION_MNIST), split="test", download=False)
+    )
     assert train.shape == (60000, 1, 28, 28) and train.dtype == torch.uint8
     assert test.shape == (10000, 1, 28, 28)
     # Fashion-MNIST's published training-set mean is 0.2860 of full scale.
@@ -219,7 +224,10 @@ def test_celeba_images_keep_their_order_and_colour(celeba_reference):
 
 
 @pytest.mark.parametrize("layout", ["torchvision", "plain root", "zip in root", "zip in celeba/"])
-@pytest.mark.parametrize("split, members", [("train", range(1, 13)), ("valid", range(13, 17)), ("test", range(17, 21)), ("all", range(1, 21))])
+@pytest.mark.parametrize(
+    "split, members",
+    [("train", range(1, 13)), ("valid", range(13, 17)), ("test", range(17, 21)), ("all", range(1, 21))],
+)
 def test_celeba_partition_file_selects_the_split(tmp_path, celeba_jpegs, celeba_reference, layout, split, members):
     LAYOUTS[layout](tmp_path, celeba_jpegs)
     partition_folder = tmp_path / "celeba" if layout in ("torchvision", "zip in celeba/") else tmp_path
@@ -244,8 +252,10 @@ def test_celeba_gray_and_size(tmp_path, celeba_jpegs):
     assert images.shape == (CELEBA_COUNT, 1, 64, 64) and images.dtype == torch.uint8
 
 
-QUOTA_PAGE = ("<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head>"
-              "<body>Too many users have viewed or downloaded this file recently.</body></html>")
+QUOTA_PAGE = (
+    "<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head>"
+    "<body>Too many users have viewed or downloaded this file recently.</body></html>"
+)
 
 
 @pytest.mark.parametrize(
@@ -253,7 +263,10 @@ QUOTA_PAGE = ("<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</
     [
         ("img_align_celeba.zip", QUOTA_PAGE),
         ("celeba/img_align_celeba.zip", QUOTA_PAGE),
-        ("img_align_celeba.zip", "\n  <html><body>Sorry, you can't view or download this file at this time.</body></html>"),
+        (
+            "img_align_celeba.zip",
+            "\n  <html><body>Sorry, you can't view or download this file at this time.</body></html>",
+        ),
         ("img_align_celeba.zip", "Download quota exceeded for this file, so you can't download it at this time."),
     ],
 )
@@ -261,7 +274,9 @@ def test_google_drive_quota_page_saved_as_the_zip(tmp_path, relative, content):
     page = tmp_path / relative
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(content)
-    with pytest.raises(UserError, match="is a Google Drive web page \\(download quota exceeded\\), not the data: delete it") as caught:
+    with pytest.raises(
+        UserError, match="is a Google Drive web page \\(download quota exceeded\\), not the data: delete it"
+    ) as caught:
         load_images(celeba_cfg(tmp_path))
     assert str(page) in str(caught.value)
 
@@ -337,16 +352,16 @@ MIXED_RGB = {
 def test_folder_converts_every_mode(mixed_folder):
     images = load_images(DatasetConfig(name="folder", root=str(mixed_folder), image_size=8, channels=3))
     assert images.shape == (len(MIXED_RGB), 3, 8, 8) and images.dtype == torch.uint8
-    for image, (name, colours) in zip(images, MIXED_RGB.items()):
+    for image, (name, colours) in zip(images, MIXED_RGB.items(), strict=False):
         halves = [image[:, :, :4], image[:, :, 4:]] if len(colours) == 2 else [image]
-        for half, colour in zip(halves, colours):
+        for half, colour in zip(halves, colours, strict=False):
             assert torch.equal(half, torch.tensor(colour, dtype=torch.uint8)[:, None, None].expand_as(half)), name
 
 
 def test_folder_grayscale(mixed_folder):
     images = load_images(DatasetConfig(name="folder", root=str(mixed_folder), image_size=8, channels=1))
     assert images.shape == (len(MIXED_RGB), 1, 8, 8)
-    gray = dict(zip(MIXED_RGB, images[:, 0, 0, 0].tolist()))
+    gray = dict(zip(MIXED_RGB, images[:, 0, 0, 0].tolist(), strict=False))
     assert gray["a/gray.png"] == 200 and gray["sixteen.png"] == 128 and gray["LA.PNG"] == 100
 
 
@@ -356,7 +371,9 @@ def test_center_crop_then_resize(tmp_path):
     pixels[55:163, 35:143] = 255
     save(tmp_path / "face.png", Image.fromarray(pixels))
     cropped = load_images(DatasetConfig(name="folder", root=str(tmp_path), image_size=16, crop=108))
-    whole = load_images(DatasetConfig(name="folder", root=str(tmp_path), image_size=16, crop=0, cache_dir=str(tmp_path / "other")))
+    whole = load_images(
+        DatasetConfig(name="folder", root=str(tmp_path), image_size=16, crop=0, cache_dir=str(tmp_path / "other"))
+    )
     assert cropped.shape == whole.shape == (1, 1, 16, 16)
     assert cropped.min() >= 250  # only the white square is left
     assert whole[0, 0, 0, 0] < 5 and whole[0, 0, 8, 8] > 250  # the largest square still has black edges
@@ -545,7 +562,9 @@ def test_damaged_state_is_a_user_error():
 
 def test_two_ranks_split_each_epoch_between_them():
     images = numbered_images(48)
-    ranks = [ImageBatches(images, batch_size=4, device=torch.device("cpu"), seed=5, rank=r, world_size=2) for r in range(2)]
+    ranks = [
+        ImageBatches(images, batch_size=4, device=torch.device("cpu"), seed=5, rank=r, world_size=2) for r in range(2)
+    ]
     assert [r.batches_per_epoch for r in ranks] == [6, 6]
     for _ in range(2):
         seen = [set(i for _ in range(6) for i in indices_of(rank.next())) for rank in ranks]

@@ -11,23 +11,35 @@ from pathlib import Path
 
 import torch
 
-from conftest import BIN, run_cli
 from dcgan import checkpoint
+
+from conftest import BIN, run_cli
 
 # BatchNorm-free networks: without SyncBatchNorm (CUDA only) each rank normalizes its own half batch,
 # which one process can't reproduce; with these, N ranks must compute exactly one process's update.
 # SGD, because Adam's first steps move each weight by about lr * sign(gradient), which turns the last-bit
 # differences of a differently ordered sum into whole steps wherever a gradient is near zero.
 SMALL = [
-    "optimizer.generator.name=SGD", "optimizer.discriminator.name=SGD",
-    "optimizer.generator.lr=0.01", "optimizer.discriminator.lr=0.01",
-    "generator=keras_mnist", "discriminator=keras_mnist", "generator.width=0.25", "discriminator.width=0.25",
-    "trainer.batch_size=16", "trainer.log_every=2", "trainer.ckpt_every=4", "trainer.device=cpu",
-    "trainer.progress=false", "trainer.ema=0.9",
+    "optimizer.generator.name=SGD",
+    "optimizer.discriminator.name=SGD",
+    "optimizer.generator.lr=0.01",
+    "optimizer.discriminator.lr=0.01",
+    "generator=keras_mnist",
+    "discriminator=keras_mnist",
+    "generator.width=0.25",
+    "discriminator.width=0.25",
+    "trainer.batch_size=16",
+    "trainer.log_every=2",
+    "trainer.ckpt_every=4",
+    "trainer.device=cpu",
+    "trainer.progress=false",
+    "trainer.ema=0.9",
 ]
 
 
-def torchrun(args: list, cwd: Path, nproc: int = 2, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list, cwd: Path, nproc: int = 2, timeout: float = 240, check: bool = True
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--standalone", str(BIN / "gan-train"), *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -60,7 +72,7 @@ def test_two_ranks_match_one_process(tmp_path: Path):
     assert len(ddp["replica_checksums"]) == 2 and len(set(ddp["replica_checksums"])) == 1
     assert_same_weights(ddp, single)
     single_rows = [json.loads(line) for line in (single_dir / "metrics.jsonl").read_text().splitlines()]
-    for a, b in zip(rows, single_rows):
+    for a, b in zip(rows, single_rows, strict=False):
         assert abs(a["loss_d"] - b["loss_d"]) < 1e-4 and abs(a["loss_g"] - b["loss_g"]) < 1e-4
 
     # The DDP checkpoint is an ordinary one: gan-sample reads it in a single process.
@@ -83,8 +95,16 @@ def test_default_batchnorm_networks_checkpoint_and_resume_under_ddp(tmp_path: Pa
     # Each rank's BatchNorm statistics follow its own half batch; the checkpoint takes rank 0's for G and D,
     # and the EMA generator's are measured on the same fixed latents on every rank, so the replicas agree.
     run = tmp_path / "run"
-    common = ["generator.width=0.25", "discriminator.width=0.25", "trainer.batch_size=16", "trainer.ckpt_every=2",
-              "trainer.log_every=2", "trainer.device=cpu", "trainer.progress=false", f"hydra.run.dir={run}"]
+    common = [
+        "generator.width=0.25",
+        "discriminator.width=0.25",
+        "trainer.batch_size=16",
+        "trainer.ckpt_every=2",
+        "trainer.log_every=2",
+        "trainer.device=cpu",
+        "trainer.progress=false",
+        f"hydra.run.dir={run}",
+    ]
     torchrun([*common, "trainer.max_steps=2"], cwd=tmp_path)
     torchrun([*common, "trainer.max_steps=4", "trainer.resume=auto"], cwd=tmp_path)
     state = checkpoint.load(run / "checkpoints" / "last.pt")
@@ -95,15 +115,26 @@ def test_default_batchnorm_networks_checkpoint_and_resume_under_ddp(tmp_path: Pa
 
 
 def test_global_batch_must_split_evenly(tmp_path: Path):
-    result = torchrun([*SMALL, "trainer.batch_size=15", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}"],
-                      cwd=tmp_path, check=False)
+    result = torchrun(
+        [*SMALL, "trainer.batch_size=15", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}"],
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode != 0 and "multiple of 2" in result.stderr
 
 
 def test_a_dead_rank_ends_the_job(tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [str(BIN / "torchrun"), "--nproc_per_node=2", "--standalone", str(BIN / "gan-train"), *SMALL,
-               "trainer.max_steps=100000", "trainer.dist_timeout_s=30", f"hydra.run.dir={tmp_path / 'run'}"]
+    command = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        "--standalone",
+        str(BIN / "gan-train"),
+        *SMALL,
+        "trainer.max_steps=100000",
+        "trainer.dist_timeout_s=30",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         # Kill only once a checkpoint is on disk, so the test can check that it survives the failure.

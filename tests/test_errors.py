@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dcgan import cli
+
 from conftest import FAST, run_cli
 
 
@@ -46,15 +47,29 @@ def test_cli_config_error_exit_code(tmp_path: Path):
 def test_missing_mnist_offline(tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_cli("gan-train", [*FAST, "dataset=mnist", f"dataset.root={empty}", "dataset.download=false",
-                                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    result = run_cli(
+        "gan-train",
+        [
+            *FAST,
+            "dataset=mnist",
+            f"dataset.root={empty}",
+            "dataset.download=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "train-images-idx3-ubyte" in result.stderr
 
 
 def test_missing_folder(tmp_path: Path):
-    result = run_cli("gan-train", [*FAST, "dataset=folder", f"dataset.root={tmp_path / 'nowhere'}",
-                                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    result = run_cli(
+        "gan-train",
+        [*FAST, "dataset=folder", f"dataset.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2 and "nowhere" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -63,7 +78,9 @@ def test_cuda_asked_for_without_cuda(tmp_path: Path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = run_cli("gan-train", [*FAST, "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    result = run_cli(
+        "gan-train", [*FAST, "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False
+    )
     assert result.returncode == 2 and "CUDA is not available" in result.stderr
 
 
@@ -87,8 +104,17 @@ def test_sample_from_damaged_checkpoint(kind: str, damaged_checkpoints: dict, tm
 
 
 def test_resume_from_truncated_checkpoint(damaged_checkpoints: dict, tmp_path: Path):
-    result = run_cli("gan-train", [*FAST, "trainer.max_steps=5", f"trainer.resume={damaged_checkpoints['truncated']}",
-                                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    result = run_cli(
+        "gan-train",
+        [
+            *FAST,
+            "trainer.max_steps=5",
+            f"trainer.resume={damaged_checkpoints['truncated']}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2 and "unreadable" in result.stderr
 
 

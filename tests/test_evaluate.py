@@ -18,33 +18,45 @@ import torch
 import torch_fidelity
 from PIL import Image
 
-from dcgan import cli
-from conftest import FAST, WEIGHTS, needs_weights, run_cli
-from dcgan import checkpoint
+from dcgan import checkpoint, cli
 from dcgan.config import compose
-from dcgan.metrics import MetricsConfig
-from dcgan.metrics import ImageSet, ImageSource, measure, reference_from_dataset, resolve_weights
+from dcgan.metrics import ImageSet, ImageSource, MetricsConfig, measure, reference_from_dataset, resolve_weights
 from dcgan.train import train
+
+from conftest import FAST, WEIGHTS, needs_weights, run_cli
 
 COUNT = 24  # images per set: enough for a meaningful difference, few enough for a CPU
 
 
 def settings(cache_dir: Path, metrics=("fid",)) -> MetricsConfig:
-    return MetricsConfig(n=COUNT, reference_n=COUNT, metrics=list(metrics), inception_weights=str(WEIGHTS), cache_dir=str(cache_dir))
+    return MetricsConfig(
+        n=COUNT, reference_n=COUNT, metrics=list(metrics), inception_weights=str(WEIGHTS), cache_dir=str(cache_dir)
+    )
 
 
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory):
-    """FID of 24 real digits against themselves, then of the same digits shifted sideways, against one cached reference."""
+    """FID of 24 real digits against themselves, then of the same digits shifted sideways, against one cached
+    reference."""
     cache = tmp_path_factory.mktemp("fidelity-cache")
     dataset = compose("train", ["dataset=mnist_tiny"]).dataset
     first_reference = reference_from_dataset(dataset, COUNT, seed=0)
     digits = first_reference.images.images
-    same = measure(ImageSource(ImageSet(digits.clone()), {"count": COUNT}), first_reference, settings(cache), torch.device("cpu"))
+    same = measure(
+        ImageSource(ImageSet(digits.clone()), {"count": COUNT}), first_reference, settings(cache), torch.device("cpu")
+    )
     second_reference = reference_from_dataset(dataset, COUNT, seed=0)  # a new object: nothing carried over in memory
     shifted_digits = torch.roll(digits, shifts=10, dims=3)  # the digit moves 10 of 28 pixels right, wrapping around
-    shifted = measure(ImageSource(ImageSet(shifted_digits), {"count": COUNT}), second_reference, settings(cache), torch.device("cpu"))
-    return {"same": same[0], "shifted": shifted[0], "first": first_reference, "second": second_reference, "cache": cache}
+    shifted = measure(
+        ImageSource(ImageSet(shifted_digits), {"count": COUNT}), second_reference, settings(cache), torch.device("cpu")
+    )
+    return {
+        "same": same[0],
+        "shifted": shifted[0],
+        "first": first_reference,
+        "second": second_reference,
+        "cache": cache,
+    }
 
 
 @needs_weights
@@ -78,8 +90,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @needs_weights
 def test_gan_eval_end_to_end_writes_a_complete_protocol_stamp(tiny_checkpoint: Path, tmp_path: Path):
-    args = [f"ckpt={tiny_checkpoint}", f"n={COUNT}", f"reference_n={COUNT}", f"inception_weights={WEIGHTS}",
-            f"cache_dir={tmp_path / 'cache'}", "device=cpu"]
+    args = [
+        f"ckpt={tiny_checkpoint}",
+        f"n={COUNT}",
+        f"reference_n={COUNT}",
+        f"inception_weights={WEIGHTS}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "device=cpu",
+    ]
     result = run_cli("gan-eval", args, cwd=tmp_path)
     table = result.stdout.splitlines()
     assert table[0].split()[:2] == ["metric", "value"] and table[1].startswith("FID") and table[2].startswith("KID")
@@ -99,7 +117,10 @@ def test_gan_eval_end_to_end_writes_a_complete_protocol_stamp(tiny_checkpoint: P
     assert kid["protocol"]["kid_subset_size"] == COUNT  # capped at the image count
     for r in results:
         for section in ("generated", "reference", "protocol"):
-            assert all(value not in (None, "") for key, value in r[section].items() if key != "cache"), (section, r[section])
+            assert all(value not in (None, "") for key, value in r[section].items() if key != "cache"), (
+                section,
+                r[section],
+            )
 
     # The same images written by gan-sample and read back as a folder give the same KID: PNG is lossless,
     # and the folder path feeds the extractor exactly what the checkpoint path does.
@@ -126,8 +147,10 @@ def test_gan_eval_reports_user_errors_in_one_line(tmp_path: Path, capsys):
         Image.new("L", (28, 28), 100 * i).save(same_size / f"{i}.png")
     cases = {
         "sizes": ([f"input1={pictures}", f"input2={pictures}"], "different sizes"),
-        "bad weights": ([f"input1={same_size}", f"input2={same_size}", f"inception_weights={junk}", f"cache_dir={tmp_path}"],
-                        "is not torch-fidelity Inception-v3 weights"),
+        "bad weights": (
+            [f"input1={same_size}", f"input2={same_size}", f"inception_weights={junk}", f"cache_dir={tmp_path}"],
+            "is not torch-fidelity Inception-v3 weights",
+        ),
         "n=1": (["ckpt=x.pt", "n=1"], "n must be at least 2"),
         "no images": ([f"input1={empty}", "dataset=mnist_tiny"], "no images in"),
         "missing weights": (["ckpt=x.pt", f"inception_weights={tmp_path / 'nope.pth'}"], "is not a file"),
@@ -145,8 +168,21 @@ def test_gan_eval_reports_user_errors_in_one_line(tmp_path: Path, capsys):
 @needs_weights
 def test_training_logs_fid_and_keeps_the_best_checkpoint(tmp_path: Path):
     run_dir = tmp_path / "run"
-    train(compose("train", [*FAST, "trainer.max_steps=6", "trainer.eval_every=3", "eval.n=16", "eval.reference_n=16",
-                            f"eval.inception_weights={WEIGHTS}", f"eval.cache_dir={tmp_path / 'cache'}"]), run_dir)
+    train(
+        compose(
+            "train",
+            [
+                *FAST,
+                "trainer.max_steps=6",
+                "trainer.eval_every=3",
+                "eval.n=16",
+                "eval.reference_n=16",
+                f"eval.inception_weights={WEIGHTS}",
+                f"eval.cache_dir={tmp_path / 'cache'}",
+            ],
+        ),
+        run_dir,
+    )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluated = {r["step"]: r for r in rows if "fid" in r}
     assert sorted(evaluated) == [3, 6]

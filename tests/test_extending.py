@@ -67,13 +67,28 @@ def toys():
 
 
 def toy_config(*overrides: str):
-    return config.compose("train", [
-        f"dataset.name={TOY}", "dataset.split=b", "dataset.image_size=12", "dataset.channels=3",
-        f"loss.name={TOY}", f"generator.arch={TOY}", "generator.z_dim=8", f"discriminator.arch={TOY}",
-        "trainer.device=cpu", "trainer.progress=false", "trainer.batch_size=8", "trainer.max_steps=4",
-        "trainer.log_every=2", "trainer.sample_every=4", "trainer.ckpt_every=4", "trainer.grid_size=8",
-        *overrides,
-    ])
+    return config.compose(
+        "train",
+        [
+            f"dataset.name={TOY}",
+            "dataset.split=b",
+            "dataset.image_size=12",
+            "dataset.channels=3",
+            f"loss.name={TOY}",
+            f"generator.arch={TOY}",
+            "generator.z_dim=8",
+            f"discriminator.arch={TOY}",
+            "trainer.device=cpu",
+            "trainer.progress=false",
+            "trainer.batch_size=8",
+            "trainer.max_steps=4",
+            "trainer.log_every=2",
+            "trainer.sample_every=4",
+            "trainer.ckpt_every=4",
+            "trainer.grid_size=8",
+            *overrides,
+        ],
+    )
 
 
 def test_toy_data_loss_and_architecture_train(toys, tmp_path: Path):

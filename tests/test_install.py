@@ -23,10 +23,14 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if result.returncode != 0:
-        pytest.skip(f"could not build the wheel here (is the package index reachable for hatchling?): {result.stderr[-300:]}")
+        pytest.skip(
+            f"could not build the wheel here (is the package index reachable for hatchling?): {result.stderr[-300:]}"
+        )
     return next(out.glob("dcgan-*.whl"))
 
 
@@ -39,14 +43,29 @@ def test_wheel_contains_every_config(wheel: Path):
 
 def test_plain_install_trains_from_any_directory(wheel: Path, tmp_path: Path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     found = python(["-c", "from dcgan.config import config_dir; print(config_dir())"], elsewhere, target)
     assert found.stdout.strip() == str(target / "dcgan" / "configs"), found.stderr
-    run = python(["-m", "dcgan.train", "trainer.max_steps=2", "trainer.batch_size=8", "trainer.progress=false",
-                  "trainer.device=cpu", "hydra.run.dir=run"], elsewhere, target)
+    run = python(
+        [
+            "-m",
+            "dcgan.train",
+            "trainer.max_steps=2",
+            "trainer.batch_size=8",
+            "trainer.progress=false",
+            "trainer.device=cpu",
+            "hydra.run.dir=run",
+        ],
+        elsewhere,
+        target,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (elsewhere / "run" / "checkpoints" / "last.pt").is_file()
 

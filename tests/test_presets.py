@@ -8,13 +8,20 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from conftest import make_celeba
 from dcgan import models
 from dcgan.config import compose, validate_train
 from dcgan.train import train
 
+from conftest import make_celeba
+
 PRESETS = ["dcgan64", "tf_dcgan28", "keras_mnist", "keras_fashion", "tf_celeba28", "keras_celeba64"]
-SHORT = ["trainer.max_steps=2", "trainer.batch_size=8", "trainer.device=cpu", "trainer.progress=false", "trainer.log_every=1"]
+SHORT = [
+    "trainer.max_steps=2",
+    "trainer.batch_size=8",
+    "trainer.device=cpu",
+    "trainer.progress=false",
+    "trainer.log_every=1",
+]
 
 
 def layers(module: nn.Module, kind) -> list:
@@ -37,7 +44,12 @@ def test_preset_trains_a_few_steps(preset: str, tmp_path: Path):
 
 def test_dcgan64_is_radford():
     cfg = compose("train", ["preset=dcgan64"])
-    assert (cfg.dataset.name, cfg.dataset.image_size, cfg.generator.z_dim, cfg.trainer.batch_size) == ("celeba", 64, 100, 128)
+    assert (cfg.dataset.name, cfg.dataset.image_size, cfg.generator.z_dim, cfg.trainer.batch_size) == (
+        "celeba",
+        64,
+        100,
+        128,
+    )
     assert cfg.optimizer.generator.lr == 2e-4 and cfg.optimizer.generator.betas[0] == 0.5
     G, D = models.build_generator(cfg), models.build_discriminator(cfg)
     assert [m.out_channels for m in layers(G, nn.ConvTranspose2d)] == [512, 256, 128, 64, 3]
@@ -93,7 +105,12 @@ def test_keras_celeba64_mlp_discriminator():
 def test_every_architecture_adapts_to_size(size: int):
     for g in models.GENERATORS:
         for d in models.DISCRIMINATORS:
-            validate_train(compose("train", [f"generator={g}", f"discriminator={d}", f"dataset.image_size={size}", "dataset.channels=3"]))
+            validate_train(
+                compose(
+                    "train",
+                    [f"generator={g}", f"discriminator={d}", f"dataset.image_size={size}", "dataset.channels=3"],
+                )
+            )
 
 
 def test_command_line_beats_preset():

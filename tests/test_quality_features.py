@@ -1,5 +1,6 @@
 """The quality options, each small and measured in docs/RESULTS.md: the EMA generator's BatchNorm statistics,
-spectral norm in D, the R1 penalty, DiffAugment, and all of them together in a real training run that still resumes exactly."""
+spectral norm in D, the R1 penalty, DiffAugment, and all of them together in a real training run that still resumes
+exactly."""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def test_ema_measures_batchnorm_statistics_for_its_own_weights():
     assert not torch.allclose(bn.running_mean, G[1].running_mean, atol=1e-2)  # not the live G's copy
 
     bn.running_mean.add_(1.0)
-    assert ema.calibrated() is model and torch.allclose(bn.running_mean, first.mean(0) + 1)  # cached until the next update
+    assert ema.calibrated() is model and torch.allclose(
+        bn.running_mean, first.mean(0) + 1
+    )  # cached until the next update
     ema.update(G, step=10_001)
     ema.calibrated()
     torch.testing.assert_close(bn.running_mean, model[0](z).mean(0).detach(), atol=1e-5, rtol=1e-5)  # measured again
@@ -133,9 +136,13 @@ def test_translation_shifts_each_image_by_at_most_an_eighth_with_zero_fill():
     assert out.shape == x.shape
     limit = int(28 * augment.TRANSLATION_RATIO + 0.5)  # 4 pixels
     padded = torch.nn.functional.pad(x, [limit] * 4)
-    for image, moved in zip(padded, out):
-        candidates = [(dy, dx) for dy in range(-limit, limit + 1) for dx in range(-limit, limit + 1)
-                      if torch.equal(image[:, limit + dy : limit + dy + 28, limit + dx : limit + dx + 28], moved)]
+    for image, moved in zip(padded, out, strict=False):
+        candidates = [
+            (dy, dx)
+            for dy in range(-limit, limit + 1)
+            for dx in range(-limit, limit + 1)
+            if torch.equal(image[:, limit + dy : limit + dy + 28, limit + dx : limit + dx + 28], moved)
+        ]
         assert candidates, "not a shift of the input within the limit"
 
 
@@ -144,7 +151,7 @@ def test_cutout_zeroes_one_square_and_keeps_the_rest():
     torch.manual_seed(0)
     out = augment.random_cutout(x)
     side = int(28 * augment.CUTOUT_RATIO + 0.5)
-    for image, cut in zip(x, out):
+    for image, cut in zip(x, out, strict=False):
         erased = cut[0] == 0
         rows, cols = erased.any(1).nonzero().flatten(), erased.any(0).nonzero().flatten()
         assert 0 < erased.sum() <= side * side
@@ -192,10 +199,21 @@ def test_wrap_augments_what_d_sees_and_is_d_itself_without_a_policy():
 
 
 def test_all_quality_options_train_and_resume_exactly(tmp_path: Path):
-    options = [*CPU, "generator.width=0.25", "discriminator.width=0.25", "discriminator.norm=none",
-               "discriminator.spectral_norm=true", "loss.r1_weight=1.0", "augment.policy=[color,translation,cutout]",
-               "optimizer.discriminator.lr=4e-4", "optimizer.generator.lr=1e-4", "trainer.batch_size=16",
-               "trainer.log_every=2", "trainer.ckpt_every=3", "trainer.sample_every=100"]
+    options = [
+        *CPU,
+        "generator.width=0.25",
+        "discriminator.width=0.25",
+        "discriminator.norm=none",
+        "discriminator.spectral_norm=true",
+        "loss.r1_weight=1.0",
+        "augment.policy=[color,translation,cutout]",
+        "optimizer.discriminator.lr=4e-4",
+        "optimizer.generator.lr=1e-4",
+        "trainer.batch_size=16",
+        "trainer.log_every=2",
+        "trainer.ckpt_every=3",
+        "trainer.sample_every=100",
+    ]
     straight = train(compose("train", [*options, "trainer.max_steps=6"]), tmp_path / "straight")
     assert math.isfinite(straight["loss_d"]) and straight["r1_penalty"] > 0
     train(compose("train", [*options, "trainer.max_steps=3"]), tmp_path / "split")

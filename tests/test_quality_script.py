@@ -22,8 +22,10 @@ SCRIPT = REPO / "scripts" / "quality.py"
 
 pytestmark = [
     needs_weights,
-    pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-                       reason=f"no Fashion-MNIST in {FASHION} (apt-get install dataset-fashion-mnist)"),
+    pytest.mark.skipif(
+        not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+        reason=f"no Fashion-MNIST in {FASHION} (apt-get install dataset-fashion-mnist)",
+    ),
 ]
 
 
@@ -31,9 +33,19 @@ def run_quality(tmp_path: Path, *options: str) -> tuple:
     """Run scripts/quality.py on Fashion-MNIST with its own work, docs and cache folders; returns (work, docs)."""
     work, docs = tmp_path / "work", tmp_path / "docs"
     command = [
-        sys.executable, str(SCRIPT), *options,
-        "--fashion-root", str(FASHION), "--mnist-root", str(tmp_path / "no-mnist"), "--inception-weights", str(WEIGHTS),
-        "--work", str(work), "--docs", str(docs),
+        sys.executable,
+        str(SCRIPT),
+        *options,
+        "--fashion-root",
+        str(FASHION),
+        "--mnist-root",
+        str(tmp_path / "no-mnist"),
+        "--inception-weights",
+        str(WEIGHTS),
+        "--work",
+        str(work),
+        "--docs",
+        str(docs),
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
@@ -42,11 +54,33 @@ def run_quality(tmp_path: Path, *options: str) -> tuple:
 
 
 def test_quality_script_reports_only_numbers_that_gan_eval_stamped(tmp_path: Path):
-    work, docs = run_quality(tmp_path, "--budget-images", "256", "--only", "dcgan_ns", "--eval-n", "40", "--reference-n", "40",
-                             "--key-eval-n", "48", "--ema-seeds", "0", "--ema-budget-images", "512", "--ema-points", "2")
+    work, docs = run_quality(
+        tmp_path,
+        "--budget-images",
+        "256",
+        "--only",
+        "dcgan_ns",
+        "--eval-n",
+        "40",
+        "--reference-n",
+        "40",
+        "--key-eval-n",
+        "48",
+        "--ema-seeds",
+        "0",
+        "--ema-budget-images",
+        "512",
+        "--ema-points",
+        "2",
+    )
 
     report = (docs / "RESULTS.md").read_text()
-    stamps = [r for path in work.rglob("*.json") if "results" in (data := json.loads(path.read_text())) for r in data["results"]]
+    stamps = [
+        r
+        for path in work.rglob("*.json")
+        if "results" in (data := json.loads(path.read_text()))
+        for r in data["results"]
+    ]
     stamped = {f"{r['value']:.1f}" for r in stamps if r["metric"] == "fid"}
     counts = {r["generated"]["count"] for r in stamps}
     assert {40, 48} <= counts, counts  # the table's n and the key rows' n
@@ -59,7 +93,7 @@ def test_quality_script_reports_only_numbers_that_gan_eval_stamped(tmp_path: Pat
     assert (docs / "results" / "fashion_mnist_dcgan_ns.png").is_file()
 
     # The longer run at the published protocol sits beside the published values, with its reference split named.
-    published = report[report.index("## Published numbers beside ours"):]
+    published = report[report.index("## Published numbers beside ours") :]
     assert "| NS GAN | `ns` | 26.5 ± 1.6 |" in published
     long_row = next(line for line in published.splitlines() if line.startswith("| `ema_study_seed0` |"))
     cells = [c.strip() for c in long_row.split("|")]
@@ -69,7 +103,9 @@ def test_quality_script_reports_only_numbers_that_gan_eval_stamped(tmp_path: Pat
 
 def test_native_table_measures_each_preset_at_its_own_size(tmp_path: Path):
     """The presets made for 64x64 (and tf_celeba28's own networks) train and are measured at their own size."""
-    work, docs = run_quality(tmp_path, "--table", "native", "--budget-images", "128", "--eval-n", "24", "--reference-n", "24")
+    work, docs = run_quality(
+        tmp_path, "--table", "native", "--budget-images", "128", "--eval-n", "24", "--reference-n", "24"
+    )
 
     report = (docs / "RESULTS_native.md").read_text()
     stamps = {path.parent.parent.name: json.loads(path.read_text())["results"] for path in work.rglob("eval-ema.json")}

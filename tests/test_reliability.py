@@ -29,15 +29,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan import cli
-from conftest import BIN, FAST, assert_same_training, run_cli
-from dcgan import checkpoint, data, runcard
+from dcgan import checkpoint, cli, data, runcard
 from dcgan.config import compose
 from dcgan.data import DatasetConfig
 from dcgan.errors import DIVERGED_EXIT, UserError
 from dcgan.guard import Guard, HealthConfig, diversity, tensors_in
 from dcgan.layout import RunFolder
 from dcgan.train import train
+
+from conftest import BIN, FAST, assert_same_training, run_cli
 
 STEPS = 100  # the length of the runs that are interrupted and compared with an uninterrupted one
 
@@ -83,7 +83,10 @@ def straight(tmp_path_factory) -> Dict[str, Any]:
     """STEPS uninterrupted steps: what every interrupted run must end up with exactly."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     train(compose("train", [*FAST, f"trainer.max_steps={STEPS}"]), run_dir)
-    return {"state": checkpoint.load(run_dir / "checkpoints" / "last.pt"), "steps": logged_steps(run_dir / "metrics.jsonl")}
+    return {
+        "state": checkpoint.load(run_dir / "checkpoints" / "last.pt"),
+        "steps": logged_steps(run_dir / "metrics.jsonl"),
+    }
 
 
 # ---------------------------------------------------------------- signals
@@ -92,7 +95,9 @@ def straight(tmp_path_factory) -> Dict[str, Any]:
 def stop_with_signal(args: List[str], cwd: Path, metrics: Path, after_step: int, signum: int) -> Tuple[int, str]:
     """Start gan-train, send `signum` once it has logged a row past `after_step`; (exit code, output)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen([str(BIN / "gan-train"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [str(BIN / "gan-train"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 240
     while not any(step > after_step for step in logged_steps(metrics)):
         assert process.poll() is None, f"gan-train ended before the signal:\n{process.communicate()[0][-3000:]}"
@@ -113,7 +118,11 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path: Path, str
     stopped = checkpoint.load(run / "checkpoints" / "last.pt")["step"]
     # The step it was in finished, logged a last row and was checkpointed.
     assert 0 < stopped < STEPS and logged_steps(run / "metrics.jsonl")[-1] == stopped
-    assert (card(run)["status"], card(run)["signal"], card(run)["final_step"]) == ("interrupted", signal.SIGTERM, stopped)
+    assert (card(run)["status"], card(run)["signal"], card(run)["final_step"]) == (
+        "interrupted",
+        signal.SIGTERM,
+        stopped,
+    )
 
     run_cli("gan-train", [*args, "trainer.resume=auto"], cwd=tmp_path)
     assert_same_training(checkpoint.load(run / "checkpoints" / "last.pt"), straight["state"])
@@ -183,7 +192,8 @@ def run_child(kill_after):
 def on_disk():
     folder = run_dir / "checkpoints"
     seen = {"last": None, "steps": [], "unloadable": [],
-            "temporaries": sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob(".*.tmp")) if folder.is_dir() else []}
+            "temporaries": sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob(".*.tmp"))
+            if folder.is_dir() else []}
     for path in [folder / "last.pt", *checkpoint.step_checkpoints(folder)]:
         if path.exists():
             try:
@@ -213,9 +223,24 @@ print(json.dumps({"final_exit": os.waitstatus_to_exitcode(status), **on_disk()})
 
 def test_random_sigkills_never_lose_the_newest_checkpoint(tmp_path: Path, straight: Dict[str, Any]):
     run, keep_last, kills = tmp_path / "run", 2, 24
-    overrides = [*FAST, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=1", f"trainer.keep_last={keep_last}", "trainer.resume=auto"]
-    harness = {"overrides": overrides, "run_dir": str(run), "warm_dir": str(tmp_path / "warm"), "seed": 0, "kills": kills, "max_delay_s": 0.5}
-    result = subprocess.run([sys.executable, "-c", KILL_HARNESS, json.dumps(harness)], capture_output=True, text=True, timeout=300)
+    overrides = [
+        *FAST,
+        f"trainer.max_steps={STEPS}",
+        "trainer.ckpt_every=1",
+        f"trainer.keep_last={keep_last}",
+        "trainer.resume=auto",
+    ]
+    harness = {
+        "overrides": overrides,
+        "run_dir": str(run),
+        "warm_dir": str(tmp_path / "warm"),
+        "seed": 0,
+        "kills": kills,
+        "max_delay_s": 0.5,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_HARNESS, json.dumps(harness)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rounds = [json.loads(line) for line in result.stdout.splitlines()]
     *killed, final = rounds
@@ -256,8 +281,13 @@ def test_the_guard_reads_nothing_back_per_step(monkeypatch):
     """NaN detection costs no CPU-GPU sync per step: tensors are only read at log rows and checkpoints."""
     guard = Guard(HealthConfig(), torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), torch.device("cpu"))
     D = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
-    parts = SimpleNamespace(G=torch.nn.Linear(2, 2), D=D, G_ema=None,  # what Guard.healthy reads of a TrainingState
-                            opt_g=torch.optim.SGD(D.parameters()), opt_d=torch.optim.SGD(D.parameters()))
+    parts = SimpleNamespace(
+        G=torch.nn.Linear(2, 2),
+        D=D,
+        G_ema=None,  # what Guard.healthy reads of a TrainingState
+        opt_g=torch.optim.SGD(D.parameters()),
+        opt_d=torch.optim.SGD(D.parameters()),
+    )
     x = torch.randn(4, 1, 8, 8)
 
     def read_back(*args, **kwargs):
@@ -285,8 +315,9 @@ def test_the_guard_does_not_sync_the_gpu_per_step():
     device = torch.device("cuda")
     guard = Guard(HealthConfig(), torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), device)
     D = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1)).to(device)
-    parts = SimpleNamespace(G=D, D=D, G_ema=None, opt_g=torch.optim.SGD(D.parameters()),
-                            opt_d=torch.optim.SGD(D.parameters()))
+    parts = SimpleNamespace(
+        G=D, D=D, G_ema=None, opt_g=torch.optim.SGD(D.parameters()), opt_d=torch.optim.SGD(D.parameters())
+    )
     x = torch.randn(4, 1, 8, 8, device=device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
@@ -313,15 +344,32 @@ def test_nan_stops_the_run_and_no_checkpoint_holds_it(tmp_path: Path, capsys):
     run = tmp_path / "run"
     train_in_process([*sgd, "trainer.max_steps=4", "optimizer.discriminator.lr=0.01"], run)
     healthy = (run / "checkpoints" / "last.pt").read_bytes()
-    result = run_cli("gan-train", [*sgd, "trainer.max_steps=20", "trainer.resume=auto", "optimizer.discriminator.lr=1e10",
-                                   f"hydra.run.dir={run}"], cwd=tmp_path, check=False)
+    result = run_cli(
+        "gan-train",
+        [
+            *sgd,
+            "trainer.max_steps=20",
+            "trainer.resume=auto",
+            "optimizer.discriminator.lr=1e10",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == DIVERGED_EXIT, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("gan-train:")]
     assert len(errors) == 1 and errors[0].startswith("gan-train: diverged: at step 5, NaN or Inf in D's weights")
-    assert f"Last healthy checkpoint: {run / 'checkpoints' / 'step_000004.pt'}" in errors[0] and "trainer.resume=auto" in errors[0]
+    assert (
+        f"Last healthy checkpoint: {run / 'checkpoints' / 'step_000004.pt'}" in errors[0]
+        and "trainer.resume=auto" in errors[0]
+    )
     assert "Traceback" not in result.stderr
     fault = card(run)["health"]["fault"]
-    assert card(run)["status"] == "diverged" and (fault["kind"], fault["step"], fault["trusted_step"]) == ("non-finite", 5, 4)
+    assert card(run)["status"] == "diverged" and (fault["kind"], fault["step"], fault["trusted_step"]) == (
+        "non-finite",
+        5,
+        4,
+    )
     checkpoints = run / "checkpoints"
     assert (checkpoints / "last.pt").read_bytes() == healthy
     assert [checkpoint.step_of(p) for p in checkpoint.step_checkpoints(checkpoints)][-1] == 4
@@ -330,12 +378,27 @@ def test_nan_stops_the_run_and_no_checkpoint_holds_it(tmp_path: Path, capsys):
 
 def test_nan_rolls_back_with_a_lower_learning_rate_and_recovers(tmp_path: Path):
     run = tmp_path / "run"
-    common = [*FAST, "trainer.log_every=1", "trainer.ckpt_every=5", "trainer.keep_last=0",
-              "optimizer.discriminator.name=SGD", "optimizer.discriminator.lr=0.01"]
+    common = [
+        *FAST,
+        "trainer.log_every=1",
+        "trainer.ckpt_every=5",
+        "trainer.keep_last=0",
+        "optimizer.discriminator.name=SGD",
+        "optimizer.discriminator.lr=0.01",
+    ]
     train_in_process([*common, "trainer.max_steps=10"], run)  # healthy checkpoints at steps 5 and 10
     # Resumed with a learning rate that diverges within a few steps; the NaN is found at a log row.
-    row = train_in_process([*common, "trainer.max_steps=20", "trainer.resume=auto", "optimizer.discriminator.lr=1e10",
-                            "trainer.on_divergence=rollback", "trainer.health.rollback_lr_factor=1e-12"], run)
+    row = train_in_process(
+        [
+            *common,
+            "trainer.max_steps=20",
+            "trainer.resume=auto",
+            "optimizer.discriminator.lr=1e10",
+            "trainer.on_divergence=rollback",
+            "trainer.health.rollback_lr_factor=1e-12",
+        ],
+        run,
+    )
 
     assert row["step"] == 20 and all(np.isfinite(v) for v in row.values() if isinstance(v, float))
     diverged = card(run)["previous"][-1]
@@ -352,9 +415,17 @@ def test_nan_rolls_back_with_a_lower_learning_rate_and_recovers(tmp_path: Path):
 def test_collapse_stops_with_the_last_healthy_checkpoint_kept(tmp_path: Path):
     run = tmp_path / "run"
     # D learns 50x faster than usual, G hardly at all: D wins outright within ten steps.
-    args = [*FAST, "trainer.max_steps=60", "trainer.log_every=2", "trainer.ckpt_every=2", "trainer.keep_last=2",
-            "trainer.sample_every=1000", "optimizer.discriminator.lr=0.01", "optimizer.generator.lr=1e-7",
-            "trainer.health.collapse_steps=10"]  # default thresholds otherwise: accuracy 0.99, G loss 10
+    args = [
+        *FAST,
+        "trainer.max_steps=60",
+        "trainer.log_every=2",
+        "trainer.ckpt_every=2",
+        "trainer.keep_last=2",
+        "trainer.sample_every=1000",
+        "optimizer.discriminator.lr=0.01",
+        "optimizer.generator.lr=1e-7",
+        "trainer.health.collapse_steps=10",
+    ]  # default thresholds otherwise: accuracy 0.99, G loss 10
     with pytest.raises(SystemExit) as exit:
         train_in_process(args, run)
     assert exit.value.code == DIVERGED_EXIT
@@ -363,7 +434,9 @@ def test_collapse_stops_with_the_last_healthy_checkpoint_kept(tmp_path: Path):
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     healthy = fault["trusted_step"]
     assert not (rows[healthy]["d_accuracy"] >= 0.99 and rows[healthy]["loss_g"] >= 10)
-    assert all(rows[s]["d_accuracy"] >= 0.99 and rows[s]["loss_g"] >= 10 for s in range(healthy + 2, fault["step"] + 1, 2))
+    assert all(
+        rows[s]["d_accuracy"] >= 0.99 and rows[s]["loss_g"] >= 10 for s in range(healthy + 2, fault["step"] + 1, 2)
+    )
     assert fault["step"] - (healthy + 2) >= 10
 
     checkpoints = run / "checkpoints"
@@ -382,9 +455,19 @@ def test_lost_diversity_rolls_back_a_bounded_number_of_times(tmp_path: Path):
     # Adam with lr=1 on G: within a few steps every sample of the fixed-noise grid is the same image.
     # Rollbacks lower it to 0.9, which collapses too; after max_rollbacks=1 the run stops.
     with pytest.raises(SystemExit) as exit:
-        train_in_process([*common, "trainer.max_steps=80", "trainer.resume=auto", "optimizer.generator.lr=1",
-                          "trainer.on_divergence=rollback", "trainer.health.rollback_lr_factor=0.9",
-                          "trainer.health.max_rollbacks=1", "trainer.health.collapse_steps=6"], run)
+        train_in_process(
+            [
+                *common,
+                "trainer.max_steps=80",
+                "trainer.resume=auto",
+                "optimizer.generator.lr=1",
+                "trainer.on_divergence=rollback",
+                "trainer.health.rollback_lr_factor=0.9",
+                "trainer.health.max_rollbacks=1",
+                "trainer.health.collapse_steps=6",
+            ],
+            run,
+        )
     assert exit.value.code == DIVERGED_EXIT
     first, second = card(run)["previous"][-1], card(run)
     assert first["health"]["fault"]["kind"] == second["health"]["fault"]["kind"] == "diversity"
@@ -393,15 +476,20 @@ def test_lost_diversity_rolls_back_a_bounded_number_of_times(tmp_path: Path):
     assert second["health"]["rollbacks"] == 1 and "1 rollback(s) did not help" in second["action"]
     # It failed again before getting past the first fault, so it stopped one checkpoint further back.
     last = checkpoint.load(run / "checkpoints" / "last.pt")
-    assert last["step"] == rolled_back_to - 2 and second["healthy_checkpoint"].endswith(checkpoint.step_name(last["step"]))
+    assert last["step"] == rolled_back_to - 2 and second["healthy_checkpoint"].endswith(
+        checkpoint.step_name(last["step"])
+    )
     assert diversity(torch.zeros(3, 1, 4, 4)) == 0.0
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("trainer.on_divergence=retry", "trainer.on_divergence must be one of stop, rollback"),
-    ("trainer.health.rollback_lr_factor=2", "trainer.health.rollback_lr_factor must be in (0, 1)"),
-    ("trainer.health.collapse_steps=-1", "trainer.health.collapse_steps must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.on_divergence=retry", "trainer.on_divergence must be one of stop, rollback"),
+        ("trainer.health.rollback_lr_factor=2", "trainer.health.rollback_lr_factor must be in (0, 1)"),
+        ("trainer.health.collapse_steps=-1", "trainer.health.collapse_steps must be >= 0"),
+    ],
+)
 def test_bad_health_settings_are_refused_before_any_output(override: str, expected: str, tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.train_main([override, f"hydra.run.dir={tmp_path / 'run'}"])
@@ -419,7 +507,9 @@ def write_images(folder: Path) -> int:
     modes = {"L": (20, 20), "RGB": (20, 20, 3), "RGBA": (20, 20, 4), "I;16": (20, 20)}
     for index in range(8):
         mode = list(modes)[index % len(modes)]
-        pixels = rng.integers(0, 65535 if mode == "I;16" else 255, modes[mode]).astype(np.uint16 if mode == "I;16" else np.uint8)
+        pixels = rng.integers(0, 65535 if mode == "I;16" else 255, modes[mode]).astype(
+            np.uint16 if mode == "I;16" else np.uint8
+        )
         Image.fromarray(pixels).save(folder / f"good_{index}.png")  # the dtype and shape pick the mode
     Image.new("RGB", (20, 20), (200, 10, 10)).convert("P").save(folder / "good_palette.png")
     Image.new("CMYK", (20, 20), (0, 255, 0, 0)).save(folder / "good_cmyk.jpg")
@@ -434,8 +524,19 @@ def write_images(folder: Path) -> int:
 def test_bad_images_are_named_before_training_and_the_run_completes(tmp_path: Path):
     folder, run = tmp_path / "photos", tmp_path / "run"
     good = write_images(folder)
-    run_cli("gan-train", [*FAST, "dataset=folder", f"dataset.root={folder}", "dataset.image_size=16", "trainer.batch_size=4",
-                          "trainer.max_steps=3", f"hydra.run.dir={run}"], cwd=tmp_path)
+    run_cli(
+        "gan-train",
+        [
+            *FAST,
+            "dataset=folder",
+            f"dataset.root={folder}",
+            "dataset.image_size=16",
+            "trainer.batch_size=4",
+            "trainer.max_steps=3",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+    )
     log_lines = (run / "train.log").read_text().splitlines()
     warning = next(i for i, line in enumerate(log_lines) if "unreadable image files" in line)
     assert all(name in log_lines[warning] for name in ("zero.jpg", "corrupt.png", "truncated.jpg"))
@@ -469,7 +570,10 @@ def test_a_damaged_decode_cache_is_decoded_again(tmp_path: Path):
 def test_run_card_records_what_makes_the_run_repeatable(tmp_path: Path, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
-    for command in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"]):
+    for command in (
+        ["init", "-q"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+    ):
         subprocess.run(["git", *command], cwd=project, check=True)
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     monkeypatch.chdir(project)
@@ -486,14 +590,24 @@ def test_run_card_records_what_makes_the_run_repeatable(tmp_path: Path, monkeypa
 
     written = card(run)
     assert (written["status"], written["start_step"], written["final_step"]) == ("completed", 0, 2)
-    assert (written["seed"], written["deterministic"], written["command"], written["cwd"]) == (7, True, sys.argv, str(project))
+    assert (written["seed"], written["deterministic"], written["command"], written["cwd"]) == (
+        7,
+        True,
+        sys.argv,
+        str(project),
+    )
     assert written["git"] == {"revision": revision, "dirty": False}
     assert written["versions"]["torch"] == torch.__version__ and written["versions"]["cuda"] == torch.version.cuda
     assert "cudnn" in written["versions"] and written["device"].startswith("cpu")
     assert written["config"]["trainer"]["seed"] == 7 and written["config"]["trainer"]["deterministic"] is True
     images = data.load_images(compose("train", FAST).dataset)
     expected = hashlib.sha256(repr(tuple(images.shape)).encode() + images.numpy().tobytes()).hexdigest()
-    assert written["data"] == {"count": 5000, "shape": [1, 28, 28], "sha256": expected, "hashed": "all pixels and the shape"}
+    assert written["data"] == {
+        "count": 5000,
+        "shape": [1, 28, 28],
+        "sha256": expected,
+        "hashed": "all pixels and the shape",
+    }
     # Outside a repository there is simply no revision.
     assert runcard.git_revision(tmp_path) is None
 
@@ -550,7 +664,9 @@ def test_an_unwritable_output_is_one_clear_line(tmp_path: Path, capsys):
         cli.train_main([*FAST, "trainer.max_steps=2", f"hydra.run.dir={blocker / 'run'}"])
     assert exit.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("gan-train: error: hydra.run.dir=") and "is a file, not a folder" in err and err.count("\n") == 1
+    assert (
+        err.startswith("gan-train: error: hydra.run.dir=") and "is a file, not a folder" in err and err.count("\n") == 1
+    )
 
     # A write that fails mid-run (here: a file where the samples folder goes) names the path, and the
     # checkpoints written before it stay.

@@ -15,12 +15,12 @@ import torch
 from PIL import Image, ImageSequence
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcgan import cli
-from conftest import FAST, run_cli
-from dcgan import report
+from dcgan import cli, report
 from dcgan.config import UserError, compose, validate_train
 from dcgan.layout import RunFolder
 from dcgan.log import MetricsLog
+
+from conftest import FAST, run_cli
 
 STEPS = [5, 10]  # metrics rows: log_every=5 over 10 steps
 GRID_STEPS = [2, 4, 6, 8, 10]  # sample_every=2
@@ -32,8 +32,17 @@ BLUE, ORANGE = (31, 119, 180), (255, 127, 14)
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
-    run_cli("gan-train", [*FAST, "trainer.max_steps=10", "trainer.sample_every=2", "logger=[jsonl,tensorboard]",
-                          f"hydra.run.dir={root / 'run'}"], cwd=root)
+    run_cli(
+        "gan-train",
+        [
+            *FAST,
+            "trainer.max_steps=10",
+            "trainer.sample_every=2",
+            "logger=[jsonl,tensorboard]",
+            f"hydra.run.dir={root / 'run'}",
+        ],
+        cwd=root,
+    )
     return root / "run"
 
 
@@ -50,9 +59,16 @@ def test_tensorboard_gets_the_scalars_and_the_grids(run_dir: Path):
     events.Reload()
     rows = metrics(run_dir)
     assert [row["step"] for row in rows] == STEPS
-    for tag, key in [("Loss/D", "loss_d"), ("Loss/G", "loss_g"), ("D/real_score", "d_real"), ("D/fake_score", "d_fake"),
-                     ("D/accuracy", "d_accuracy"), ("Speed/images_per_s", "images_per_s"),
-                     ("LearningRate/G", "lr_g"), ("LearningRate/D", "lr_d")]:
+    for tag, key in [
+        ("Loss/D", "loss_d"),
+        ("Loss/G", "loss_g"),
+        ("D/real_score", "d_real"),
+        ("D/fake_score", "d_fake"),
+        ("D/accuracy", "d_accuracy"),
+        ("Speed/images_per_s", "images_per_s"),
+        ("LearningRate/G", "lr_g"),
+        ("LearningRate/D", "lr_d"),
+    ]:
         scalars = events.Scalars(tag)
         assert [s.step for s in scalars] == STEPS, tag
         assert [s.value for s in scalars] == pytest.approx([row[key] for row in rows], rel=1e-6), tag
@@ -72,7 +88,7 @@ def test_the_end_of_a_run_writes_the_figure_and_the_movie(run_dir: Path):
     movie = Image.open(RunFolder(run_dir).progress_movie)
     frames = [np.asarray(frame.convert("L")) for frame in ImageSequence.Iterator(movie)]
     assert len(frames) == len(GRID_STEPS) and movie.size == (GRID_PX, GRID_PX + report.CAPTION_PX)
-    for frame, step in zip(frames, GRID_STEPS):  # each frame is that step's grid, above its caption
+    for frame, step in zip(frames, GRID_STEPS, strict=False):  # each frame is that step's grid, above its caption
         assert np.array_equal(frame[:GRID_PX], np.asarray(Image.open(run_dir / "samples" / f"step_{step:06d}.png")))
         assert frame[GRID_PX:].max() > 128  # the white "step N" text
 
@@ -125,10 +141,13 @@ def test_tensorboard_asked_for_but_missing_is_a_clear_error(tmp_path: Path, monk
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize("loggers, message", [
-    ("[tensorboard]", "logger must include jsonl"),
-    ("[jsonl,wandb]", "logger must be one of jsonl, tensorboard"),
-])
+@pytest.mark.parametrize(
+    "loggers, message",
+    [
+        ("[tensorboard]", "logger must include jsonl"),
+        ("[jsonl,wandb]", "logger must be one of jsonl, tensorboard"),
+    ],
+)
 def test_logger_list_is_checked(loggers: str, message: str):
     with pytest.raises(UserError, match=message):
         validate_train(compose("train", [f"logger={loggers}"]))

@@ -20,16 +20,20 @@ from typing import Dict
 import pytest
 import torch
 
-from conftest import BIN, FAST, run_cli
 from dcgan import checkpoint
+
+from conftest import BIN, FAST, run_cli
 
 STEPS = ["trainer.max_steps=10"]
 
 
 def snapshot(folder: Path) -> Dict[str, str]:
     """Every file's hash, but the lock's, which records its latest owner."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,9 @@ def refused(args, cwd: Path) -> subprocess.CompletedProcess:
 def test_resume_auto_refuses_checkpoints_it_cannot_read(run: Path, tmp_path: Path):
     checkpoints = run / "checkpoints"
     newer = checkpoint.load(checkpoints / "last.pt")
-    torch.save({**newer, "format_version": checkpoint.FORMAT_VERSION + 1}, checkpoints / "last.pt")  # from a newer version
+    torch.save(
+        {**newer, "format_version": checkpoint.FORMAT_VERSION + 1}, checkpoints / "last.pt"
+    )  # from a newer version
     (checkpoints / "step_000010.pt").write_bytes((checkpoints / "step_000010.pt").read_bytes()[:5000])  # truncated
     (checkpoints / "step_000005.pt").write_bytes(b"damaged" * 100)
     before = snapshot(run)
@@ -82,7 +88,15 @@ def test_a_second_run_into_a_used_folder_is_refused_or_replaces_it_on_request(ru
     assert snapshot(run) == before  # Hydra's record and log included: refused before Hydra starts
 
     # An explicit resume from an earlier checkpoint of the folder would overwrite the later ones, too.
-    result = refused([*FAST, "trainer.max_steps=12", f"trainer.resume={run / 'checkpoints' / 'step_000005.pt'}", f"hydra.run.dir={run}"], tmp_path)
+    result = refused(
+        [
+            *FAST,
+            "trainer.max_steps=12",
+            f"trainer.resume={run / 'checkpoints' / 'step_000005.pt'}",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
     assert snapshot(run) == before
 
     run_cli("gan-train", [*FAST, "trainer.max_steps=3", "trainer.overwrite=true", f"hydra.run.dir={run}"], cwd=tmp_path)
@@ -90,13 +104,17 @@ def test_a_second_run_into_a_used_folder_is_refused_or_replaces_it_on_request(ru
     assert snapshot(replaced) == before  # the old run, whole, Hydra's record included
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 3
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 3
-    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000003.png"]  # no old grids beside new ones
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
+        "step_000003.png"
+    ]  # no old grids beside new ones
 
 
 def test_one_owner_per_folder_and_a_killed_owner_leaves_no_stale_lock(tmp_path: Path):
     run = tmp_path / "run"
     args = [*FAST, "trainer.max_steps=100000", "trainer.ckpt_every=5", f"hydra.run.dir={run}"]
-    first = subprocess.Popen([str(BIN / "gan-train"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [str(BIN / "gan-train"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 300
         while checkpoint.latest(run / "checkpoints") is None:
@@ -108,7 +126,11 @@ def test_one_owner_per_folder_and_a_killed_owner_leaves_no_stale_lock(tmp_path: 
         first.send_signal(signal.SIGKILL)
         first.wait()
     step = checkpoint.load(checkpoint.latest(run / "checkpoints"))["step"]
-    run_cli("gan-train", [*FAST, f"trainer.max_steps={step + 5}", "trainer.resume=auto", f"hydra.run.dir={run}"], cwd=tmp_path)
+    run_cli(
+        "gan-train",
+        [*FAST, f"trainer.max_steps={step + 5}", "trainer.resume=auto", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+    )
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == step + 5
 
 
@@ -120,8 +142,14 @@ def limit_file_size():
 
 def test_a_failed_checkpoint_write_is_one_line_leaves_no_temporary_file_and_is_named_on_resume(tmp_path: Path):
     run = tmp_path / "run"
-    result = subprocess.run([str(BIN / "gan-train"), *FAST, *STEPS, f"hydra.run.dir={run}"], cwd=tmp_path,
-                            capture_output=True, text=True, preexec_fn=limit_file_size, timeout=600)
+    result = subprocess.run(
+        [str(BIN / "gan-train"), *FAST, *STEPS, f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+        timeout=600,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
     target = run / "checkpoints" / "step_000010.pt"
     assert f"could not write checkpoint {target}" in result.stderr and "MiB free there" in result.stderr
@@ -136,20 +164,43 @@ def test_a_failed_checkpoint_write_is_one_line_leaves_no_temporary_file_and_is_n
 
 def test_resume_refuses_another_optimizer_before_training(run: Path, tmp_path: Path):
     before = snapshot(run)
-    result = refused([*FAST, "trainer.max_steps=20", "trainer.resume=auto", "optimizer=rmsprop", f"hydra.run.dir={run}"], tmp_path)
+    result = refused(
+        [*FAST, "trainer.max_steps=20", "trainer.resume=auto", "optimizer=rmsprop", f"hydra.run.dir={run}"], tmp_path
+    )
     assert "optimizer.generator.name=Adam (now RMSprop)" in result.stderr
-    result = refused([*FAST, "trainer.max_steps=20", "trainer.resume=auto", "+optimizer.generator.extra.amsgrad=true",
-                      f"hydra.run.dir={run}"], tmp_path)
+    result = refused(
+        [
+            *FAST,
+            "trainer.max_steps=20",
+            "trainer.resume=auto",
+            "+optimizer.generator.extra.amsgrad=true",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
     assert "optimizer.generator.extra" in result.stderr
     assert snapshot(run) == before
 
 
 def test_resume_applies_allowed_changes_and_says_which(run: Path, tmp_path: Path):
-    changed = ["loss=hinge", "trainer.batch_size=8", "optimizer.discriminator.lr=1e-4", "optimizer.generator.betas=[0.0,0.99]"]
-    result = run_cli("gan-train", [*FAST, "trainer.max_steps=12", "trainer.resume=auto", *changed, f"hydra.run.dir={run}"], cwd=tmp_path)
+    changed = [
+        "loss=hinge",
+        "trainer.batch_size=8",
+        "optimizer.discriminator.lr=1e-4",
+        "optimizer.generator.betas=[0.0,0.99]",
+    ]
+    result = run_cli(
+        "gan-train",
+        [*FAST, "trainer.max_steps=12", "trainer.resume=auto", *changed, f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+    )
     said = result.stdout + result.stderr
-    for text in ("loss.name: ns -> hinge", "trainer.batch_size: 16 -> 8", "optimizer.discriminator.lr: 0.0002 -> 0.0001",
-                 "optimizer.generator.betas: [0.5, 0.999] -> [0.0, 0.99]"):
+    for text in (
+        "loss.name: ns -> hinge",
+        "trainer.batch_size: 16 -> 8",
+        "optimizer.discriminator.lr: 0.0002 -> 0.0001",
+        "optimizer.generator.betas: [0.5, 0.999] -> [0.0, 0.99]",
+    ):
         assert text in said
     card = json.loads((run / "run_card.json").read_text())
     assert card["resume_changes"]["loss.name"] == ["ns", "hinge"] and "trainer.max_steps" not in card["resume_changes"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, run_cli
 from dcgan.sample import load_generator, parse_seeds
+
+from conftest import FAST, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,11 @@ def test_image_depends_only_on_its_seed(trained_ckpt: Path, tmp_path: Path):
 
 
 def test_interpolation_gif(trained_ckpt: Path, tmp_path: Path):
-    run_cli("gan-sample", [f"ckpt={trained_ckpt}", "mode=interpolate", "seeds=0,1,2", "frames=5", "out=walk.gif"], cwd=tmp_path)
+    run_cli(
+        "gan-sample",
+        [f"ckpt={trained_ckpt}", "mode=interpolate", "seeds=0,1,2", "frames=5", "out=walk.gif"],
+        cwd=tmp_path,
+    )
     gif = Image.open(tmp_path / "walk.gif")
     assert gif.n_frames == 15  # 3 legs of 5 frames: 0->1, 1->2, 2->0
     assert gif.size == (28, 28)

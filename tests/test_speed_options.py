@@ -18,12 +18,12 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from dcgan import cli
-from conftest import FAST
-from dcgan import checkpoint, speed
+from dcgan import checkpoint, cli, speed
 from dcgan import train as train_module
 from dcgan.config import compose
 from dcgan.log import read_metrics
+
+from conftest import FAST
 
 # Dropout in D draws random numbers in every pass: the compile trial step must leave that stream as it was.
 RUN = [*FAST, "trainer.max_steps=6", "discriminator.dropout=0.2"]
@@ -95,13 +95,19 @@ def test_channels_last_matches_the_plain_layout(tmp_path: Path):
     # stay rounding-sized (Adam's first steps are sign-like and would amplify them to +-lr). No dropout:
     # it draws its mask in memory order, so the two layouts drop different (equally random) pixels.
     same_arithmetic = [
-        "optimizer.generator.name=SGD", "optimizer.discriminator.name=SGD", "optimizer.generator.lr=0.01",
-        "optimizer.discriminator.lr=0.01", "discriminator.dropout=0", "trainer.max_steps=4",
+        "optimizer.generator.name=SGD",
+        "optimizer.discriminator.name=SGD",
+        "optimizer.generator.lr=0.01",
+        "optimizer.discriminator.lr=0.01",
+        "discriminator.dropout=0",
+        "trainer.max_steps=4",
     ]
     nhwc, rows = train_run(tmp_path, "nhwc", *same_arithmetic, "trainer.channels_last=true")
     nchw, _ = train_run(tmp_path, "nchw", *same_arithmetic, "trainer.channels_last=false")
     conv_weights = [w for w in nhwc["generator"].values() if w.dim() == 4 and w.shape[1] > 1 and w.shape[-1] > 1]
-    assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in conv_weights)
+    assert conv_weights and all(
+        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in conv_weights
+    )
     assert largest_difference(nhwc, nchw) < 1e-5
     assert_finite(rows)
 
@@ -131,7 +137,9 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(tmp_path: Path, mo
     with caplog.at_level(logging.WARNING, logger="dcgan.speed"):
         fallback, rows = train_run(tmp_path, "fallback", "trainer.compile=true", "trainer.channels_last=true")
     warnings = [r.getMessage() for r in caplog.records if r.name == "dcgan.speed"]
-    assert len(warnings) == 1 and "torch.compile failed" in warnings[0] and "stride assertion (simulated)" in warnings[0]
+    assert (
+        len(warnings) == 1 and "torch.compile failed" in warnings[0] and "stride assertion (simulated)" in warnings[0]
+    )
     eager, _ = train_run(tmp_path, "eager", "trainer.compile=false", "trainer.channels_last=true")
     assert largest_difference(fallback, eager) == 0.0
     assert_finite(rows)
@@ -150,8 +158,13 @@ def test_compile_keeps_d_eager_when_the_loss_differentiates_a_gradient(tmp_path:
 def test_all_speed_options_together_with_amp(tmp_path: Path, monkeypatch):
     backend = EagerGraphs().install(monkeypatch)
     _, rows = train_run(
-        tmp_path, "all", "trainer.amp=true", "trainer.channels_last=true", "trainer.compile=true",
-        "trainer.fused_optimizer=true", "trainer.cudnn_benchmark=false",
+        tmp_path,
+        "all",
+        "trainer.amp=true",
+        "trainer.channels_last=true",
+        "trainer.compile=true",
+        "trainer.fused_optimizer=true",
+        "trainer.cudnn_benchmark=false",
     )
     assert backend.forward_graphs >= 2
     assert_finite(rows)
@@ -163,5 +176,9 @@ def test_cuda_graphs_on_cpu_is_a_config_error(tmp_path: Path, capsys):
         cli.train_main(["trainer.cuda_graphs=true", "trainer.device=cpu", f"hydra.run.dir={run_dir}"])
     assert exit.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("gan-train: error:") and "trainer.cuda_graphs=true needs a CUDA device" in err and err.count("\n") == 1
+    assert (
+        err.startswith("gan-train: error:")
+        and "trainer.cuda_graphs=true needs a CUDA device" in err
+        and err.count("\n") == 1
+    )
     assert not run_dir.exists()

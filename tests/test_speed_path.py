@@ -71,8 +71,16 @@ def test_the_graph_paths_step_function_trains_like_the_eager_one(tmp_path):
     from dcgan import train
     from dcgan.config import compose
 
-    cfg = compose("train", ["trainer.device=cpu", "trainer.batch_size=8", "generator.width=0.25", "discriminator.width=0.25",
-                            "dataset.max_images=64"])
+    cfg = compose(
+        "train",
+        [
+            "trainer.device=cpu",
+            "trainer.batch_size=8",
+            "generator.width=0.25",
+            "discriminator.width=0.25",
+            "dataset.max_images=64",
+        ],
+    )
     torch.set_num_threads(1)
     eager_state, eager_step, _ = train.build(cfg, torch.device("cpu"))
     graph_state, graph_step, _ = train.build(cfg, torch.device("cpu"))
@@ -132,7 +140,17 @@ def test_the_captured_loop_does_not_sync_between_log_rows(tmp_path, monkeypatch)
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(speed.CapturedStep, "__call__", strict)
-    cfg = compose("train", ["trainer.device=cuda", "trainer.cuda_graphs=true", "trainer.max_steps=40", "trainer.log_every=20",
-                            "trainer.sample_every=1000", "trainer.ckpt_every=1000", "trainer.progress=false"])
+    cfg = compose(
+        "train",
+        [
+            "trainer.device=cuda",
+            "trainer.cuda_graphs=true",
+            "trainer.max_steps=40",
+            "trainer.log_every=20",
+            "trainer.sample_every=1000",
+            "trainer.ckpt_every=1000",
+            "trainer.progress=false",
+        ],
+    )
     row = train.train(cfg, tmp_path / "run")
     assert row["step"] == 40 and row["loss_d"] == row["loss_d"]

@@ -14,7 +14,11 @@ def package_imports(path: Path) -> Set[str]:
     """Modules of the package that `path` imports anywhere, inside functions included."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and (node.module == "dcgan" or node.module.startswith("dcgan.")):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.module == "dcgan" or node.module.startswith("dcgan."))
+        ):
             if node.module == "dcgan":
                 found.update(alias.name for alias in node.names)
             else:
@@ -39,7 +43,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()

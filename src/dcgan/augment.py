@@ -32,6 +32,7 @@ class AugmentConfig:
     # e.g. augment.policy=[color,translation,cutout]
     policy: List[str] = field(default_factory=list)
 
+
 TRANSLATION_RATIO = 0.125  # shift by up to 1/8 of the side, as in the paper
 CUTOUT_RATIO = 0.5  # erase a square of half the side, as in the paper
 
@@ -102,7 +103,10 @@ def parse_policy(policy: Sequence[str]) -> List[str]:
     unknown = [name for name in names if name not in OPS]
     if unknown or len(set(names)) != len(names):
         problem = f"unknown op {', '.join(unknown)}" if unknown else f"a repeated op in {names}"
-        raise UserError(f"augment.policy has {problem}; use a list of {', '.join(OPS)}, e.g. augment.policy=[color,translation,cutout]")
+        raise UserError(
+            f"augment.policy has {problem}; use a list of {', '.join(OPS)}, e.g. "
+            "augment.policy=[color,translation,cutout]"
+        )
     return names
 
 

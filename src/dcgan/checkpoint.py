@@ -130,11 +130,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str
             "unreadable: truncated, damaged or not a PyTorch file",
         ) from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
-        raise Unreadable(f"{path} is a PyTorch file but not a checkpoint of this tool (it lacks {', '.join(REQUIRED)})",
-                         "a PyTorch file, but not a checkpoint of this tool")
+        raise Unreadable(
+            f"{path} is a PyTorch file but not a checkpoint of this tool (it lacks {', '.join(REQUIRED)})",
+            "a PyTorch file, but not a checkpoint of this tool",
+        )
     if state.get("format_version", 0) > FORMAT_VERSION:
-        raise Unreadable(f"{path} was written by a newer version of this tool; upgrade the package to read it",
-                         f"written by a newer version (format {state['format_version']}, this one reads {FORMAT_VERSION})")
+        raise Unreadable(
+            f"{path} was written by a newer version of this tool; upgrade the package to read it",
+            f"written by a newer version (format {state['format_version']}, this one reads {FORMAT_VERSION})",
+        )
     return state
 
 
@@ -168,13 +172,38 @@ def find_latest(directory: Path) -> Tuple[Optional[Path], List[str]]:
 # the optimizers' state layout depend on. Not reported: how the run is driven, shown and stored. Any other
 # change is allowed, logged as `key: old -> new` before training and recorded in the run card.
 REFUSED_ON_RESUME = (
-    "dataset.image_size", "dataset.channels", "generator", "discriminator",
-    "optimizer.generator.name", "optimizer.discriminator.name", "optimizer.generator.extra", "optimizer.discriminator.extra",
+    "dataset.image_size",
+    "dataset.channels",
+    "generator",
+    "discriminator",
+    "optimizer.generator.name",
+    "optimizer.discriminator.name",
+    "optimizer.generator.extra",
+    "optimizer.discriminator.extra",
 )
-RUN_CONTROLS = tuple(f"trainer.{key}" for key in (
-    "resume", "overwrite", "max_steps", "epochs", "progress", "log_every", "sample_every", "ckpt_every", "keep_last", "device",
-    "dist_timeout_s", "grid_size", "compile", "cuda_graphs", "channels_last", "cudnn_benchmark", "fused_optimizer", "eval_every",
-)) + ("logger", "eval")
+RUN_CONTROLS = tuple(
+    f"trainer.{key}"
+    for key in (
+        "resume",
+        "overwrite",
+        "max_steps",
+        "epochs",
+        "progress",
+        "log_every",
+        "sample_every",
+        "ckpt_every",
+        "keep_last",
+        "device",
+        "dist_timeout_s",
+        "grid_size",
+        "compile",
+        "cuda_graphs",
+        "channels_last",
+        "cudnn_benchmark",
+        "fused_optimizer",
+        "eval_every",
+    )
+) + ("logger", "eval")
 
 FREE_FORM = ("extra",)  # config sections whose keys are the user's, compared as one value
 
@@ -189,7 +218,8 @@ def changes_since(state: Dict[str, Any], current: DictConfig, path: Path) -> Dic
     if refused:
         listed = ", ".join(f"{key}={changed[key][0]} (now {changed[key][1]})" for key in refused)
         raise UserError(
-            f"can't resume from {path}: it was trained with {listed}, and the saved weights or optimizer state only fit "
+            f"can't resume from {path}: it was trained with {listed}, and the saved weights or optimizer state only "
+            "fit "
             "those; use the checkpoint's settings, or start a new run in another hydra.run.dir"
         )
     return {key: value for key, value in changed.items() if not _under(key, RUN_CONTROLS)}

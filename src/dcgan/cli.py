@@ -110,7 +110,8 @@ def run_dir_from(args: List[str]) -> str:
 
 
 def sample_main(argv: List[str] | None = None) -> None:
-    """`gan-sample ckpt=PATH [mode=grid|seeds|interpolate|neighbors|export] [n=64] [seeds=0-63] [truncation=0.7] [out=...]`."""
+    """`gan-sample ckpt=PATH [mode=grid|seeds|interpolate|neighbors|export] [n=64] [seeds=0-63] [truncation=0.7]
+    [out=...]`."""
     args = sys.argv[1:] if argv is None else argv
     # Hydra reads a,b as a sweep; for seeds it can only mean a list, so quote it on the user's behalf.
     args = [f"seeds='{a[6:]}'" if a.startswith("seeds=") and "," in a and a[6:7] not in "'\"[" else a for a in args]
@@ -127,14 +128,18 @@ def sample_main(argv: List[str] | None = None) -> None:
 
 
 def eval_main(argv: Optional[List[str]] = None) -> None:
-    """`gan-eval ckpt=PATH [dataset=NAME] [n=10000] [metrics=[fid,kid]] [inception_weights=PATH]`, or input1=FOLDER input2=FOLDER."""
+    """`gan-eval ckpt=PATH [dataset=NAME] [n=10000] [metrics=[fid,kid]] [inception_weights=PATH]`,
+    or `gan-eval input1=FOLDER input2=FOLDER`."""
     logging.basicConfig(level=logging.INFO, format="gan-eval: %(message)s")
     args = sys.argv[1:] if argv is None else argv
     exit_with_help(eval_main.__doc__, evaluate.__doc__, "eval", args)
     try:
         if any(a.startswith("dataset.") for a in args) and not any(a.startswith("dataset=") for a in args):
-            raise UserError("dataset.KEY=... changes a data set you name: add dataset=NAME (e.g. dataset=fashion_mnist); "
-                            "without one, the checkpoint's own training set is used as it was trained")
+            raise UserError(
+                "dataset.KEY=... changes a data set you name: add dataset=NAME (e.g. "
+                "dataset=fashion_mnist); "
+                "without one, the checkpoint's own training set is used as it was trained"
+            )
         results, out = evaluate.run(compose("eval", args))
     except UserError as error:
         exit_with(error, "gan-eval")

@@ -141,4 +141,7 @@ def train_config_from_yaml(text: str) -> DictConfig:
         ) from None
     except (OmegaConfBaseException, YAMLError) as error:
         reason = " ".join(str(error).split()).split(" full_key:")[0][:200]
-        raise UserError(f"the checkpoint's stored config does not fit this version of dcgan ({reason}); the checkpoint is damaged or from another version") from None
+        raise UserError(
+            f"the checkpoint's stored config does not fit this version of dcgan ({reason}); the checkpoint "
+            "is damaged or from another version"
+        ) from None

@@ -30,8 +30,8 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from PIL import Image
 
 from dcgan import files
@@ -89,6 +89,7 @@ def validate_dataset(d: DatasetConfig | DictConfig) -> None:
     # Any split some data set has passes here (data sets without splits ignore it); then the chosen one's own.
     one_of("dataset.split", d.split, tuple(dict.fromkeys(s for spec in DATASETS.values() for s in spec.splits)))
     _check_split(d)
+
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +211,21 @@ def read_idx_images(path: Path) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as error:
         raise UserError(f"{path} cannot be read ({error}); delete it and download it again") from None
     if len(data) < 16:
-        raise UserError(f"{path} is too short to be an IDX image file ({len(data)} bytes); delete it and download it again")
+        raise UserError(
+            f"{path} is too short to be an IDX image file ({len(data)} bytes); delete it and download it again"
+        )
     magic, count, rows, cols = struct.unpack(">IIII", data[:16])
     if magic != IDX_IMAGES_MAGIC:
-        raise UserError(f"{path} is not an IDX image file (magic number {magic:#010x}, expected {IDX_IMAGES_MAGIC:#010x}); check that it is the *-images-idx3-ubyte file")
+        raise UserError(
+            f"{path} is not an IDX image file (magic number {magic:#010x}, expected "
+            f"{IDX_IMAGES_MAGIC:#010x}); check that it is the *-images-idx3-ubyte file"
+        )
     expected = 16 + count * rows * cols
     if len(data) != expected:
-        raise UserError(f"{path} is truncated or corrupt ({len(data)} bytes, expected {expected} for {count} images of {rows}x{cols}); delete it and download it again")
+        raise UserError(
+            f"{path} is truncated or corrupt ({len(data)} bytes, expected {expected} for {count} images of "
+            f"{rows}x{cols}); delete it and download it again"
+        )
     # A copy, because torch warns about tensors over read-only buffers.
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols).copy()
 
@@ -224,7 +233,9 @@ def read_idx_images(path: Path) -> np.ndarray:
 def _download_mnist_like(cfg: DatasetConfig, root: Path, stem: str) -> torch.Tensor:
     from torchvision import datasets
 
-    dataset_class, title = (datasets.MNIST, "MNIST") if cfg.name == "mnist" else (datasets.FashionMNIST, "Fashion-MNIST")
+    dataset_class, title = (
+        (datasets.MNIST, "MNIST") if cfg.name == "mnist" else (datasets.FashionMNIST, "Fashion-MNIST")
+    )
     try:
         return dataset_class(str(root), train=cfg.split == "train", download=cfg.download).data
     except Exception as error:  # offline downloads fail as URLError, RuntimeError, socket errors...
@@ -270,7 +281,7 @@ class _Source:
         return [entry[0] for entry in self.entries]
 
     def select(self, keep: Sequence[bool]) -> "_Source":
-        return replace(self, entries=tuple(entry for entry, kept in zip(self.entries, keep) if kept))
+        return replace(self, entries=tuple(entry for entry, kept in zip(self.entries, keep, strict=False) if kept))
 
     def first(self, count: int) -> "_Source":
         return replace(self, entries=self.entries[:count]) if count > 0 else self
@@ -300,7 +311,11 @@ def _zip_source(archive: Path, cache_home: Path) -> _Source:
     _reject_non_zip(archive)
     try:
         with zipfile.ZipFile(archive) as zipped:
-            members = [m for m in zipped.infolist() if not m.is_dir() and _is_image_name(m.filename) and not m.filename.startswith("__MACOSX/")]
+            members = [
+                m
+                for m in zipped.infolist()
+                if not m.is_dir() and _is_image_name(m.filename) and not m.filename.startswith("__MACOSX/")
+            ]
     except (zipfile.BadZipFile, OSError) as error:
         raise UserError(f"{archive} is not a readable zip file ({error}); delete it and download it again") from None
     members.sort(key=lambda m: m.filename)
@@ -318,9 +333,12 @@ def _reject_non_zip(archive: Path) -> None:
     if lowered.startswith(("<!doctype html", "<html")) or "quota exceeded" in lowered or "google drive" in lowered:
         raise UserError(
             f"{archive} is a Google Drive web page (download quota exceeded), not the data: delete it and download "
-            "img_align_celeba.zip by hand (from the CelebA page, mmlab.ie.cuhk.edu.hk/projects/CelebA.html) into the same folder."
+            "img_align_celeba.zip by hand (from the CelebA page, mmlab.ie.cuhk.edu.hk/projects/CelebA.html) into the "
+            "same folder."
         )
-    raise UserError(f"{archive} is not a zip file (an interrupted or corrupt download?); delete it and download it again")
+    raise UserError(
+        f"{archive} is not a zip file (an interrupted or corrupt download?); delete it and download it again"
+    )
 
 
 def _find_celeba(cfg: DatasetConfig) -> _Source:
@@ -332,8 +350,10 @@ def _find_celeba(cfg: DatasetConfig) -> _Source:
         source = _celeba_layout(root)
     if source is None:
         raise UserError(
-            f"no CelebA images found under {root}. Put them in one of the accepted layouts: {root}/celeba/img_align_celeba/*.jpg "
-            f"(torchvision's), the aligned JPEGs directly in {root} or {root}/img_align_celeba/, or img_align_celeba.zip in "
+            f"no CelebA images found under {root}. Put them in one of the accepted layouts: "
+            f"{root}/celeba/img_align_celeba/*.jpg "
+            f"(torchvision's), the aligned JPEGs directly in {root} or {root}/img_align_celeba/, or "
+            "img_align_celeba.zip in "
             f"{root} or {root}/celeba/ (read in place). torchvision's Google Drive download often hits a quota, so "
             "download img_align_celeba.zip by hand from mmlab.ie.cuhk.edu.hk/projects/CelebA.html."
         )
@@ -366,9 +386,16 @@ def _celeba_split(source: _Source, root: Path, split: str) -> _Source:
     # The partition file sits beside the image folder or zip, or at the top of the root.
     beside = source.location.parent if source.location != root else root
     candidates = (beside, root / "celeba", root)
-    partition_file = next((folder / "list_eval_partition.txt" for folder in candidates if (folder / "list_eval_partition.txt").is_file()), None)
+    partition_file = next(
+        (folder / "list_eval_partition.txt" for folder in candidates if (folder / "list_eval_partition.txt").is_file()),
+        None,
+    )
     if partition_file is None:
-        log.info("no list_eval_partition.txt beside the CelebA images: using all %d images for split=%s", len(source.names), split)
+        log.info(
+            "no list_eval_partition.txt beside the CelebA images: using all %d images for split=%s",
+            len(source.names),
+            split,
+        )
         return source
     if split == "all":
         return source
@@ -486,7 +513,10 @@ def _cached_decode(source: _Source, cfg: DatasetConfig) -> torch.Tensor:
     try:
         _decode_into(path, source, cfg)
     except OSError as error:  # bad image files are caught per file, so this is the cache itself
-        raise UserError(f"cannot write the decoded-image cache {path} ({error}); free some disk space or set dataset.cache_dir to another folder") from None
+        raise UserError(
+            f"cannot write the decoded-image cache {path} ({error}); free some disk space or set "
+            "dataset.cache_dir to another folder"
+        ) from None
     cached = _open_cache(path)
     assert cached is not None, f"{path} was just written"
     return cached
@@ -511,7 +541,10 @@ def _writable_folder(folders: List[Path]) -> Path:
             continue
         if os.access(folder, os.W_OK):
             return folder
-    raise UserError(f"cannot write the decoded-image cache to {' or '.join(map(str, folders))}; set dataset.cache_dir to a writable folder")
+    raise UserError(
+        f"cannot write the decoded-image cache to {' or '.join(map(str, folders))}; set dataset.cache_dir "
+        "to a writable folder"
+    )
 
 
 def _open_cache(path: Path) -> Optional[torch.Tensor]:
@@ -546,7 +579,12 @@ def _decode_to(path: Path, source: _Source, cfg: DatasetConfig) -> None:
         # imap hands results back in order as they are ready, so memory holds only a few chunks.
         results = pool.imap(decoder, source.names, chunksize=64) if pool else map(decoder, source.names)
         written, bad = 0, []
-        for name, (pixels, reason) in tqdm(zip(source.names, results), total=count, desc="decoding images", disable=count < POOL_MIN_FILES):
+        for name, (pixels, reason) in tqdm(
+            zip(source.names, results, strict=False),
+            total=count,
+            desc="decoding images",
+            disable=count < POOL_MIN_FILES,
+        ):
             if pixels is None:
                 bad.append((name, reason))
             else:
@@ -576,7 +614,10 @@ def _report_bad_files(bad: List[Tuple[str, str]], count: int, location: Path, on
             "fix or delete them, or set dataset.on_bad_file=skip"
         )
     if len(bad) == count:
-        raise UserError(f"no images found in {location}: all {count} image files are unreadable ({names}; first error: {first_reason})")
+        raise UserError(
+            f"no images found in {location}: all {count} image files are unreadable ({names}; first error: "
+            f"{first_reason})"
+        )
     log.warning("skipped %d unreadable image files in %s: %s", len(bad), location, names)
 
 
@@ -632,7 +673,10 @@ class ImageBatches:
         self.batches_per_epoch = self.num_images // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             per_rank = f" per process over {world_size} processes" if world_size > 1 else ""
-            raise UserError(f"the data set has {self.num_images} images, fewer than one batch of {batch_size}{per_rank}; lower trainer.batch_size")
+            raise UserError(
+                f"the data set has {self.num_images} images, fewer than one batch of "
+                f"{batch_size}{per_rank}; lower trainer.batch_size"
+            )
         self.on_device = self.device.type == "cuda" and _fits_on_gpu(images, self.device)
         # Holding all images on the GPU makes a batch a single gather, with no host copy per step.
         self.images = images.to(self.device) if self.on_device else images
@@ -676,12 +720,18 @@ class ImageBatches:
         try:
             epoch, position = int(state["epoch"]), int(state["position"])
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"the checkpoint's data position {state!r} is not {{'epoch': int, 'position': int}}; the checkpoint is damaged") from None
+            raise UserError(
+                f"the checkpoint's data position {state!r} is not {{'epoch': int, 'position': int}}; the "
+                "checkpoint is damaged"
+            ) from None
         if position >= self.batches_per_epoch:
             # A smaller data set or a larger batch since the checkpoint: start the next epoch cleanly.
             log.warning(
                 "the checkpoint was at batch %d of epoch %d, but an epoch now has %d batches; continuing at epoch %d",
-                position, epoch, self.batches_per_epoch, epoch + 1,
+                position,
+                epoch,
+                self.batches_per_epoch,
+                epoch + 1,
             )
             epoch, position = epoch + 1, 0
         self.epoch, self.position = epoch, position

@@ -38,7 +38,9 @@ class World:
 
 def world() -> World:
     """This process's place in the job, from torchrun's environment variables."""
-    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    return World(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    )
 
 
 def setup(device_setting: str, timeout_s: float) -> torch.device:
@@ -94,7 +96,9 @@ def wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
         return model
     if sync_bn:
         if device.type != "cuda":
-            raise UserError("trainer.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); set it false on CPU")
+            raise UserError(
+                "trainer.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); set it false on CPU"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -142,7 +146,9 @@ def replica_checksums(*models: nn.Module) -> List[float]:
     dist.all_gather(gathered, local)
     checksums = [g.item() for g in gathered]
     if len(set(checksums)) != 1:
-        raise RuntimeError(f"the ranks' model replicas differ (checksums {checksums}); not saving a checkpoint of one of them")
+        raise RuntimeError(
+            f"the ranks' model replicas differ (checksums {checksums}); not saving a checkpoint of one of them"
+        )
     return checksums
 
 

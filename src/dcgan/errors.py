@@ -52,17 +52,26 @@ def check_seeds(key: str, first: int, last: int) -> None:
     """Seeds `first`..`last` (inclusive) are all ones torch can seed with."""
     if first < SEED_MIN or last > SEED_MAX:
         uses = f"seeds {first}..{last}" if last != first else f"seed {first}"
-        raise UserError(f"{key} uses {uses}, beyond the 64-bit seeds torch takes ({SEED_MIN}..{SEED_MAX}); use smaller seeds, e.g. {key}=0")
+        raise UserError(
+            f"{key} uses {uses}, beyond the 64-bit seeds torch takes ({SEED_MIN}..{SEED_MAX}); use smaller "
+            f"seeds, e.g. {key}=0"
+        )
 
 
 def check_output_file(key: str, path: Path, suffixes: tuple, what: str) -> None:
     """`key=path` names a file we can write, with a suffix in `suffixes`: checked before any work, not after it."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{key}={path} is a folder, but {what} is one file; name the file, e.g. {key}={path / ('out' + suffixes[0])}")
+        raise UserError(
+            f"{key}={path} is a folder, but {what} is one file; name the file, e.g. "
+            f"{key}={path / ('out' + suffixes[0])}"
+        )
     if path.suffix.lower() not in suffixes:
         found = f"has the suffix {path.suffix}" if path.suffix else "has no suffix"
-        raise UserError(f"{key}={path} {found}; {what} is written as {' or '.join(suffixes)}, e.g. {key}={path.with_suffix(suffixes[0])}")
+        raise UserError(
+            f"{key}={path} {found}; {what} is written as {' or '.join(suffixes)}, e.g. "
+            f"{key}={path.with_suffix(suffixes[0])}"
+        )
     check_writable_folder(key, path.parent)
 
 
@@ -71,10 +80,14 @@ def check_writable_folder(key: str, folder: Path) -> None:
     folder = Path(folder)
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise UserError(f"{key}: {existing} is a file, not a folder, so nothing can be written under it; pick another path")
+        raise UserError(
+            f"{key}: {existing} is a file, not a folder, so nothing can be written under it; pick another path"
+        )
     try:
         # An anonymous file (O_TMPFILE on Linux) proves we may write there and leaves nothing behind.
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise UserError(f"{key}: cannot write in {existing} ({error.strerror or error}); pick a folder you can write to") from None
+        raise UserError(
+            f"{key}: cannot write in {existing} ({error.strerror or error}); pick a folder you can write to"
+        ) from None

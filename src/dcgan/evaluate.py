@@ -42,10 +42,14 @@ class EvalConfig(MetricsConfig):
     ckpt: Optional[str] = None  # the checkpoint whose generator makes the `n` images (EMA weights when present)
     input1: Optional[str] = None  # or: a folder of images made by any tool
     input2: Optional[str] = None  # a folder of reference images, instead of a data set
-    dataset: Optional[DatasetConfig] = None  # the reference data set (dataset=NAME); None = the checkpoint's training set
+    dataset: Optional[DatasetConfig] = (
+        None  # the reference data set (dataset=NAME); None = the checkpoint's training set
+    )
     ema: bool = True  # use the EMA generator when the checkpoint has one
     device: str = "auto"
-    out: Optional[str] = None  # results JSON; None = beside the checkpoint (last.pt -> last.eval.json) or input1's folder
+    out: Optional[str] = (
+        None  # results JSON; None = beside the checkpoint (last.pt -> last.eval.json) or input1's folder
+    )
 
 
 config.register_schema("eval_schema", EvalConfig)
@@ -62,7 +66,9 @@ def validate_eval(cfg: EvalConfig | DictConfig) -> None:
     if cfg.input2 and cfg.dataset is not None:
         raise UserError("compare with either input2=FOLDER or dataset=NAME, not both")
     if cfg.input1 and not cfg.input2 and cfg.dataset is None:
-        raise UserError("input1 needs a reference: input2=FOLDER, or dataset=NAME (e.g. dataset=fashion_mnist dataset.root=PATH)")
+        raise UserError(
+            "input1 needs a reference: input2=FOLDER, or dataset=NAME (e.g. dataset=fashion_mnist dataset.root=PATH)"
+        )
     if cfg.dataset is not None:
         validate_dataset(cfg.dataset)
 
@@ -91,8 +97,12 @@ def run(cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Path]:
         log.info("reference: %d images of %s", cfg.reference_n, data.describe(dataset))
         reference = reference_from_dataset(dataset, cfg.reference_n, cfg.seed)
     if generated.stamp["image_size"] != reference.stamp["image_size"]:
-        log.warning("generated images are %spx, reference images %spx: both are resized to 299px by the extractor, "
-                    "but a size mismatch alone raises FID", generated.stamp["image_size"], reference.stamp["image_size"])
+        log.warning(
+            "generated images are %spx, reference images %spx: both are resized to 299px by the extractor, "
+            "but a size mismatch alone raises FID",
+            generated.stamp["image_size"],
+            reference.stamp["image_size"],
+        )
     results = measure(generated, reference, cfg, device)
     try:
         write_json({"results": results}, out)
@@ -115,7 +125,9 @@ def results_path(cfg: DictConfig) -> Path:
 
 def generated_from_checkpoint(path: Path, cfg: DictConfig, device: torch.device) -> Tuple[ImageSource, DictConfig]:
     G, train_cfg, saved = load_generator(path, device, cfg.ema)
-    images = generated_from_model(G, train_cfg.generator.z_dim, train_cfg.generator.z_distribution, cfg.n, cfg.seed, device)
+    images = generated_from_model(
+        G, train_cfg.generator.z_dim, train_cfg.generator.z_distribution, cfg.n, cfg.seed, device
+    )
     stamp = {
         "source": f"checkpoint {path}",
         "weights": sampling_weights(saved, cfg.ema)[1],
@@ -140,15 +152,19 @@ def format_table(results: List[Dict[str, Any]]) -> str:
         g, ref, p = r["generated"], r["reference"], r["protocol"]
         value = f"{r['value']:.3f}" if r["std"] is None else f"{r['value']:.5f} ± {r['std']:.5f}"
         what = f"{g['count']} ({g.get('weights', 'images')}{', step ' + str(g['step']) if 'step' in g else ''})"
-        rows.append((
-            r["metric"].upper(),
-            value,
-            what,
-            f"{ref['count']} of {ref['source'].split(' ', 2)[-1]} / {ref['split']}",
-            f"{g['image_size']}/{ref['image_size']}",
-            p["weights_sha256"][:12],
-            p["library"],
-            f"{r['seconds']:.0f}",
-        ))
+        rows.append(
+            (
+                r["metric"].upper(),
+                value,
+                what,
+                f"{ref['count']} of {ref['source'].split(' ', 2)[-1]} / {ref['split']}",
+                f"{g['image_size']}/{ref['image_size']}",
+                p["weights_sha256"][:12],
+                p["library"],
+                f"{r['seconds']:.0f}",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip() for row in rows
+    )

@@ -59,6 +59,7 @@ def validate_health(cfg: HealthConfig, on_divergence: str) -> None:
     if not 0.0 <= cfg.collapse_d_accuracy <= 1.0 or cfg.min_diversity < 0:
         raise UserError("trainer.health.collapse_d_accuracy must be in [0, 1] and trainer.health.min_diversity >= 0")
 
+
 REFERENCE_IMAGES = 64  # real images whose diversity the grids are measured against
 
 
@@ -139,11 +140,18 @@ class Guard:
         c = self.cfg
         if c.collapse_steps > 0 and "d_accuracy" in row and "loss_g" in row:
             d_wins = row["d_accuracy"] >= c.collapse_d_accuracy and row["loss_g"] >= c.collapse_loss_g
-            self._watch(self.collapse_streak, "collapse", step, d_wins, lambda held: (
-                f"D has won outright since step {self.collapse_streak.since}: D's accuracy >= "
-                f"{c.collapse_d_accuracy:g} and G's loss >= {c.collapse_loss_g:g} at every log row for {held} steps "
-                f"(now {row['d_accuracy']:.3f} and {row['loss_g']:.3g})"
-            ))
+            self._watch(
+                self.collapse_streak,
+                "collapse",
+                step,
+                d_wins,
+                lambda held: (
+                    f"D has won outright since step {self.collapse_streak.since}: D's accuracy >= "
+                    f"{c.collapse_d_accuracy:g} and G's loss >= {c.collapse_loss_g:g} at every log row "
+                    f"for {held} steps "
+                    f"(now {row['d_accuracy']:.3f} and {row['loss_g']:.3g})"
+                ),
+            )
         self._agree(step)
 
     def check_grid(self, step: int, images: torch.Tensor) -> None:
@@ -152,11 +160,18 @@ class Guard:
         c = self.cfg
         if c.collapse_steps > 0 and c.min_diversity > 0 and value == value:  # (NaN: a grid of one image)
             uniform = value < c.min_diversity * self.reference_diversity
-            self._watch(self.diversity_streak, "diversity", step, uniform, lambda held: (
-                f"the fixed-noise grid has lost its diversity since step {self.diversity_streak.since}: mean pairwise "
-                f"distance {value:.4f}, below {c.min_diversity:g} x that of real images "
-                f"({self.reference_diversity:.3f}), for {held} steps"
-            ))
+            self._watch(
+                self.diversity_streak,
+                "diversity",
+                step,
+                uniform,
+                lambda held: (
+                    f"the fixed-noise grid has lost its diversity since step {self.diversity_streak.since}: "
+                    "mean pairwise "
+                    f"distance {value:.4f}, below {c.min_diversity:g} x that of real images "
+                    f"({self.reference_diversity:.3f}), for {held} steps"
+                ),
+            )
 
     def healthy(self, step: int, state: Any) -> bool:
         """Before a checkpoint write: may `state` (a state.TrainingState) be saved? (reads the flags: a GPU sync)

@@ -18,7 +18,11 @@ from dcgan import files, models
 
 
 def latents(
-    seeds: List[int], z_dim: int, distribution: str, device: torch.device | str = "cpu", truncation: Optional[float] = None
+    seeds: List[int],
+    z_dim: int,
+    distribution: str,
+    device: torch.device | str = "cpu",
+    truncation: Optional[float] = None,
 ) -> torch.Tensor:
     """One latent vector per seed, [len(seeds), z_dim], each drawn from its own CPU generator.
 
@@ -83,7 +87,9 @@ def grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image
         return to_pil(pixels[0])
     columns = min(nrow, count)
     rows = -(-count // columns)
-    grid = torch.zeros(channels, rows * (height + padding) + padding, columns * (width + padding) + padding, dtype=torch.uint8)
+    grid = torch.zeros(
+        channels, rows * (height + padding) + padding, columns * (width + padding) + padding, dtype=torch.uint8
+    )
     for index, image in enumerate(pixels):
         top = padding + (index // columns) * (height + padding)
         left = padding + (index % columns) * (width + padding)
@@ -107,4 +113,6 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Image.Image:
 def save_gif(frames: Sequence[Image.Image], path: Path, duration_ms: int | List[int]) -> None:
     """An endlessly looping GIF; `duration_ms` for every frame, or one per frame."""
     frames = [frame.convert("P" if frame.mode == "L" else "RGB") for frame in frames]
-    save_atomically(frames[0], path, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    save_atomically(
+        frames[0], path, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0
+    )

@@ -49,7 +49,10 @@ def validate_loggers(loggers) -> None:
     for name in loggers:
         one_of("logger", name, LOGGERS)
     if "jsonl" not in loggers:
-        raise UserError(f"logger must include jsonl (metrics.jsonl feeds gan-report and resume), got {list(loggers)}; e.g. logger=[jsonl,tensorboard]")
+        raise UserError(
+            f"logger must include jsonl (metrics.jsonl feeds gan-report and resume), got {list(loggers)}; "
+            "e.g. logger=[jsonl,tensorboard]"
+        )
     if "tensorboard" in loggers:
         import_summary_writer()  # fails here, before a run folder exists, when the package is missing
 
@@ -84,14 +87,24 @@ class MetricsLog:
         self._clock = time.perf_counter()
         if self.is_main:
             self._truncate_after(start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (show_progress and self.is_main), unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not (show_progress and self.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint, so the file reads as one continuous run."""
         if not self.path.exists():
             return
         # A line cut short (a full disk or a power cut during the append) is dropped, not a crash at resume.
-        kept = [line for line in self.path.read_text().splitlines() if (logged := _logged_step(line)) is not None and logged <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if (logged := _logged_step(line)) is not None and logged <= step
+        ]
         files.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def add(self, stats: Dict[str, torch.Tensor]) -> None:
@@ -112,7 +125,7 @@ class MetricsLog:
         sums = distributed.sum_over_ranks(torch.stack([self._sums[k] for k in names]))
         values = sums.div(self._count * distributed.world().size).tolist()
         row: Dict[str, float] = {"step": step, "epoch": epoch}
-        row.update({k: round(v, 6) for k, v in zip(names, values)})
+        row.update({k: round(v, 6) for k, v in zip(names, values, strict=False)})
         row["images_per_s"] = round(self._count * self.images_per_step / max(now - self._clock, 1e-9), 1)
         row.update({f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()})
         row.update(extra or {})
@@ -134,7 +147,9 @@ class MetricsLog:
     def add_grid(self, grid: Image.Image, step: int) -> None:
         """Show a fixed-noise grid (as saved in samples/) in TensorBoard's image tab."""
         if self.tensorboard is not None:
-            self.tensorboard.add_image("samples/fixed_noise", np.asarray(grid), step, dataformats="HW" if grid.mode == "L" else "HWC")
+            self.tensorboard.add_image(
+                "samples/fixed_noise", np.asarray(grid), step, dataformats="HW" if grid.mode == "L" else "HWC"
+            )
 
     def close(self) -> None:
         self.bar.close()
@@ -187,5 +202,10 @@ def read_metrics(path: Path) -> list:
             rows.append(row)
     if bad_lines:
         shown = ", ".join(map(str, bad_lines[:5])) + (" ..." if len(bad_lines) > 5 else "")
-        log.warning("%s: skipped %d line(s) that are not metrics rows (line %s; cut short by a killed run?)", path, len(bad_lines), shown)
+        log.warning(
+            "%s: skipped %d line(s) that are not metrics rows (line %s; cut short by a killed run?)",
+            path,
+            len(bad_lines),
+            shown,
+        )
     return rows

@@ -26,6 +26,7 @@ class LossConfig:
     gp_weight: float = 10.0  # gradient-penalty weight (wgan_gp)
     r1_weight: float = 0.0  # R1 penalty gamma on real images, gamma/2 * |grad D(x)|^2 (Mescheder et al. 2018); 0 = off
 
+
 Stats = Dict[str, torch.Tensor]
 
 

@@ -57,7 +57,9 @@ class MetricsConfig:
     n: int = 10000  # generated images; image i comes from latent seed `seed + i`
     reference_n: int = 10000  # real images: a seeded random subset of the data set (0 = all of it)
     metrics: List[str] = field(default_factory=lambda: ["fid", "kid"])
-    inception_weights: Optional[str] = None  # a local weights file (offline use); None = torch-fidelity downloads its own
+    inception_weights: Optional[str] = (
+        None  # a local weights file (offline use); None = torch-fidelity downloads its own
+    )
     batch_size: int = 64  # images per Inception forward pass
     kid_subsets: int = 100  # KID averages the MMD over this many random subsets...
     kid_subset_size: int = 1000  # ...of this many images each (capped at the smaller image count)
@@ -77,15 +79,20 @@ def validate_metrics(prefix: str, m: MetricsConfig | DictConfig) -> None:
     # FID needs a covariance and KID subsets of two or more images, from both sets.
     for key in ("n", "reference_n"):
         if m[key] < 2 and not (key == "reference_n" and m[key] == 0):
-            raise UserError(f"{prefix}{key} must be at least 2 (FID needs a covariance, KID subsets of 2+ images), got {m[key]}; use 1000 or more for a meaningful score")
+            raise UserError(
+                f"{prefix}{key} must be at least 2 (FID needs a covariance, KID subsets of 2+ images), got "
+                f"{m[key]}; use 1000 or more for a meaningful score"
+            )
     at_least(f"{prefix}batch_size", m.batch_size, 1)
     at_least(f"{prefix}kid_subsets", m.kid_subsets, 1)
     at_least(f"{prefix}kid_subset_size", m.kid_subset_size, 2)
     check_seeds(f"{prefix}seed", m.seed, m.seed + m.n - 1)  # generated image i comes from seed + i
     if m.inception_weights and not Path(m.inception_weights).expanduser().is_file():
         raise UserError(
-            f"{prefix}inception_weights={m.inception_weights} is not a file; point it at a torch-fidelity Inception weights "
-            "file (e.g. inception-2015-12-05-fidelity.pth), or leave it unset to let torch-fidelity download its own copy"
+            f"{prefix}inception_weights={m.inception_weights} is not a file; point it at a torch-fidelity Inception "
+            "weights "
+            "file (e.g. inception-2015-12-05-fidelity.pth), or leave it unset to let torch-fidelity download its own "
+            "copy"
         )
 
 
@@ -96,10 +103,12 @@ def require_inception_weights(m: MetricsConfig | DictConfig) -> None:
     cached = downloaded_weights()
     if not cached.is_file():
         raise UserError(
-            f"trainer.eval_every needs torch-fidelity's Inception weights, which are not here (no eval.inception_weights, "
+            "trainer.eval_every needs torch-fidelity's Inception weights, which are not here (no "
+            "eval.inception_weights, "
             f"no download at {cached}); set eval.inception_weights=PATH to a local copy, or run once with internet "
             "(e.g. gan-eval) so torch-fidelity downloads them, or set trainer.eval_every=0"
         )
+
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 # The same torch-fidelity network and weights, registered under our name to run channels-last:
@@ -142,7 +151,10 @@ class FolderImages(Dataset):
             raise UserError(f"{folder} is not a folder; pass a folder of images (png, jpg, ...)")
         found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.is_file())
         if not found:
-            raise UserError(f"no images in {folder} (looked for {', '.join(data.IMAGE_EXTENSIONS)}, recursively); point it at a folder of images")
+            raise UserError(
+                f"no images in {folder} (looked for {', '.join(data.IMAGE_EXTENSIONS)}, recursively); "
+                "point it at a folder of images"
+            )
         self.selection = "all images" if not 0 < limit < len(found) else f"random subset of {len(found)}, seed {seed}"
         self.files = [found[i] for i in seeded_subset(len(found), limit, seed).tolist()]
         self.reads = 0
@@ -183,12 +195,16 @@ class FolderImages(Dataset):
         digest = hashlib.sha1()
         for path in self.files:
             stat = path.stat()
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))  # names need not be UTF-8
+            digest.update(
+                f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
+            )  # names need not be UTF-8
         return digest.hexdigest()
 
 
 def unreadable(path: Path, error: Exception) -> UserError:
-    return UserError(f"cannot read image {data.printable(str(path))} ({type(error).__name__}: {error}); delete or fix it")
+    return UserError(
+        f"cannot read image {data.printable(str(path))} ({type(error).__name__}: {error}); delete or fix it"
+    )
 
 
 @dataclass
@@ -207,7 +223,9 @@ def seeded_subset(count: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
-def reference_from_dataset(cfg: DatasetConfig | DictConfig, n: int, seed: int, images: Optional[torch.Tensor] = None) -> ImageSource:
+def reference_from_dataset(
+    cfg: DatasetConfig | DictConfig, n: int, seed: int, images: Optional[torch.Tensor] = None
+) -> ImageSource:
     """`n` images of the data set (all when n=0), keyed for the cache by what they are and by their bytes."""
     images = data.load_images(cfg) if images is None else images
     picked = images[seeded_subset(len(images), n, seed)]
@@ -244,7 +262,9 @@ def folder_stamp(folder: Path, images: FolderImages) -> Dict[str, Any]:
     }
 
 
-def generated_from_model(G: nn.Module, z_dim: int, distribution: str, n: int, seed: int, device: torch.device) -> torch.Tensor:
+def generated_from_model(
+    G: nn.Module, z_dim: int, distribution: str, n: int, seed: int, device: torch.device
+) -> torch.Tensor:
     """`n` uint8 images from G (eval mode), image i from latent seed `seed + i`."""
     chunks = []
     for start in range(seed, seed + n, GENERATE_CHUNK):
@@ -273,7 +293,10 @@ def resolve_weights(path: Optional[str]) -> Weights:
         return Weights(None, "tf-" + Path(default_weights_url()).stem.split("-")[-1])
     resolved = Path(path).expanduser().resolve()
     if not resolved.is_file():
-        raise UserError(f"Inception weights {path} is not a file; point inception_weights at one, or leave it unset to let torch-fidelity download its own copy")
+        raise UserError(
+            f"Inception weights {path} is not a file; point inception_weights at one, or leave it unset to "
+            "let torch-fidelity download its own copy"
+        )
     return Weights(str(resolved), file_sha256(str(resolved), *_stat(resolved))[:12])
 
 
@@ -315,7 +338,9 @@ def register_extractor() -> None:
     class ChannelsLastInception(FeatureExtractorInceptionV3):
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
             try:
-                super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path, **kwargs)
+                super().__init__(
+                    name, features_list, feature_extractor_weights_path=feature_extractor_weights_path, **kwargs
+                )
             except Exception as error:  # a download with no internet, or a file that is not these weights
                 reason = " ".join(str(error).split())[:200]
                 if feature_extractor_weights_path is None:
@@ -323,7 +348,10 @@ def register_extractor() -> None:
                         f"could not download torch-fidelity's Inception weights ({reason}); with no internet, "
                         "pass a local copy: inception_weights=PATH (eval.inception_weights=PATH in gan-train)"
                     ) from None
-                raise UserError(f"{feature_extractor_weights_path} is not torch-fidelity Inception-v3 weights ({reason}); use inception-2015-12-05 weights in its format") from None
+                raise UserError(
+                    f"{feature_extractor_weights_path} is not torch-fidelity Inception-v3 weights "
+                    f"({reason}); use inception-2015-12-05 weights in its format"
+                ) from None
             self.to(memory_format=torch.channels_last)
 
     torch_fidelity.register_feature_extractor(CHANNELS_LAST_EXTRACTOR, ChannelsLastInception)
@@ -332,13 +360,17 @@ def register_extractor() -> None:
 # ---------------------------------------------------------------- measuring
 
 
-def measure(generated: ImageSource, reference: ImageSource, settings: MetricsConfig | DictConfig, device: torch.device) -> List[Dict[str, Any]]:
+def measure(
+    generated: ImageSource, reference: ImageSource, settings: MetricsConfig | DictConfig, device: torch.device
+) -> List[Dict[str, Any]]:
     """FID and/or KID between the two sets, one stamped result per metric."""
     register_extractor()
     weights = resolve_weights(settings.inception_weights)
     count_1, count_2 = len(generated.images), len(reference.images)
     if min(count_1, count_2) < 2:
-        raise UserError(f"FID and KID need at least 2 images on each side; got {count_1} generated and {count_2} reference images")
+        raise UserError(
+            f"FID and KID need at least 2 images on each side; got {count_1} generated and {count_2} reference images"
+        )
     kid_subset_size = min(settings.kid_subset_size, count_1, count_2)
     cache_name = f"{reference.cache_key}-w{weights.cache_key}" if reference.cache_key else None
     cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else data.user_cache_dir() / "fidelity"
@@ -352,23 +384,31 @@ def measure(generated: ImageSource, reference: ImageSource, settings: MetricsCon
     results = []
     for metric in settings.metrics:
         value, spread, extra = read_score(metric, scores, settings.kid_subsets, kid_subset_size)
-        results.append({
-            "metric": metric,
-            "value": value,
-            "std": spread,
-            "generated": generated.stamp,
-            "reference": reference.stamp,
-            "protocol": {**protocol, **extra},
-            "device": str(device),
-            "seconds": round(seconds, 1),
-            "date": when,
-        })
+        results.append(
+            {
+                "metric": metric,
+                "value": value,
+                "std": spread,
+                "generated": generated.stamp,
+                "reference": reference.stamp,
+                "protocol": {**protocol, **extra},
+                "device": str(device),
+                "seconds": round(seconds, 1),
+                "date": when,
+            }
+        )
     return results
 
 
 def fidelity_scores(
-    generated: ImageSource, reference: ImageSource, settings: MetricsConfig | DictConfig, device: torch.device,
-    weights: Weights, kid_subset_size: int, cache_dir: Path, cache_name: Optional[str],
+    generated: ImageSource,
+    reference: ImageSource,
+    settings: MetricsConfig | DictConfig,
+    device: torch.device,
+    weights: Weights,
+    kid_subset_size: int,
+    cache_dir: Path,
+    cache_name: Optional[str],
 ) -> Dict[str, float]:
     """torch-fidelity's scores; the reference features are cached under `cache_name` (None: not cached)."""
     import torch_fidelity
@@ -401,7 +441,9 @@ def measurement_protocol(weights: Weights, cached: bool, cache: Optional[Path]) 
     import torch_fidelity
 
     return {
-        "feature_extractor": f"{FEATURE_EXTRACTOR} (torch-fidelity; run channels-last), {FEATURE_LAYER}-d pool features",
+        "feature_extractor": (
+            f"{FEATURE_EXTRACTOR} (torch-fidelity; run channels-last), {FEATURE_LAYER}-d pool features"
+        ),
         "resize": "native size in; bilinear (TensorFlow 1 compatible) to 299x299 inside the extractor",
         "grayscale": "three identical channels",
         "weights_file": weights.path or f"torch-fidelity download {default_weights_url()}",
@@ -432,7 +474,9 @@ class TrainingEvaluator:
 
     def __init__(self, cfg: DictConfig, images: torch.Tensor, device: torch.device, run: RunFolder, resumed: bool):
         self.settings, self.generator_cfg = cfg.eval, cfg.generator
-        self.weights_name = "ema" if cfg.trainer.ema > 0 else "generator"  # what TrainingState.sampling_generator returns
+        self.weights_name = (
+            "ema" if cfg.trainer.ema > 0 else "generator"
+        )  # what TrainingState.sampling_generator returns
         self.device, self.run = device, run
         # The training images are in memory already; the reference is a seeded subset of them.
         self.reference = reference_from_dataset(cfg.dataset, cfg.eval.reference_n, cfg.eval.seed, images)
@@ -442,10 +486,18 @@ class TrainingEvaluator:
     def __call__(self, step: int, G: nn.Module, training_state: Callable[[], Dict[str, Any]]) -> Dict[str, float]:
         """Scores for the metrics row; writes best.pt (from `training_state()`) when this is the best so far."""
         s = self.settings
-        images = generated_from_model(G, self.generator_cfg.z_dim, self.generator_cfg.z_distribution, s.n, s.seed, self.device)
-        stamp = {"source": "training", "weights": self.weights_name, "step": step,
-                 "count": len(images), "selection": f"latent seeds {s.seed}..{s.seed + s.n - 1}",
-                 "image_size": int(images.shape[-1]), "channels": int(images.shape[1])}
+        images = generated_from_model(
+            G, self.generator_cfg.z_dim, self.generator_cfg.z_distribution, s.n, s.seed, self.device
+        )
+        stamp = {
+            "source": "training",
+            "weights": self.weights_name,
+            "step": step,
+            "count": len(images),
+            "selection": f"latent seeds {s.seed}..{s.seed + s.n - 1}",
+            "image_size": int(images.shape[-1]),
+            "channels": int(images.shape[1]),
+        }
         results = measure(ImageSource(ImageSet(images), stamp), self.reference, s, self.device)
         scores = {r["metric"]: round(r["value"], 6) for r in results}
         scores["eval_s"] = results[0]["seconds"]
@@ -458,10 +510,10 @@ class TrainingEvaluator:
 
 
 def read_best_score(path: Path, metric: str) -> float:
-    """The score best.pt was kept for (`path`: RunFolder.best_stamp), so a resumed run only replaces it with a better one."""
+    """The score best.pt was kept for (`path`: RunFolder.best_stamp), so a resumed run only replaces it with a better
+    one."""
     try:
         results = json.loads(path.read_text())["results"]
         return next(float(r["value"]) for r in results if r["metric"] == metric)
     except (OSError, ValueError, KeyError, StopIteration):
         return math.inf
-

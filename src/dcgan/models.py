@@ -8,10 +8,9 @@ the number of upsampling (downsampling) stages to `dataset.image_size`, so every
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
-
 import os
 from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ class DiscriminatorConfig:
     norm: str = "batch"  # batch | none: normalization of the hidden conv layers
     init: str = "dcgan"
     spectral_norm: bool = False  # divide every conv/linear weight by its largest singular value (Miyato et al. 2018)
+
 
 GeneratorBuilder = Callable[[int, int, GeneratorConfig], nn.Module]
 DiscriminatorBuilder = Callable[[int, int, DiscriminatorConfig], nn.Module]
@@ -132,7 +132,7 @@ def downsample_layers(
     """Strided convs with LeakyReLU 0.2; BN on every layer but the first, as in the DCGAN paper."""
     layers: list = []
     strides = strides or [2] * len(widths)
-    for i, (out_channels, stride) in enumerate(zip(widths, strides)):
+    for i, (out_channels, stride) in enumerate(zip(widths, strides, strict=False)):
         use_norm = norm == "batch" and i > 0
         layers.append(nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=not use_norm))
         if use_norm:
@@ -163,7 +163,8 @@ class Logits(nn.Sequential):
 
 @generator("dcgan")
 def dcgan_generator(image_size: int, channels: int, cfg: GeneratorConfig) -> nn.Module:
-    """Radford et al.: z as a 1x1 map, 4x4 transposed convs halving channels (512-256-128-64 at 64 px), BN+ReLU, tanh."""
+    """Radford et al.: z as a 1x1 map, 4x4 transposed convs halving channels (512-256-128-64 at 64 px), BN+ReLU,
+    tanh."""
     start, stages = spatial_plan(image_size)
     widths = [scaled(64 * 2 ** (stages - 1 - i), cfg.width) for i in range(stages)]
     layers: list = [
@@ -172,7 +173,7 @@ def dcgan_generator(image_size: int, channels: int, cfg: GeneratorConfig) -> nn.
         nn.BatchNorm2d(widths[0]),
         nn.ReLU(True),
     ]
-    for in_channels, out_channels in zip(widths, widths[1:]):
+    for in_channels, out_channels in zip(widths, widths[1:], strict=False):
         layers += [deconv(in_channels, out_channels, 4), nn.BatchNorm2d(out_channels), nn.ReLU(True)]
         if cfg.dropout > 0:
             layers.append(nn.Dropout(cfg.dropout))
@@ -402,7 +403,9 @@ def check_shapes(cfg) -> None:
     except RuntimeError as error:
         raise UserError(f"discriminator {cfg.discriminator.arch} can't read {size}x{size} images: {error}") from None
     if tuple(logits.shape) != (2,):
-        raise UserError(f"discriminator {cfg.discriminator.arch} returned shape {tuple(logits.shape)}, not one logit per image")
+        raise UserError(
+            f"discriminator {cfg.discriminator.arch} returned shape {tuple(logits.shape)}, not one logit per image"
+        )
 
 
 def training_bytes_lower_bound(cfg, batch_size: int) -> int:
@@ -414,8 +417,13 @@ def training_bytes_lower_bound(cfg, batch_size: int) -> int:
     G, D = build_generator(cfg, "meta"), build_discriminator(cfg, "meta")
     parameters = sum(p.numel() for model in (G, D) for p in model.parameters())
     kept_per_pair = []  # outputs for a batch of 2: BatchNorm in training mode needs more than one image
-    layers = [m for model in (G, D) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
-    hooks = [layer.register_forward_hook(lambda module, inputs, output: kept_per_pair.append(output.numel())) for layer in layers]
+    layers = [
+        m for model in (G, D) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+    ]
+    hooks = [
+        layer.register_forward_hook(lambda module, inputs, output: kept_per_pair.append(output.numel()))
+        for layer in layers
+    ]
     try:
         D(G(torch.empty(2, cfg.generator.z_dim, device="meta")))
     finally:
@@ -453,9 +461,11 @@ def check_memory(cfg) -> None:
     where, available = _device_memory(cfg.trainer.device)
     if available and needed > available:
         raise UserError(
-            f"this config needs at least {needed / 2**30:,.0f} GiB to train (dataset.image_size={cfg.dataset.image_size}, "
+            f"this config needs at least {needed / 2**30:,.0f} GiB to train "
+            f"(dataset.image_size={cfg.dataset.image_size}, "
             f"a batch of {batch_per_rank}), more than the {available / 2**30:,.0f} GiB of {where}; use a smaller "
-            "dataset.image_size (64 or 128 are typical), or lower trainer.batch_size, generator.width or discriminator.width"
+            "dataset.image_size (64 or 128 are typical), or lower trainer.batch_size, generator.width or "
+            "discriminator.width"
         )
 
 

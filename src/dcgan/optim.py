@@ -28,8 +28,9 @@ class OptimizerConfig:
     discriminator: OptimizerSettings = field(default_factory=OptimizerSettings)
 
 
-def build_optimizer(params, settings: OptimizerSettings, key: str, fused: bool = False,
-                    capturable: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    params, settings: OptimizerSettings, key: str, fused: bool = False, capturable: bool = False
+) -> torch.optim.Optimizer:
     """Any torch.optim class by name; `betas` go only to optimizers that take them.
 
     `key` (e.g. "optimizer.generator") names the config section in error messages. `fused`
@@ -50,7 +51,9 @@ def build_optimizer(params, settings: OptimizerSettings, key: str, fused: bool =
         kwargs["capturable"] = True
     unknown = sorted(k for k in kwargs if k not in accepted)
     if unknown:
-        raise UserError(f"{key}: torch.optim.{settings.name} takes no argument {', '.join(unknown)}; remove it from {key}")
+        raise UserError(
+            f"{key}: torch.optim.{settings.name} takes no argument {', '.join(unknown)}; remove it from {key}"
+        )
     try:
         return cls(params, **kwargs)
     except (TypeError, ValueError) as error:
@@ -79,8 +82,14 @@ class EMA:
     in BigGAN) on a fixed set of latents before the copy is sampled or saved.
     """
 
-    def __init__(self, model: nn.Module, decay: float, latents: Callable[[torch.Generator], torch.Tensor],
-                 device: torch.device, batches: int = 16):
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        latents: Callable[[torch.Generator], torch.Tensor],
+        device: torch.device,
+        batches: int = 16,
+    ):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.latents, self.device, self.batches = latents, device, batches  # latents(generator) -> one batch
@@ -127,7 +136,7 @@ class EMA:
             for _ in range(self.batches):
                 self.model(self.latents(generator))
             self.model.eval()
-            for m, momentum in zip(self.norms, momenta):
+            for m, momentum in zip(self.norms, momenta, strict=False):
                 m.momentum = momentum
             self.stale = False
         return self.model

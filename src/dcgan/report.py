@@ -31,6 +31,7 @@ class ReportConfig:
     fps: int = 4  # progress movie frame rate
     max_frames: int = 100  # progress movie: at most this many grids, evenly spaced (the first and last kept)
 
+
 log = logging.getLogger(__name__)
 
 FINAL_FRAME_MS = 2000  # the last grid stays up a while before the movie loops
@@ -59,9 +60,7 @@ LABELS = {
 }
 
 
-def write_report(
-    run_dir: Path, fps: int = ReportConfig.fps, max_frames: int = ReportConfig.max_frames
-) -> List[Path]:
+def write_report(run_dir: Path, fps: int = ReportConfig.fps, max_frames: int = ReportConfig.max_frames) -> List[Path]:
     """Write the loss-curve figure and the progress movie into `run_dir`; returns the files written."""
     run = RunFolder(run_dir)
     written = []
@@ -92,10 +91,14 @@ def plot_metrics(rows: List[Dict[str, float]], path: Path) -> Optional[Path]:
     all_axes = figure.subplots(lines, columns, squeeze=False).flatten()
     for axes in all_axes[len(panels) :]:
         axes.set_visible(False)
-    for axes, (title, keys) in zip(all_axes, panels):
-        for key, style in zip(keys, ("-", "--", ":")):  # dashes keep equal curves (G's and D's lr) both visible
+    for axes, (title, keys) in zip(all_axes, panels, strict=False):
+        for key, style in zip(
+            keys, ("-", "--", ":"), strict=False
+        ):  # dashes keep equal curves (G's and D's lr) both visible
             points = [(row["step"], row[key]) for row in rows if key in row]  # FID is measured on fewer rows
-            axes.plot(*zip(*points), style, label=LABELS.get(key, key), marker="o" if len(points) < 20 else None)
+            axes.plot(
+                *zip(*points, strict=False), style, label=LABELS.get(key, key), marker="o" if len(points) < 20 else None
+            )
         axes.set_title(title)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
@@ -108,7 +111,9 @@ def write_progress_movie(grids: Sequence[Path], path: Path, fps: int, max_frames
     """An animated GIF of the grids, each captioned with its step; at most `max_frames`, evenly spaced."""
     if len(grids) > max_frames:
         last = len(grids) - 1
-        grids = [grids[round(i * last / (max_frames - 1))] for i in range(max_frames)] if max_frames > 1 else [grids[-1]]
+        grids = (
+            [grids[round(i * last / (max_frames - 1))] for i in range(max_frames)] if max_frames > 1 else [grids[-1]]
+        )
     frames = [captioned(image, f"step {grid_step(grid):,}") for grid, image in read_grids(grids)]
     durations = [round(1000 / fps)] * (len(frames) - 1) + [FINAL_FRAME_MS]
     save_gif(frames, path, durations)
@@ -126,7 +131,9 @@ def read_grids(grids: Sequence[Path]) -> List[Tuple[Path, Image.Image]]:
         except Exception as error:  # Pillow fails in many ways on a damaged file
             damaged.append(f"{grid.name} ({type(error).__name__}: {error})")
     if not readable:
-        raise UserError(f"none of the grids in {grids[0].parent} can be read ({damaged[0]}); delete the damaged step_*.png files")
+        raise UserError(
+            f"none of the grids in {grids[0].parent} can be read ({damaged[0]}); delete the damaged step_*.png files"
+        )
     if damaged:
         log.warning("skipped %d damaged grid(s) in %s: %s", len(damaged), grids[0].parent, ", ".join(damaged[:5]))
     return readable
@@ -148,6 +155,8 @@ def run(cfg: ReportConfig) -> List[Path]:
         raise UserError(f"fps and max_frames must be >= 1, got fps={cfg.fps} max_frames={cfg.max_frames}")
     run = RunFolder(cfg.run)
     if not run.metrics.is_file() and not run.grids():
-        raise UserError(f"{run.root} has no {run.metrics.name} and no {run.samples.name}/step_*.png: is it a gan-train run folder?")
+        raise UserError(
+            f"{run.root} has no {run.metrics.name} and no {run.samples.name}/step_*.png: is it a gan-train run folder?"
+        )
     check_writable_folder("run", run.root)  # the figures go into the run folder
     return write_report(run.root, cfg.fps, cfg.max_frames)

@@ -49,8 +49,14 @@ INVOCATION = uuid.uuid4().hex
 PACKAGES = ("torchvision", "numpy", "hydra-core", "omegaconf", "pillow", "dcgan")
 
 
-def start(run_dir: Path, cfg: DictConfig, images: torch.Tensor, device: torch.device, step: int,
-          resume_changes: Optional[Dict[str, Any]] = None) -> None:
+def start(
+    run_dir: Path,
+    cfg: DictConfig,
+    images: torch.Tensor,
+    device: torch.device,
+    step: int,
+    resume_changes: Optional[Dict[str, Any]] = None,
+) -> None:
     """Write the card of this invocation; an earlier card in the folder moves into `previous`."""
     if not distributed.world().is_main:
         return
@@ -179,9 +185,14 @@ def check_run_dir(run_dir: str) -> None:
     path = Path(run_dir).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise UserError(f"hydra.run.dir={run_dir} can't be created: {existing} is a file, not a folder; pick another hydra.run.dir")
+        raise UserError(
+            f"hydra.run.dir={run_dir} can't be created: {existing} is a file, not a folder; pick another hydra.run.dir"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"hydra.run.dir={run_dir} can't be created or written: {existing} is not writable; pick another hydra.run.dir")
+        raise UserError(
+            f"hydra.run.dir={run_dir} can't be created or written: {existing} is not writable; pick "
+            "another hydra.run.dir"
+        )
 
 
 def use_deterministic_algorithms(enabled: bool) -> None:

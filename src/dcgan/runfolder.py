@@ -135,7 +135,10 @@ def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
         log.warning("the previous invocation in %s failed: %s", folder, earlier.get("error"))
     if overwrite:
         if resume and resume != "auto" and _inside(Path(resume), folder):
-            raise UserError(f"trainer.overwrite=true would move {resume} aside before resuming from it; copy it out of {folder} first")
+            raise UserError(
+                f"trainer.overwrite=true would move {resume} aside before resuming from it; copy it out of "
+                f"{folder} first"
+            )
         if run.holds_a_run():
             moved_to = move_aside(run, keep)
             log.warning("trainer.overwrite=true: the earlier run in %s moved to %s", folder, moved_to)
@@ -145,13 +148,16 @@ def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
         found, refusals = checkpoint.find_latest(run.checkpoints)
         if found is None and refusals:
             raise UserError(
-                f"trainer.resume=auto found checkpoints in {run.checkpoints} but can resume none of them: {'; '.join(refusals)}. "
+                f"trainer.resume=auto found checkpoints in {run.checkpoints} but can resume none of them: "
+                f"{'; '.join(refusals)}. "
                 "Nothing was changed. Use a version of this tool that reads them, pass trainer.resume=PATH, "
                 "or start in another hydra.run.dir"
             )
         if found is None and run.holds_a_run():  # killed before its first checkpoint: keep what it left
             moved_to = move_aside(run, keep)
-            log.warning("trainer.resume=auto: %s has no checkpoint yet; its files moved to %s, starting fresh", folder, moved_to)
+            log.warning(
+                "trainer.resume=auto: %s has no checkpoint yet; its files moved to %s, starting fresh", folder, moved_to
+            )
         if found is not None:
             check_resume(found, cfg)
         return

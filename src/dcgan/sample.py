@@ -24,8 +24,8 @@ from torch import nn
 from dcgan import checkpoint, config, data, files, models
 from dcgan.distributed import resolve_device, validate_device
 from dcgan.errors import UserError, check_output_file, check_seeds, check_writable_folder
-from dcgan.state import CONFIG_YAML, sampling_weights
 from dcgan.images import generate, latents, save_atomically, save_gif, save_grid, to_pil, to_uint8
+from dcgan.state import CONFIG_YAML, sampling_weights
 
 
 @dataclass
@@ -69,7 +69,9 @@ def slerp_legs(key_z: torch.Tensor, frames: int, closed: bool) -> torch.Tensor:
     """
     pairs = [(i, i + 1) for i in range(len(key_z) - 1)] + ([(len(key_z) - 1, 0)] if closed else [])
     points = frames if closed else frames + 1
-    return torch.stack([torch.stack([slerp(key_z[a], key_z[b], step / frames) for step in range(points)]) for a, b in pairs])
+    return torch.stack(
+        [torch.stack([slerp(key_z[a], key_z[b], step / frames) for step in range(points)]) for a, b in pairs]
+    )
 
 
 # Images one command makes at most: a typo such as seeds=0-99999999999 fails at once, not after filling memory.
@@ -91,14 +93,21 @@ def parse_seeds(text: str) -> List[int]:
     except ValueError:
         raise UserError(f"seeds={text!r} is not a seed list; write it like 0-15 or 3,7,42") from None
     if not ranges:
-        raise UserError(f"seeds={text!r} names no seeds; write them like 0-15 or 3,7,42 (or leave seeds unset to use seed= and n=)")
+        raise UserError(
+            f"seeds={text!r} names no seeds; write them like 0-15 or 3,7,42 (or leave seeds unset to use seed= and n=)"
+        )
     for part, first, last in ranges:
         if last < first:
-            raise UserError(f"seeds={text}: the range {part} runs backwards; write the smaller seed first, e.g. {last}-{first}")
+            raise UserError(
+                f"seeds={text}: the range {part} runs backwards; write the smaller seed first, e.g. {last}-{first}"
+            )
         check_seeds("seeds", first, last)
     count = sum(last - first + 1 for _, first, last in ranges)
     if count > MAX_IMAGES:
-        raise UserError(f"seeds={text} asks for {count:,} images; gan-sample makes at most {MAX_IMAGES:,} per command, so split the range")
+        raise UserError(
+            f"seeds={text} asks for {count:,} images; gan-sample makes at most {MAX_IMAGES:,} per command, "
+            "so split the range"
+        )
     return [seed for _, first, last in ranges for seed in range(first, last + 1)]
 
 
@@ -114,7 +123,9 @@ def load_generator(path: str | Path, device: torch.device, use_ema: bool = True)
     try:
         G.load_state_dict(weights)
     except RuntimeError as error:
-        raise UserError(f"checkpoint {path} does not match the generator its config describes: {str(error)[:200]}") from None
+        raise UserError(
+            f"checkpoint {path} does not match the generator its config describes: {str(error)[:200]}"
+        ) from None
     return G.to(device).eval(), cfg, saved
 
 
@@ -153,7 +164,7 @@ def write_seeds(studio: Studio) -> List[Path]:
     seeds, folder = studio.seeds(), studio.out()
     images = to_uint8(generate(studio.G, studio.latents(seeds)))
     paths = [folder / f"seed{seed:04d}.png" for seed in seeds]
-    for image, path in zip(images, paths):
+    for image, path in zip(images, paths, strict=False):
         save_atomically(to_pil(image), path)
     return paths
 
@@ -199,7 +210,7 @@ def write_neighbors(studio: Studio) -> List[Path]:
     table = out.with_suffix(".json")
     rows = [
         {"seed": seed, "nearest": row_indices.tolist(), "l2": [round(d, 3) for d in row_distances.tolist()]}
-        for seed, row_indices, row_distances in zip(seeds, indices, distances)
+        for seed, row_indices, row_distances in zip(seeds, indices, distances, strict=False)
     ]
     summary = {"distance": "L2 over 8-bit pixel values", "training_images": len(training), "samples": rows}
     files.atomic_write_text(table, json.dumps(summary, indent=1) + "\n")
@@ -282,8 +293,15 @@ def export_torchscript(G: nn.Module, example: torch.Tensor, about: Dict[str, obj
 def export_onnx(G: nn.Module, example: torch.Tensor, about: Dict[str, object], path: Path) -> None:
     onnx = import_onnx()
     torch.onnx.export(
-        G, (example,), str(path), dynamo=True, input_names=["z"], output_names=["images"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
+        G,
+        (example,),
+        str(path),
+        dynamo=True,
+        input_names=["z"],
+        output_names=["images"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        external_data=False,
+        verbose=False,
     )
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {key: str(value) for key, value in about.items()})
@@ -327,7 +345,9 @@ def check_sample_config(cfg: SampleConfig) -> None:
     if cfg.format not in EXPORT_FORMATS:
         raise UserError(f"format={cfg.format!r} is not an export format; choose {' or '.join(EXPORT_FORMATS)}")
     if cfg.n > MAX_IMAGES:
-        raise UserError(f"n={cfg.n:,} is more images than gan-sample makes in one command ({MAX_IMAGES:,}); split the job by seed")
+        raise UserError(
+            f"n={cfg.n:,} is more images than gan-sample makes in one command ({MAX_IMAGES:,}); split the job by seed"
+        )
     check_request_seeds(cfg)
     check_output(cfg)
 
@@ -345,7 +365,12 @@ def check_request_seeds(cfg: SampleConfig) -> None:
 
 
 # Where each mode writes without out=: a file, or for mode=seeds a folder (export's default follows format=).
-DEFAULT_OUTPUTS = {"grid": "grid.png", "seeds": "seeds", "interpolate": "interpolation.gif", "neighbors": "neighbors.png"}
+DEFAULT_OUTPUTS = {
+    "grid": "grid.png",
+    "seeds": "seeds",
+    "interpolate": "interpolation.gif",
+    "neighbors": "neighbors.png",
+}
 
 
 def output_path(cfg: SampleConfig) -> Path:
@@ -358,7 +383,10 @@ def check_output(cfg: SampleConfig) -> None:
     out = output_path(cfg)
     if cfg.mode == "seeds":
         if out.is_file() or out.suffix.lower() in (*GRID_SUFFIXES, MOVIE_SUFFIX):
-            raise UserError(f"mode=seeds writes one PNG per seed into a folder, but out={out} names a file; pass a folder, e.g. out={out.parent / 'seeds'}")
+            raise UserError(
+                f"mode=seeds writes one PNG per seed into a folder, but out={out} names a file; pass a "
+                f"folder, e.g. out={out.parent / 'seeds'}"
+            )
         check_writable_folder("out", out)
         return
     what, suffixes = {
@@ -376,5 +404,7 @@ def run(cfg: SampleConfig) -> List[Path]:
     device = resolve_device(cfg.device)
     G, train_cfg, _ = load_generator(cfg.ckpt, device, cfg.ema)
     if cfg.truncation is not None and cfg.truncation > 1 and train_cfg.generator.z_distribution == "uniform":
-        raise UserError(f"truncation scales this checkpoint's uniform latents, so it must be in (0, 1]; got {cfg.truncation}")
+        raise UserError(
+            f"truncation scales this checkpoint's uniform latents, so it must be in (0, 1]; got {cfg.truncation}"
+        )
     return MODES[cfg.mode](Studio(G, train_cfg, cfg, device))

@@ -66,7 +66,6 @@ def compile_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: in
     nothing more), and leaves no trace: weights, BatchNorm statistics, gradients and random streams
     are as they were. Under torchrun, DDP wraps the compiled networks. Returns True if compiled.
     """
-    t = cfg.trainer
     key = "trainer.compile"
     networks = [G, D]
     loss = build_loss(cfg.loss)
@@ -87,7 +86,12 @@ def compile_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: in
             network._compiled_call_impl = None  # what nn.Module.compile() set; the plain forward is used again
         torch.compiler.reset()
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        log.warning("%s: torch.compile failed in the trial step (%s: %s); training without it", key, type(error).__name__, message[:300])
+        log.warning(
+            "%s: torch.compile failed in the trial step (%s: %s); training without it",
+            key,
+            type(error).__name__,
+            message[:300],
+        )
         return False
     return True
 
@@ -102,7 +106,9 @@ def trial_step(G: nn.Module, D: nn.Module, cfg: DictConfig, batch_size: int, dev
     state = {"G": _snapshot(G), "D": _snapshot(D)}
     image_shape = (batch_size, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
     cast = autocast(cfg.trainer.amp, device)
-    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    rng_devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     try:
         with torch.random.fork_rng(devices=rng_devices):  # dropout and our inputs draw from the global streams
             z = torch.randn(batch_size, cfg.generator.z_dim, device=device)
@@ -129,7 +135,6 @@ def trial_step(G: nn.Module, D: nn.Module, cfg: DictConfig, batch_size: int, dev
 def _snapshot(network: nn.Module) -> Dict[str, torch.Tensor]:
     # load_state_dict copies back into the same tensors, keeping their layout and addresses.
     return {name: tensor.detach().clone() for name, tensor in network.state_dict().items()}
-
 
 
 # ---------------------------------------------------------------- trainer.cuda_graphs: the whole step as one graph
@@ -213,8 +218,11 @@ class CapturedStep:
                 self.stats = self.step.update(self.reals, self.counter, set_to_none=False)
         except Exception as error:  # any capture failure: the eager step still trains correctly
             message = (str(error).strip().splitlines() or [""])[0]
-            log.warning("trainer.cuda_graphs: capturing the training step failed (%s: %s); training without CUDA graphs",
-                        type(error).__name__, message[:300])
+            log.warning(
+                "trainer.cuda_graphs: capturing the training step failed (%s: %s); training without CUDA graphs",
+                type(error).__name__,
+                message[:300],
+            )
             self.failed = True
             torch.cuda.synchronize()
             return self.step.update(reals, self.state.step)

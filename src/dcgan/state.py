@@ -116,8 +116,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> N
     `load_state_dict` takes every group setting from the checkpoint; only the learning rate keeps the saved value
     here, since a rollback may have lowered it (apply_changed_learning_rates applies one changed on the command line).
     """
-    fresh = [{key: value for key, value in group.items() if key not in ("params", "lr")}
-             for group in optimizer.param_groups]
+    fresh = [
+        {key: value for key, value in group.items() if key not in ("params", "lr")} for group in optimizer.param_groups
+    ]
     optimizer.load_state_dict(saved)
     for group, settings in zip(optimizer.param_groups, fresh, strict=True):
         group.update(settings)

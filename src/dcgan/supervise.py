@@ -59,8 +59,10 @@ def describe_os_error(error: OSError) -> str:
         advice = "free some disk space or point hydra.run.dir at another disk"
     else:
         advice = "check that path and its permissions, or point hydra.run.dir elsewhere"
-    return (f"{error.strerror or error}: {where}; {advice}. "
-            "Checkpoints written so far are intact: continue with trainer.resume=auto")
+    return (
+        f"{error.strerror or error}: {where}; {advice}. "
+        "Checkpoints written so far are intact: continue with trainer.resume=auto"
+    )
 
 
 def recover(diverged: Diverged, cfg: DictConfig, run_dir: Path) -> DictConfig:
@@ -77,8 +79,10 @@ def recover(diverged: Diverged, cfg: DictConfig, run_dir: Path) -> DictConfig:
     barrier()  # the other ranks resume from last.pt only once rank 0 has rewritten it
     if rolling_back:
         factor = t.health.rollback_lr_factor**rollbacks
-        action = (f"rolled back to step {target_step} with learning rates x{factor:g} "
-                  f"(rollback {rollbacks} of {t.health.max_rollbacks})")
+        action = (
+            f"rolled back to step {target_step} with learning rates x{factor:g} "
+            f"(rollback {rollbacks} of {t.health.max_rollbacks})"
+        )
         log.error("diverged at step %d: %s; %s", fault.step, fault.message, action)
         runcard.update(run_dir, action=action)
         retry = copy.deepcopy(cfg)
@@ -121,8 +125,12 @@ def rolled_back_state(target: Path, cfg: DictConfig, fault: Fault, rollbacks: in
     for part, key in state.OPTIMIZERS.items():
         state.set_learning_rate(saved[key], cfg.optimizer[part].lr * factor)
     memory = saved.get(state.HEALTH) or {}
-    saved[state.HEALTH] = {**memory, "rollbacks": rollbacks, "last_fault_step": fault.step,
-                           "rolled_back_to": saved[state.STEP]}
+    saved[state.HEALTH] = {
+        **memory,
+        "rollbacks": rollbacks,
+        "last_fault_step": fault.step,
+        "rolled_back_to": saved[state.STEP],
+    }
     # This run's config, so that resuming sees no learning rate "changed since the checkpoint".
     saved[state.CONFIG_YAML] = checkpoint.config_yaml(cfg)
     return saved
@@ -145,14 +153,23 @@ def retreat(run: RunFolder, target: Path, new_last: Optional[Dict[str, Any]]) ->
     return moved
 
 
-def stop_report(fault: Fault, t: DictConfig, run: RunFolder, target: Optional[Path], target_step: Optional[int],
-                moved: List[Path], rollbacks: int) -> str:
+def stop_report(
+    fault: Fault,
+    t: DictConfig,
+    run: RunFolder,
+    target: Optional[Path],
+    target_step: Optional[int],
+    moved: List[Path],
+    rollbacks: int,
+) -> str:
     parts = [f"at step {fault.step}, {fault.message}."]
     if rollbacks:
         parts.append(f"{rollbacks} rollback(s) did not help (trainer.health.max_rollbacks={t.health.max_rollbacks}).")
     if target is None:
-        parts.append(f"No healthy checkpoint is left (none at or before step {fault.trusted_step}); "
-                     "start again with lower learning rates.")
+        parts.append(
+            f"No healthy checkpoint is left (none at or before step {fault.trusted_step}); "
+            "start again with lower learning rates."
+        )
     else:
         aside = f"; {len(moved)} later checkpoint(s) moved to {run.suspect}" if moved else ""
         parts.append(

@@ -88,8 +88,9 @@ def validate_trainer(t: TrainerConfig) -> None:
         raise UserError(f"trainer.ema must be in [0, 1) (0 turns it off), got {t.ema}")
     distributed.validate_device("trainer.device", t.device)
     if t.cuda_graphs and (t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())):
-        raise UserError("trainer.cuda_graphs=true needs a CUDA device (CUDA graphs replay GPU kernels); "
-                        "set it false on CPU")
+        raise UserError(
+            "trainer.cuda_graphs=true needs a CUDA device (CUDA graphs replay GPU kernels); set it false on CPU"
+        )
 
 
 def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
@@ -110,10 +111,24 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         evaluator = TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0)
     grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)  # seeds 0..
     total_steps = t.max_steps or max(1, t.epochs * state.batches.batches_per_epoch // t.d_steps)
-    log.info("data: %d images %s; %d steps of batch %d on %s -> %s",
-             len(images), tuple(images.shape[1:]), total_steps, t.batch_size, device, run_dir)
-    metrics = MetricsLog(run.metrics, state.step, total_steps, t.batch_size * t.d_steps, t.progress,
-                         cfg.logger, {"g": state.opt_g, "d": state.opt_d})
+    log.info(
+        "data: %d images %s; %d steps of batch %d on %s -> %s",
+        len(images),
+        tuple(images.shape[1:]),
+        total_steps,
+        t.batch_size,
+        device,
+        run_dir,
+    )
+    metrics = MetricsLog(
+        run.metrics,
+        state.step,
+        total_steps,
+        t.batch_size * t.d_steps,
+        t.progress,
+        cfg.logger,
+        {"g": state.opt_g, "d": state.opt_d},
+    )
     stop = StopRequest(check_every=t.log_every if world.enabled else 1, device=device)
     row: Dict[str, Any] = {}
     stopping = False
@@ -140,14 +155,19 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     stop.restore()
     runcard.finish(run_dir, state.step, stop.signal, state.guard)
     if stop.signal is not None:
-        log.warning("stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto",
-                    stop.signal, state.step)
+        log.warning(
+            "stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto",
+            stop.signal,
+            state.step,
+        )
         raise Stopped(stop.signal)
     state.guard.raise_if_diverged()  # supervise.py stops or rolls back (trainer.on_divergence)
     return row
 
 
-def build(cfg: DictConfig, device: torch.device) -> Tuple[TrainingState, Callable[[], Dict[str, torch.Tensor]], torch.Tensor]:
+def build(
+    cfg: DictConfig, device: torch.device
+) -> Tuple[TrainingState, Callable[[], Dict[str, torch.Tensor]], torch.Tensor]:
     """A fresh run's training state (a resume loads into it), the step that updates it, and the uint8 training images.
 
     The order of the seeds and random draws here is part of every result: keep it.
@@ -170,10 +190,12 @@ def build(cfg: DictConfig, device: torch.device) -> Tuple[TrainingState, Callabl
         G=G,
         D=D,
         G_ema=G_ema,
-        opt_g=build_optimizer(G.parameters(), cfg.optimizer.generator, "optimizer.generator", t.fused_optimizer,
-                              capturable=graphs),
-        opt_d=build_optimizer(D.parameters(), cfg.optimizer.discriminator, "optimizer.discriminator",
-                              t.fused_optimizer, capturable=graphs),
+        opt_g=build_optimizer(
+            G.parameters(), cfg.optimizer.generator, "optimizer.generator", t.fused_optimizer, capturable=graphs
+        ),
+        opt_d=build_optimizer(
+            D.parameters(), cfg.optimizer.discriminator, "optimizer.discriminator", t.fused_optimizer, capturable=graphs
+        ),
         batches=batches,
         noise=torch.Generator(device).manual_seed(t.seed + 1),  # training latents; its state is checkpointed
         guard=Guard(t.health, images, device),  # NaN/Inf and collapse; trainer.on_divergence acts on what it finds
@@ -191,8 +213,15 @@ class TrainStep:
     a whole-step CUDA graph needs.
     """
 
-    def __init__(self, state: TrainingState, cfg: DictConfig, device: torch.device,
-                 G_train: nn.Module, D_train: nn.Module, graphs: bool = False):
+    def __init__(
+        self,
+        state: TrainingState,
+        cfg: DictConfig,
+        device: torch.device,
+        G_train: nn.Module,
+        D_train: nn.Module,
+        graphs: bool = False,
+    ):
         self.state, self.cfg, self.device, self.world = state, cfg, device, distributed.world()
         self.loss = build_loss(cfg.loss)
         self.autocast = speed.autocast(cfg.trainer.amp, device, cache=not graphs)
@@ -241,8 +270,9 @@ class TrainStep:
         return latent_batch(self.state.noise, self.cfg, self.device, self.world)
 
 
-def latent_batch(generator: torch.Generator, cfg: DictConfig, device: torch.device,
-                 world: Optional[distributed.World] = None) -> torch.Tensor:
+def latent_batch(
+    generator: torch.Generator, cfg: DictConfig, device: torch.device, world: Optional[distributed.World] = None
+) -> torch.Tensor:
     """A global batch (trainer.batch_size) of latents from `generator`; with `world`, this rank's slice of it.
 
     Every rank draws the same global batch, so N processes train on the latents one process would
