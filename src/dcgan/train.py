@@ -104,31 +104,12 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     state, train_step, images = build(cfg, device)
     run = RunFolder(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
-    changes = resume(state, t.resume, run.checkpoints, cfg)
-    runcard.start(run_dir, cfg, images, device, state.step, changes)  # run_card.json: command, versions, data, seed
-    evaluator = None
-    if t.eval_every and world.is_main:  # FID/KID of the sampling generator, on rank 0
-        evaluator = TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0)
-    grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)  # seeds 0..
     total_steps = t.max_steps or max(1, t.epochs * state.batches.batches_per_epoch // t.d_steps)
-    log.info(
-        "data: %d images %s; %d steps of batch %d on %s -> %s",
-        len(images),
-        tuple(images.shape[1:]),
-        total_steps,
-        t.batch_size,
-        device,
-        run_dir,
-    )
-    metrics = MetricsLog(
-        run.metrics,
-        state.step,
-        total_steps,
-        t.batch_size * t.d_steps,
-        t.progress,
-        cfg.logger,
-        {"g": state.opt_g, "d": state.opt_d},
-    )
+    evaluator = start_run(cfg, state, images, device, run, total_steps)  # resume, run card; FID/KID on rank 0
+    grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)  # seeds 0..
+    images_per_step = t.batch_size * t.d_steps
+    optimizers = {"g": state.opt_g, "d": state.opt_d}  # their learning rates go into every row
+    metrics = MetricsLog(run.metrics, state.step, total_steps, images_per_step, t.progress, cfg.logger, optimizers)
     stop = StopRequest(check_every=t.log_every if world.enabled else 1, device=device)
     row: Dict[str, Any] = {}
     stopping = False
@@ -163,6 +144,22 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         raise Stopped(stop.signal)
     state.guard.raise_if_diverged()  # supervise.py stops or rolls back (trainer.on_divergence)
     return row
+
+
+def start_run(
+    cfg: DictConfig, state: TrainingState, images: torch.Tensor, device: torch.device, run: RunFolder, total_steps: int
+) -> Optional[TrainingEvaluator]:
+    """Resume into `state` if asked, write the run card and say what will run. Returns the evaluator
+    (rank 0 only, with trainer.eval_every), which keeps best.pt."""
+    t = cfg.trainer
+    changes = resume(state, t.resume, run.checkpoints, cfg)
+    runcard.start(run.root, cfg, images, device, state.step, changes)  # run_card.json: command, versions, data, seed
+    shape = tuple(images.shape[1:])
+    message = "data: %d images %s; %d steps of batch %d on %s -> %s"
+    log.info(message, len(images), shape, total_steps, t.batch_size, device, run.root)
+    if t.eval_every and distributed.world().is_main:
+        return TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0)
+    return None
 
 
 def build(
