@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -29,9 +30,12 @@ def exit_with_help(usage: str, about: str, config_name: str, args: List[str]) ->
     """On --help or -h: how to call the command, what it does, and every setting with its default; exit 0."""
     if not any(arg in ("--help", "-h") for arg in args):
         return
-    print(f"usage: {usage.strip().replace('`', '').rstrip('.')}\n\n{about.strip()}\n")
-    print("Settings, given as KEY=VALUE (defaults shown; each is explained in dcgan/config.py):\n")
-    print(OmegaConf.to_yaml(compose(config_name, [])))
+    try:
+        print(f"usage: {usage.strip().replace('`', '').rstrip('.')}\n\n{about.strip()}\n")
+        print("Settings, given as KEY=VALUE (defaults shown; each is explained in the module that owns them):\n")
+        print(OmegaConf.to_yaml(compose(config_name, [])), flush=True)
+    except BrokenPipeError:  # `gan-sample --help | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
 
 
