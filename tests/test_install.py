@@ -56,7 +56,7 @@ def test_plain_install_trains_from_any_directory(wheel: Path, tmp_path: Path):
     run = python(
         [
             "-m",
-            "dcgan.train",
+            "dcgan",
             "trainer.max_steps=2",
             "trainer.batch_size=8",
             "trainer.progress=false",

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dcgan import augment, checkpoint, data, distributed, models, report, runcard, speed
-from dcgan.errors import UserError, at_least, check_seeds
+from dcgan.errors import UserError, at_least, check_seeds, exit_with
 from dcgan.guard import Guard, HealthConfig
 from dcgan.images import generate, latents, save_grid
 from dcgan.layout import RunFolder
@@ -365,3 +365,7 @@ class StopRequest:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+if __name__ == "__main__":  # the entry point of earlier versions: say where it went
+    exit_with(UserError("`python -m dcgan.train` is now `python -m dcgan` (the same as gan-train)"), "dcgan.train")
