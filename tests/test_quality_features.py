@@ -14,7 +14,7 @@ from torch import nn
 from dcgan import augment, checkpoint, models
 from dcgan.config import UserError, compose, validate_train
 from dcgan.losses import build_loss, r1_penalty
-from dcgan.optim import EMA
+from dcgan.optim import EMA, build_optimizer
 from dcgan.train import train
 
 CPU = ["trainer.device=cpu", "trainer.progress=false", "dataset=mnist_tiny", "dataset.max_images=256"]
@@ -206,6 +206,8 @@ def test_all_quality_options_train_and_resume_exactly(tmp_path: Path):
         "discriminator.norm=none",
         "discriminator.spectral_norm=true",
         "loss.r1_weight=1.0",
+        "loss.r1_every=2",
+        "trainer.ema_start=2",
         "augment.policy=[color,translation,cutout]",
         "optimizer.discriminator.lr=4e-4",
         "optimizer.generator.lr=1e-4",
@@ -224,3 +226,93 @@ def test_all_quality_options_train_and_resume_exactly(tmp_path: Path):
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+
+# ---------------------------------------------------------------- schedules: EMA start, lazy R1, lr decay, time limit
+
+
+def test_ema_copies_g_until_its_start_then_ramps_the_same_on_host_and_device_counters():
+    G = nn.Linear(3, 2)
+    ema = EMA(G, 0.999, lambda generator: torch.randn(4, 3, generator=generator), torch.device("cpu"), start=5)
+    counter = torch.tensor(3.0)
+    twin = EMA(G, 0.999, lambda generator: torch.randn(4, 3, generator=generator), torch.device("cpu"), start=5)
+    for step in range(3, 8):
+        before = ema.model.weight.clone()
+        with torch.no_grad():
+            G.weight.add_(1.0)
+        ema.update(G, step)
+        twin.update(G, counter)
+        since = step - 5
+        decay = 0.0 if since < 0 else (1 + since) / (10 + since)  # the ramp restarts at trainer.ema_start
+        torch.testing.assert_close(ema.model.weight, decay * before + (1 - decay) * G.weight)
+        torch.testing.assert_close(twin.model.weight, ema.model.weight)
+    assert counter.item() == 8
+
+
+def test_lazy_r1_regularizes_every_kth_update_k_times_as_strongly():
+    torch.manual_seed(0)
+    D = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 1))
+    real, fake = digits(), torch.rand(8, 1, 28, 28) * 2 - 1
+    every = compose("train", ["loss.r1_weight=2.0", "loss.r1_every=4"]).loss
+    plain, _ = build_loss(compose("train", []).loss).discriminator(D, real, fake)
+    lazy, stats = build_loss(every).discriminator(D, real, fake, update=8)
+    assert stats["r1_penalty"] > 0
+    torch.testing.assert_close(lazy, plain + 2.0 * 4 / 2 * stats["r1_penalty"])
+    skipped, stats = build_loss(every).discriminator(D, real, fake, update=9)
+    assert "r1_penalty" not in stats and torch.equal(skipped, plain)
+
+
+def test_lr_decay_falls_linearly_over_the_last_part_and_a_resume_decays_from_the_base_rate():
+    from dcgan.schedule import Schedule
+    from dcgan.state import load_optimizer
+
+    settings = compose("train", []).optimizer.generator
+
+    def make() -> torch.optim.Optimizer:
+        return build_optimizer([nn.Parameter(torch.zeros(2))], settings, "optimizer.generator")
+
+    optimizer = make()
+    schedule = Schedule(10, 0, 0, 0.4, [optimizer], torch.device("cpu"))
+    rates = []
+    for step in range(10):
+        schedule.set_learning_rates(step)
+        rates.append(optimizer.param_groups[0]["lr"] / 2e-4)
+    assert rates == pytest.approx([1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    # The checkpoint holds the decayed rate and the base one; a resumed run goes on from where it was.
+    fresh = make()
+    load_optimizer(fresh, optimizer.state_dict())
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.25 * 2e-4)
+    Schedule(10, 0, 0, 0.4, [fresh], torch.device("cpu")).set_learning_rates(8)
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.5 * 2e-4)
+
+
+def test_the_time_limit_ends_a_run_checkpointed_and_resume_goes_on(tmp_path: Path):
+    import json
+
+    options = [*CPU, "generator.width=0.25", "discriminator.width=0.25", "trainer.batch_size=16", "trainer.log_every=2"]
+    timed = [*options, "trainer.max_steps=50", "trainer.max_minutes=1e-6", "trainer.ckpt_every=1000"]
+    row = train(compose("train", timed), tmp_path)
+    assert row["step"] == 2 and row["minutes"] > 0  # the first reading of the clock is past the limit
+    card = json.loads((tmp_path / "run_card.json").read_text())
+    assert card["status"] == "time limit" and card["final_step"] == 2
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 2
+    # Timed checkpoints: one at each reading of the clock once the interval has passed.
+    resumed = [*options, "trainer.max_steps=6", "trainer.resume=auto", "trainer.ckpt_every_minutes=1e-6"]
+    assert train(compose("train", resumed), tmp_path)["step"] == 6
+    steps = [checkpoint.step_of(p) for p in checkpoint.step_checkpoints(tmp_path / "checkpoints")]
+    assert steps == [2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.lr_decay=1.5", "trainer.lr_decay is a fraction"),
+        ("trainer.max_minutes=-1", "trainer.max_minutes must be >= 0"),
+        ("trainer.ckpt_every_minutes=-2", "trainer.ckpt_every_minutes must be >= 0"),
+        ("trainer.ema_start=-1", "trainer.ema_start"),
+        ("loss.r1_every=0", "loss.r1_every"),
+    ],
+)
+def test_schedule_settings_are_checked(override: str, message: str):
+    with pytest.raises(UserError, match=message):
+        validate_train(compose("train", [override]))

@@ -192,6 +192,8 @@ RUN_CONTROLS = tuple(
         "log_every",
         "sample_every",
         "ckpt_every",
+        "ckpt_every_minutes",
+        "max_minutes",
         "keep_last",
         "device",
         "dist_timeout_s",
@@ -203,7 +205,7 @@ RUN_CONTROLS = tuple(
         "fused_optimizer",
         "eval_every",
     )
-) + ("logger", "eval")
+) + ("logger", "eval", "sweep")
 
 FREE_FORM = ("extra",)  # config sections whose keys are the user's, compared as one value
 

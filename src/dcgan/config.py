@@ -115,6 +115,11 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
     optim.validate_optimizers(cfg.optimizer)
     train.validate_trainer(cfg.trainer)
     guard.validate_health(cfg.trainer.health, cfg.trainer.on_divergence)
+    if cfg.trainer.cuda_graphs and cfg.loss.r1_weight > 0 and cfg.loss.r1_every > 1:  # one captured step: R1 or not
+        raise UserError(
+            "lazy R1 (loss.r1_every > 1) varies the step, which a CUDA graph can't follow: "
+            "set trainer.cuda_graphs=false or loss.r1_every=1"
+        )
     if cfg.trainer.eval_every:
         metrics.validate_metrics("eval.", cfg.eval)
         metrics.require_inception_weights(cfg.eval)

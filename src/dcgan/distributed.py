@@ -130,6 +130,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def from_main(value: float, device: torch.device) -> float:
+    """Rank 0's value on every rank (a CPU-GPU sync point): decisions from a clock must be the same everywhere."""
+    if not world().enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def replica_checksums(*models: nn.Module) -> List[float]:
     """Every rank's checksum of these models' weights and buffers (a CPU-GPU sync point).
 

@@ -83,6 +83,7 @@ class MetricsLog:
             events = RunFolder(path.parent).tensorboard
             self.tensorboard = import_summary_writer()(str(events), purge_step=start_step + 1 if start_step else None)
         self._sums: Dict[str, torch.Tensor] = {}
+        self._counts: Dict[str, int] = {}  # per statistic: some are measured on some steps only (lazy R1)
         self._count = 0
         self._clock = time.perf_counter()
         if self.is_main:
@@ -112,6 +113,7 @@ class MetricsLog:
         for key, value in stats.items():
             value = value.detach().float()
             self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
+            self._counts[key] = self._counts.get(key, 0) + 1
         self._count += 1
         self.bar.update(1)
 
@@ -123,13 +125,14 @@ class MetricsLog:
         names = list(self._sums)
         # This is the loop's only CPU-GPU sync point.
         sums = distributed.sum_over_ranks(torch.stack([self._sums[k] for k in names]))
-        values = sums.div(self._count * distributed.world().size).tolist()
+        counts = torch.tensor([self._counts[k] for k in names], dtype=sums.dtype, device=sums.device)
+        values = sums.div(counts * distributed.world().size).tolist()
         row: Dict[str, float] = {"step": step, "epoch": epoch}
         row.update({k: round(v, 6) for k, v in zip(names, values, strict=False)})
         row["images_per_s"] = round(self._count * self.images_per_step / max(now - self._clock, 1e-9), 1)
         row.update({f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()})
         row.update(extra or {})
-        self._sums, self._count, self._clock = {}, 0, now
+        self._sums, self._counts, self._count, self._clock = {}, {}, 0, now
         if not self.is_main:
             return row
         with open(self.path, "a") as file:

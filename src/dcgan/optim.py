@@ -55,9 +55,23 @@ def build_optimizer(
             f"{key}: torch.optim.{settings.name} takes no argument {', '.join(unknown)}; remove it from {key}"
         )
     try:
-        return cls(params, **kwargs)
+        optimizer = cls(params, **kwargs)
     except (TypeError, ValueError) as error:
         raise UserError(f"{key}: torch.optim.{settings.name} rejected its settings: {error}") from None
+    for group in optimizer.param_groups:
+        group[BASE_LR] = group["lr"]
+    return optimizer
+
+
+# The learning rate before trainer.lr_decay scales it, kept in each parameter group (and so in checkpoints):
+# a resumed run decays from it, not from the already-decayed "lr" it finds.
+BASE_LR = "base_lr"
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group's learning rate := its base rate x factor (trainer.lr_decay's schedule)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group[BASE_LR] * factor
 
 
 def validate_optimizers(cfg: OptimizerConfig) -> None:
@@ -75,11 +89,13 @@ def validate_optimizers(cfg: OptimizerConfig) -> None:
 class EMA:
     """A frozen copy of the generator that tracks its weights: ema <- decay * ema + (1 - decay) * weights.
 
-    The decay ramps up as min(decay, (1 + step) / (10 + step)) so early samples are not dominated by
-    the random initialization. BatchNorm running statistics can't be averaged like weights: those of
-    the live generator belong to its weights, not to the average, and sampling runs in eval mode on
-    them. So `calibrated()` measures them afresh for the averaged weights ("standing statistics", as
-    in BigGAN) on a fixed set of latents before the copy is sampled or saved.
+    The decay ramps up as min(decay, (1 + s) / (10 + s)) so early samples are not dominated by the
+    random initialization, where s counts the updates since `start` (trainer.ema_start); before it the
+    average is a plain copy of the weights, so the first, fast-moving steps are left out of it.
+    BatchNorm running statistics can't be averaged like weights: those of the live generator belong to
+    its weights, not to the average, and sampling runs in eval mode on them. So `calibrated()` measures
+    them afresh for the averaged weights ("standing statistics", as in BigGAN) on a fixed set of
+    latents before the copy is sampled or saved.
     """
 
     def __init__(
@@ -89,8 +105,9 @@ class EMA:
         latents: Callable[[torch.Generator], torch.Tensor],
         device: torch.device,
         batches: int = 16,
+        start: int = 0,
     ):
-        self.decay = decay
+        self.decay, self.start = decay, start
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.latents, self.device, self.batches = latents, device, batches  # latents(generator) -> one batch
         self.norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -104,10 +121,12 @@ class EMA:
         """`step` is the number of updates so far; a tensor (a CUDA graph's counter, speed.CapturedStep) is
         read and advanced on the device, so the decay ramp goes on while the graph replays."""
         if isinstance(step, torch.Tensor):
-            decay = step.add(1).div(step.add(10)).clamp(max=self.decay)
+            since = step.sub(self.start)
+            decay = since.add(1).div(since.add(10)).clamp(max=self.decay).where(since >= 0, 0.0)
             step.add_(1)
         else:
-            decay = min(self.decay, (1 + step) / (10 + step))
+            since = step - self.start
+            decay = min(self.decay, (1 + since) / (10 + since)) if since >= 0 else 0.0
         ema_params = list(self.model.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
         if self.copied:

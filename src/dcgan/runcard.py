@@ -3,9 +3,10 @@
 RUN_DIR/run_card.json is written when training starts and updated when it ends, each time
 atomically (a temporary file renamed over it). It holds:
 
-  status        running, then completed | interrupted (a signal; see `signal`) | diverged (see
-                `health` and `action`) | failed (see `error`). A card still "running" when the
-                next run starts was left by a process that was killed or crashed.
+  status        running, then completed | time limit (trainer.max_minutes) | interrupted (a signal;
+                see `signal`) | diverged (see `health` and `action`) | failed (see `error`). A card
+                still "running" when the next run starts was left by a process that was killed or crashed.
+  objective     under a sweep (sweep.py): the score returned to the sweeper, its metric and protocol
   command, cwd  sys.argv as gan-train saw it, and where it ran (and pid, host)
   start_step, final_step, seed, deterministic, device
   resume_changes  settings that differ from the checkpoint this invocation resumed from, {key: [old, new]}
@@ -88,9 +89,11 @@ def start(
     _write(run_dir, card)
 
 
-def finish(run_dir: Path, step: int, signal: Optional[int], guard: Any) -> None:
+def finish(run_dir: Path, step: int, signal: Optional[int], guard: Any, out_of_time: bool = False) -> None:
     """At the end of train(): how it ended, at which step, and what the health guard saw."""
     status = "diverged" if guard.fault is not None else "interrupted" if signal is not None else "completed"
+    if status == "completed" and out_of_time:
+        status = "time limit"  # trainer.max_minutes: resume=auto continues
     update(run_dir, status=status, final_step=step, signal=signal, health=guard.summary())
 
 

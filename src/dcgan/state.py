@@ -19,7 +19,7 @@ from torch import nn
 
 from dcgan.data import ImageBatches
 from dcgan.guard import Guard
-from dcgan.optim import EMA
+from dcgan.optim import BASE_LR, EMA
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +116,19 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> N
     `load_state_dict` takes every group setting from the checkpoint; only the learning rate keeps the saved value
     here, since a rollback may have lowered it (apply_changed_learning_rates applies one changed on the command line).
     """
-    fresh = [
-        {key: value for key, value in group.items() if key not in ("params", "lr")} for group in optimizer.param_groups
-    ]
+    kept = ("params", "lr", BASE_LR)
+    fresh = [{key: value for key, value in group.items() if key not in kept} for group in optimizer.param_groups]
     optimizer.load_state_dict(saved)
     for group, settings in zip(optimizer.param_groups, fresh, strict=True):
         group.update(settings)
+        group.setdefault(BASE_LR, group["lr"])  # checkpoints written before trainer.lr_decay existed
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer | Dict[str, Any], lr: float) -> None:
-    """On an optimizer or on its state dict."""
+    """On an optimizer or on its state dict: the rate trainer.lr_decay starts from, and the current one."""
     groups = optimizer["param_groups"] if isinstance(optimizer, dict) else optimizer.param_groups
     for group in groups:
-        group["lr"] = lr
+        group["lr"] = group[BASE_LR] = lr
 
 
 def sampling_weights(saved: Dict[str, Any], use_ema: bool = True) -> Tuple[Dict[str, Any], str]:

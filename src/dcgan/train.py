@@ -29,6 +29,7 @@ from dcgan.log import MetricsLog
 from dcgan.losses import build_loss
 from dcgan.metrics import TrainingEvaluator
 from dcgan.optim import EMA, build_optimizer
+from dcgan.schedule import Schedule
 from dcgan.state import REPLICA_CHECKSUMS, TrainingState
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class TrainerConfig:
     fused_optimizer: bool = True  # fused kernels for Adam/AdamW/SGD/Adagrad (CUDA and CPU); other optimizers ignore it
     cudnn_benchmark: bool = True  # CUDA: cuDNN picks the fastest conv algorithm for our fixed shapes
     ema: float = 0.999  # decay of the generator's moving average; 0 turns it off
+    ema_start: int = 0  # steps before the average starts (until then it copies G): the first, fast steps stay out
+    lr_decay: float = 0.0  # the last fraction of the run over which both learning rates fall linearly to 0; 0 = off
+    max_minutes: float = 0.0  # end (checkpointed, exit 0) after this much training in this invocation; 0 = no limit
+    ckpt_every_minutes: float = 0.0  # also checkpoint every N minutes of training; 0 = by ckpt_every only
     keep_last: int = 3  # step checkpoints kept (0 = keep all); last.pt and the newest healthy one are always kept
     on_divergence: str = "stop"  # stop | rollback: what NaN/Inf or a collapse does (supervise.py; `health`: guard.py)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -86,10 +91,21 @@ def validate_trainer(t: TrainerConfig) -> None:
         raise UserError(f"trainer.dist_timeout_s must be > 0 seconds, got {t.dist_timeout_s}")
     if not 0.0 <= t.ema < 1.0:
         raise UserError(f"trainer.ema must be in [0, 1) (0 turns it off), got {t.ema}")
+    at_least("trainer.ema_start", t.ema_start, 0)
+    if not 0.0 <= t.lr_decay <= 1.0:
+        raise UserError(f"trainer.lr_decay is a fraction of the run in [0, 1] (0 turns it off), got {t.lr_decay}")
+    for key in ("max_minutes", "ckpt_every_minutes"):
+        if not t[key] >= 0:
+            raise UserError(f"trainer.{key} must be >= 0 minutes (0 turns it off), got {t[key]}")
     distributed.validate_device("trainer.device", t.device)
     if t.cuda_graphs and (t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())):
         raise UserError(
             "trainer.cuda_graphs=true needs a CUDA device (CUDA graphs replay GPU kernels); set it false on CPU"
+        )
+    if t.cuda_graphs and t.lr_decay > 0:  # a captured step replays the learning rate it was captured with
+        raise UserError(
+            "trainer.lr_decay changes the learning rates every step, which a CUDA graph can't follow: "
+            "set trainer.cuda_graphs=false or trainer.lr_decay=0"
         )
 
 
@@ -111,30 +127,36 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     optimizers = {"g": state.opt_g, "d": state.opt_d}  # their learning rates go into every row
     metrics = MetricsLog(run.metrics, state.step, total_steps, images_per_step, t.progress, cfg.logger, optimizers)
     stop = StopRequest(check_every=t.log_every if world.enabled else 1, device=device)
+    clock = Schedule(total_steps, t.max_minutes, t.ckpt_every_minutes, t.lr_decay, optimizers.values(), device)
     row: Dict[str, Any] = {}
     stopping = False
     while state.step < total_steps and not stopping and state.guard.fault is None:
+        clock.set_learning_rates(state.step)  # trainer.lr_decay
         metrics.add(train_step())  # d_steps D updates, one G update, the EMA; the losses stay on the device
         step = state.step
 
         # Evaluation, logging, grids and checkpoints; the metrics write is the only GPU sync.
-        stopping = stop.agreed(step)
+        out_of_time, timed_checkpoint = clock.read_clock() if step % t.log_every == 0 else (False, False)
+        stopping = stop.agreed(step) or out_of_time
         last = step == total_steps or stopping
         # FID/KID (rank 0) go into this step's metrics row; best.pt follows the best FID.
         evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == total_steps)
         scores = evaluator(step, state.sampling_generator(), state.state_dict) if evaluator and evaluating else {}
         if step % t.log_every == 0 or last or evaluating:
-            row = metrics.write(step, state.batches.epoch, scores)
+            row = metrics.write(step, state.batches.epoch, {**scores, "minutes": clock.minutes})
             state.guard.check_row(step, row)
         if world.is_main and (step % t.sample_every == 0 or last):
             draw_grid(state, grid_z, run, metrics)
-        if (step % t.ckpt_every == 0 or last) and state.guard.healthy(step, state):  # a sync: no checkpoint of NaN
+        checkpointing = step % t.ckpt_every == 0 or last or timed_checkpoint
+        if checkpointing and state.guard.healthy(step, state):  # a sync: no checkpoint of NaN
             save_checkpoint(state, run.checkpoints, t.keep_last)
     metrics.close()
     if world.is_main:
         report.write_report(run_dir)  # loss_curves.png and progress.gif
     stop.restore()
-    runcard.finish(run_dir, state.step, stop.signal, state.guard)
+    runcard.finish(run_dir, state.step, stop.signal, state.guard, out_of_time=clock.out_of_time)
+    if clock.out_of_time and stop.signal is None:
+        log.info("trainer.max_minutes=%g reached at step %d; continue with trainer.resume=auto", t.max_minutes, step)
     if stop.signal is not None:
         log.warning(
             "stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto",
@@ -180,7 +202,7 @@ def build(
     runcard.use_deterministic_algorithms(t.deterministic)  # after prepare_networks: it turns cuDNN's autotuner off
     # The EMA's BatchNorm statistics come from ~2,048 fixed latents in global-size batches: N ranks agree with one.
     calibration_latents = functools.partial(latent_batch, cfg=cfg, device=device)
-    G_ema = EMA(G, t.ema, calibration_latents, device, batches=-(-2048 // t.batch_size)) if t.ema > 0 else None
+    G_ema = EMA(G, t.ema, calibration_latents, device, -(-2048 // t.batch_size), t.ema_start) if t.ema > 0 else None
     G_train, D_train = distributed.wrap(G, device, t.sync_bn), distributed.wrap(D, device, t.sync_bn)  # DDP
     torch.manual_seed(t.seed + world.rank)  # dropout differs between ranks
     state = TrainingState(
@@ -242,11 +264,11 @@ class TrainStep:
         """
         s = self.state
         # D update(s): fakes come from a no-grad G forward, since D's step needs no gradient through G.
-        for real in reals:
+        for i, real in enumerate(reals):
             with torch.no_grad(), self.autocast:
                 fake = self.G_train(self.latents())
             with self.autocast:
-                loss_d, stats = self.loss.discriminator(self.D_train, real, fake)
+                loss_d, stats = self.loss.discriminator(self.D_train, real, fake, s.step * len(reals) + i)
             s.opt_d.zero_grad(set_to_none=set_to_none)
             loss_d.backward()
             s.guard.watch("D", loss_d, s.D)  # NaN/Inf flags stay on the device: no sync

@@ -1,0 +1,62 @@
+"""How far a run has come, and what follows from it: the end of the run by steps or by minutes, the
+checkpoints due by the clock, and the learning rates' linear decay over the run's last part.
+
+A run ends at its step count or after `trainer.max_minutes` of training in this invocation, whichever
+comes first (a cluster job's time slot: `trainer.resume=auto` continues it). The clock is read at log
+rows only, where the loop syncs anyway, and under torchrun rank 0's reading is every rank's, so all
+ranks stop, checkpoint and decay their learning rates at the same step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence, Tuple
+
+import torch
+
+from dcgan import distributed
+from dcgan.optim import scale_learning_rates
+
+
+class Schedule:
+    def __init__(
+        self,
+        total_steps: int,
+        max_minutes: float,
+        ckpt_every_minutes: float,
+        lr_decay: float,
+        optimizers: Sequence[torch.optim.Optimizer],
+        device: torch.device,
+    ):
+        """The trainer.* settings of the same names (0 turns each off); `optimizers` are the ones lr_decay scales."""
+        self.total_steps, self.optimizers, self.device = total_steps, list(optimizers), device
+        self.max_s, self.ckpt_every_s, self.decay = max_minutes * 60, ckpt_every_minutes * 60, lr_decay
+        self.started = time.monotonic()
+        self.elapsed_s = 0.0  # as of the last reading (rank 0's clock)
+        self.next_ckpt_s = self.ckpt_every_s
+        self.out_of_time = False  # trainer.max_minutes ran out
+
+    @property
+    def minutes(self) -> float:
+        return round(self.elapsed_s / 60, 4)
+
+    def progress(self, step: int) -> float:
+        """The fraction of the run done: by steps, or by minutes when those run out first."""
+        done = step / self.total_steps
+        return max(done, self.elapsed_s / self.max_s) if self.max_s else done
+
+    def set_learning_rates(self, step: int) -> None:
+        """Before a step: each rate is its base rate x min(1, remaining fraction / trainer.lr_decay)."""
+        if self.decay > 0:
+            factor = min(1.0, max(0.0, 1.0 - self.progress(step)) / self.decay)
+            for optimizer in self.optimizers:
+                scale_learning_rates(optimizer, factor)
+
+    def read_clock(self) -> Tuple[bool, bool]:
+        """At a log row: (out of time, a timed checkpoint is due)."""
+        self.elapsed_s = distributed.from_main(time.monotonic() - self.started, self.device)
+        checkpoint_due = bool(self.ckpt_every_s) and self.elapsed_s >= self.next_ckpt_s
+        if checkpoint_due:
+            self.next_ckpt_s += self.ckpt_every_s * (1 + (self.elapsed_s - self.next_ckpt_s) // self.ckpt_every_s)
+        self.out_of_time = bool(self.max_s) and self.elapsed_s >= self.max_s
+        return self.out_of_time, checkpoint_due
