@@ -116,3 +116,19 @@ def test_every_architecture_adapts_to_size(size: int):
 def test_command_line_beats_preset():
     cfg = compose("train", ["preset=dcgan64", "dataset=fashion_mnist", "trainer.batch_size=64"])
     assert cfg.dataset.name == "fashion_mnist" and cfg.trainer.batch_size == 64 and cfg.dataset.image_size == 64
+
+
+RECIPES = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "configs" / "recipe").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_over_every_preset_and_leaves_the_rest(recipe: str):
+    assert len(RECIPES) >= 10
+    for preset in [None, *PRESETS]:
+        chosen = [f"preset={preset}"] if preset else []
+        plain, with_recipe = compose("train", chosen), compose("train", [*chosen, f"recipe={recipe}"])
+        if preset in (None, "dcgan64"):  # the 28- and 64-px defaults the study compares recipes on
+            validate_train(with_recipe)
+        # A recipe changes training settings only: never the data set or G's architecture.
+        assert with_recipe.dataset == plain.dataset and with_recipe.generator == plain.generator
+    assert compose("train", ["recipe=baseline"]) == compose("train", [])
