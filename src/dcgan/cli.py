@@ -19,9 +19,10 @@ from typing import Any, Dict, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dcgan import distributed, evaluate, report, runcard, runfolder, sample, supervise, train
+from dcgan import distributed, evaluate, report, runcard, runfolder, sample, supervise, sweep, train
 from dcgan.config import compose, config_dir, validate_train
 from dcgan.errors import DIVERGED_EXIT, USAGE_EXIT, UserError, exit_with, signal_exit
 
@@ -43,15 +44,23 @@ def exit_with_help(usage: str, about: str, config_name: str, args: List[str]) ->
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    """The task function: one run, or one job of a sweep, which returns its objective to the sweeper."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        try:  # a job that fails returns NaN and the sweep goes on (sweep.py)
+            keep = runfolder.hydra_record(hydra_cfg.job.name)
+            return sweep.run_job(cfg, run_dir, str(hydra_cfg.job.num), list(hydra_cfg.overrides.task), keep)
+        except train.Stopped as stopped:  # but a signal stops the sweep
+            raise SystemExit(signal_exit(stopped.signal)) from None
     try:
         # main() took the folder already, except for a multirun's jobs, whose folders Hydra names.
         runfolder.take(run_dir, cfg, keep=runfolder.hydra_record(hydra_cfg.job.name))
         train_in_run_dir(cfg, run_dir)
     except UserError as error:
         exit_with(error, "gan-train")
+    return None
 
 
 def train_in_run_dir(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
@@ -70,11 +79,35 @@ def train_in_run_dir(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         raise SystemExit(DIVERGED_EXIT) from None
 
 
+# Printed before Hydra's own --hydra-help, which names bash and fish but not zsh, nor our sweeps.
+HYDRA_HELP = """gan-train: Hydra's options. The training settings: gan-train --help.
+
+== Tab completion ==
+Completes config groups, their options and keys (gan-train dataset=<TAB>):
+  bash:  eval "$(gan-train -sc install=bash)"        (add the line to ~/.bashrc to keep it)
+  zsh:   autoload -Uz bashcompinit && bashcompinit && eval "$(gan-train -sc install=bash)"    (in ~/.zshrc)
+  fish:  gan-train -sc install=fish | source        (in ~/.config/fish/config.fish)
+
+== Sweeps and clusters (README, "Sweeps") ==
+  gan-train -m loss=ns,hinge                    a grid, one job after another; each returns sweep.objective
+  gan-train -m hparams_search=fashion_optuna    an Optuna search (pip install ".[sweep]")
+  gan-train -m hydra/launcher=slurm_gpu ...     each job a SLURM job; slurm_ddp: one DDP process per task
+  gan-train -m hydra/launcher=joblib ...        several small jobs at once on one machine
+"""
+
+
 def train_main(argv: Optional[List[str]] = None) -> None:
     """`gan-train [overrides]`: check the config, then let Hydra make the run folder and call train()."""
     args = sys.argv[1:] if argv is None else argv
+    if "--hydra-help" in args:
+        print(HYDRA_HELP, flush=True)
     # Flags (--help, --cfg job, --multirun) are Hydra's business; plain overrides are checked here first.
-    if not any(arg.startswith("-") for arg in args):
+    if any(arg in ("-m", "--multirun") for arg in args):
+        try:  # each job is checked when it runs; what would end the sweep halfway is checked now
+            sweep.check_sweep(args)
+        except UserError as error:
+            exit_with(error, "gan-train")
+    elif not any(arg.startswith("-") for arg in args):
         try:
             cfg = compose("train", args)
             validate_train(cfg)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from dcgan import augment, data, guard, log, losses, metrics, models, optim, train
 from dcgan.augment import AugmentConfig
 from dcgan.data import DatasetConfig
-from dcgan.errors import UserError
+from dcgan.errors import UserError, one_of
 from dcgan.losses import LossConfig
 from dcgan.metrics import MetricsConfig
 from dcgan.models import DiscriminatorConfig, GeneratorConfig
@@ -46,6 +46,16 @@ def config_dir() -> Path:
 
 
 @dataclass
+class SweepConfig:
+    """What each job of a sweep (`gan-train -m`) returns to the sweeper; how and when: sweep.py."""
+
+    objective: str = "fid"  # fid | kid (the last checkpoint, gan-eval's protocol) | loss_g | loss_d | none
+
+
+OBJECTIVES = ("fid", "kid", "loss_g", "loss_d", "none")
+
+
+@dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -58,6 +68,7 @@ class TrainConfig:
     eval: MetricsConfig = field(default_factory=lambda: MetricsConfig(n=2000))
     # Where metrics go: jsonl (metrics.jsonl, always) plus optional trackers, e.g. logger=[jsonl,tensorboard].
     logger: List[str] = field(default_factory=lambda: ["jsonl"])
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_schema(name: str, node: Any) -> None:
@@ -124,6 +135,7 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
         metrics.validate_metrics("eval.", cfg.eval)
         metrics.require_inception_weights(cfg.eval)
     log.validate_loggers(cfg.logger)
+    one_of("sweep.objective", cfg.sweep.objective, OBJECTIVES)
     # Building the networks on the meta device costs no memory and proves the architecture can
     # make images of this size and channel count, and that they fit in memory.
     models.check_shapes(cfg)

@@ -1,6 +1,7 @@
 """Multi-process training under `torchrun` (PyTorch DDP): process group, devices, the shared run folder.
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything here is a no-op, so the same
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (a submitit job of several tasks has them set from SLURM's
+view by `adopt_submitit_tasks`); without them everything here is a no-op, so the same
 `gan-train` command runs on one process or many. `trainer.batch_size` is the global batch: each of
 the N processes trains on batch_size / N images per step, and DDP averages the gradients, so N
 processes compute the same update as one process on the whole batch.
@@ -41,6 +42,19 @@ def world() -> World:
     return World(
         int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     )
+
+
+def adopt_submitit_tasks() -> None:
+    """In a submitit job of several tasks (SLURM, or submitit_local), one DDP process per task: set torchrun's
+    variables (rank, world size, local rank, master address and port) from submitit's view of the job, so
+    `world()` and `setup()` work as under torchrun. Nothing happens outside submitit or under torchrun."""
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit  # present whenever submitit launched us
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # CUDA_VISIBLE_DEVICES stays: setup() picks the GPU of LOCAL_RANK, as under torchrun.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def setup(device_setting: str, timeout_s: float) -> torch.device:

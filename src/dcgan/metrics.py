@@ -96,17 +96,19 @@ def validate_metrics(prefix: str, m: MetricsConfig | DictConfig) -> None:
         )
 
 
-def require_inception_weights(m: MetricsConfig | DictConfig) -> None:
-    """trainer.eval_every: no Inception weights on this machine is found now, not at the first evaluation."""
+def require_inception_weights(
+    m: MetricsConfig | DictConfig, needed_by: str = "trainer.eval_every", instead: str = "trainer.eval_every=0"
+) -> None:
+    """No Inception weights on this machine for what gan-train will measure (`needed_by`) is found now, not
+    after training; `instead` is the setting that needs none."""
     if m.inception_weights:  # validate_metrics proved it is a file
         return
     cached = downloaded_weights()
     if not cached.is_file():
         raise UserError(
-            "trainer.eval_every needs torch-fidelity's Inception weights, which are not here (no "
-            "eval.inception_weights, "
+            f"{needed_by} needs torch-fidelity's Inception weights, which are not here (no eval.inception_weights, "
             f"no download at {cached}); set eval.inception_weights=PATH to a local copy, or run once with internet "
-            "(e.g. gan-eval) so torch-fidelity downloads them, or set trainer.eval_every=0"
+            f"(e.g. gan-eval) so torch-fidelity downloads them, or set {instead}"
         )
 
 
