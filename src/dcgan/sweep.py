@@ -47,7 +47,9 @@ def validate_sweep(cfg: DictConfig) -> None:
     """A sweep job's own checks (config.validate_train has checked the name): FID and KID need Inception."""
     if cfg.sweep.objective in metrics.METRICS:
         metrics.validate_metrics("eval.", cfg.eval)
-        metrics.require_inception_weights(cfg.eval, f"sweep.objective={cfg.sweep.objective}", "sweep.objective=loss_g")
+        metrics.require_inception_weights(
+            cfg.eval, f"sweep.objective={cfg.sweep.objective}", "sweep.objective=loss_g (or none)"
+        )
 
 
 # ---------------------------------------------------------------- one job
