@@ -1,4 +1,5 @@
-"""gan-sample's studio: truncation, per-seed images, interpolation grids, nearest neighbours and export."""
+"""gan-sample's studio: truncation, per-seed images, interpolation grids, nearest neighbours, export and
+sharing a generator as safetensors."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, ImageSequence
 
-from dcgan import cli, data
+from dcgan import cli, data, models
 from dcgan.images import generate, latents, to_uint8
 from dcgan.sample import load_generator, nearest_neighbors
 
@@ -195,3 +197,117 @@ def test_onnx_export_without_its_packages_says_what_to_install(trained: Path, tm
         cli.sample_main([f"ckpt={trained}", "mode=export", "format=onnx", f"out={out}", "device=cpu"])
     assert exit.value.code == 2 and "pip install 'dcgan[export]'" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- sharing a generator: safetensors + JSON
+
+
+@pytest.fixture(scope="module")
+def exported(trained: Path, tmp_path_factory) -> Path:
+    """The trained generator exported as safetensors, its JSON beside it."""
+    folder = tmp_path_factory.mktemp("exported")
+    run_cli("gan-sample", [f"ckpt={trained}", "mode=export", "format=safetensors", "out=G.safetensors"], cwd=folder)
+    return folder / "G.safetensors"
+
+
+def read_export(path: Path):
+    """(tensors, the JSON in the header), read with the safetensors library alone."""
+    safetensors = pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        about = json.loads(file.metadata()["dcgan"])
+    return load_file(str(path)), about
+
+
+def test_a_safetensors_export_samples_as_its_checkpoint_does(trained: Path, exported: Path, tmp_path: Path):
+    for name, ckpt in (("checkpoint", trained), ("export", exported)):
+        run_cli("gan-sample", [f"ckpt={ckpt}", "n=16", "seed=7", "device=cpu", f"out={name}.png"], cwd=tmp_path)
+        run_cli("gan-sample", [f"ckpt={ckpt}", "mode=neighbors", "seeds=0-1", f"out={name}_nn.png"], cwd=tmp_path)
+    assert (tmp_path / "checkpoint.png").read_bytes() == (tmp_path / "export.png").read_bytes()
+    # The JSON names the training data, so neighbors searches the same images.
+    assert (tmp_path / "checkpoint_nn.png").read_bytes() == (tmp_path / "export_nn.png").read_bytes()
+    assert (tmp_path / "checkpoint_nn.json").read_text() == (tmp_path / "export_nn.json").read_text()
+    # Exporting again from the export: the same file, and TorchScript works too.
+    run_cli(
+        "gan-sample", [f"ckpt={exported}", "mode=export", "format=safetensors", "out=again.safetensors"], cwd=tmp_path
+    )
+    assert (tmp_path / "again.safetensors").read_bytes() == exported.read_bytes()
+    run_cli("gan-sample", [f"ckpt={exported}", "mode=export", "out=g.pt"], cwd=tmp_path)
+    assert (tmp_path / "g.pt").is_file()
+
+
+def test_a_safetensors_export_rebuilds_from_its_json_alone(trained: Path, exported: Path, generator):
+    tensors, about = read_export(exported)
+    assert about == json.loads(exported.with_suffix(".json").read_text())  # the sidecar says the same
+    assert about["format"] == "dcgan-generator" and about["format_version"] == 1
+    assert about["ema"] is True and about["step"] == 10 and about["output"]["range"] == [-1, 1]
+    assert about["dataset"]["image_size"] == SIDE and about["dataset"]["channels"] == 1
+    # Exactly the weights gan-sample uses: the EMA generator's, with its own BatchNorm statistics.
+    ema = torch.load(trained, weights_only=True)["generator_ema"]
+    assert tensors.keys() == ema.keys() and all(torch.equal(tensors[k], ema[k]) for k in ema)
+    rebuilt = models.build_generator(OmegaConf.create({"generator": about["generator"], "dataset": about["dataset"]}))
+    rebuilt.load_state_dict(tensors)  # strict: every key, every shape
+    G, _ = generator
+    z = latents(list(range(8)), about["generator"]["z_dim"], about["generator"]["z_distribution"])
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(z), G(z))
+
+
+def rewritten(exported: Path, path: Path, change: Callable[[dict, dict], None]) -> Path:
+    """A copy of the export with its tensors or JSON changed by `change(tensors, about)`."""
+    from safetensors.torch import save_file
+
+    tensors, about = read_export(exported)
+    change(tensors, about)
+    save_file(tensors, str(path), metadata={"dcgan": json.dumps(about)})
+    return path
+
+
+BAD_EXPORTS = {
+    "newer": (lambda t, a: a.update(format_version=2), [], "written by a newer version of dcgan"),
+    "missing tensor": (lambda t, a: t.pop(sorted(t)[0]), [], "does not match the generator its config describes"),
+    "wrong shapes": (lambda t, a: a["generator"].update(width=0.5), [], "does not match the generator"),
+    "no z_dim": (lambda t, a: a["generator"].pop("z_dim"), [], "lacks generator.z_dim"),
+    "ema=false": (lambda t, a: None, ["ema=false"], "holds only the EMA generator's weights"),
+    "no data set": (lambda t, a: a["dataset"].pop("name"), ["mode=neighbors"], "does not name the data set"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EXPORTS)
+def test_bad_safetensors_files_are_one_line_errors(exported: Path, tmp_path: Path, case: str, capsys):
+    change, args, message = BAD_EXPORTS[case]
+    path = rewritten(exported, tmp_path / "bad.safetensors", change)
+    with pytest.raises(SystemExit) as exit:
+        cli.sample_main([f"ckpt={path}", "device=cpu", f"out={tmp_path / 'out.png'}", *args])
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and message in error and len(error.strip().splitlines()) == 1, error
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_truncated_and_foreign_safetensors_files_exit_2_without_a_traceback(exported: Path, tmp_path: Path):
+    from safetensors.torch import save_file
+
+    content = exported.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(content[: len(content) // 2])
+    save_file({"weight": torch.zeros(3)}, str(tmp_path / "foreign.safetensors"))  # another tool's: no dcgan metadata
+    for name, message in (("truncated", "it may be truncated or damaged"), ("foreign", "not a dcgan generator export")):
+        result = run_cli("gan-sample", [f"ckpt={name}.safetensors", "device=cpu"], cwd=tmp_path, check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_safetensors_without_its_package_says_what_to_install(trained, exported, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors now raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    out = tmp_path / "G.safetensors"
+    for args in (
+        [f"ckpt={trained}", "mode=export", "format=safetensors", f"out={out}"],
+        [f"ckpt={exported}", f"out={out.with_suffix('.png')}"],
+    ):
+        with pytest.raises(SystemExit) as exit:
+            cli.sample_main([*args, "device=cpu"])
+        error = capsys.readouterr().err
+        assert exit.value.code == 2 and "needs the safetensors package: pip install 'dcgan[export]'" in error
+    assert not list(tmp_path.iterdir())

@@ -3,7 +3,8 @@
   grid         one PNG of n images                   seeds        one PNG per seed (seeds=0-63)
   interpolate  a spherical walk through key seeds,   neighbors    each sample beside its k nearest training
                as a looping GIF or a grid (.png)                  images (pixel L2): is G copying its data?
-  export       the generator as TorchScript or ONNX, for use without this package
+  export       the generator as TorchScript or ONNX, for use without this package; or its weights as
+               safetensors with a JSON that rebuilds it (portable.py), which ckpt= also takes back
 
 Image i of a grid with `seed=s` comes from seed s+i (images.latents), so an image depends on its seed
 only. `truncation=t` trades variety for fidelity in every mode (see `images.latents`).
@@ -21,16 +22,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dcgan import checkpoint, config, data, files, models
+from dcgan import checkpoint, config, data, files, models, portable
 from dcgan.distributed import resolve_device, validate_device
 from dcgan.errors import UserError, check_output_file, check_seeds, check_writable_folder
 from dcgan.images import generate, latents, save_atomically, save_gif, save_grid, to_pil, to_uint8
-from dcgan.state import CONFIG_YAML, sampling_weights
+from dcgan.state import CONFIG_YAML, STEP, sampling_weights
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = ""  # the checkpoint to sample from (required)
+    ckpt: str = ""  # the checkpoint to sample from (required): a .pt checkpoint, or a .safetensors export
     mode: str = "grid"  # grid | seeds | interpolate | neighbors | export
     n: int = 64  # images in the grid
     nrow: int = 8  # images per grid row
@@ -39,14 +40,15 @@ class SampleConfig:
     frames: int = 16  # mode=interpolate: frames between two key seeds
     fps: int = 12  # mode=interpolate: GIF frame rate
     # File (grid, interpolate: .gif = movie, .png = grid with a row per leg; neighbors; export) or folder (seeds);
-    # "" = grid.png, seeds/, interpolation.gif, neighbors.png, generator.pt (torchscript) or generator.onnx.
+    # "" = grid.png, seeds/, interpolation.gif, neighbors.png, generator.pt (torchscript), generator.onnx or
+    # generator.safetensors (with generator.json beside it).
     out: str = ""
     device: str = "auto"
     ema: bool = True  # use the EMA generator when the checkpoint has one
     truncation: Optional[float] = None  # truncation trick: normal latents redrawn beyond +-t; uniform scaled by t
     k: int = 5  # mode=neighbors: nearest training images shown beside each sample
     dataset_root: Optional[str] = None  # mode=neighbors: the training data, if not at the checkpoint's dataset.root
-    format: str = "torchscript"  # mode=export: torchscript | onnx
+    format: str = "torchscript"  # mode=export: torchscript | onnx | safetensors
 
 
 config.register_schema("sample_schema", SampleConfig)
@@ -112,8 +114,12 @@ def parse_seeds(text: str) -> List[int]:
 
 
 def load_generator(path: str | Path, device: torch.device, use_ema: bool = True):
-    """Rebuild the generator from the config stored in a checkpoint; EMA weights when present."""
-    saved = checkpoint.load(path)
+    """Rebuild the generator from the config stored in a checkpoint; EMA weights when present.
+
+    A .safetensors export is read as the checkpoint keys it stands for (portable.read), so what follows,
+    the strict weight check included, is the same for both.
+    """
+    saved = portable.read(Path(path), use_ema) if portable.is_portable(path) else checkpoint.load(path)
     try:
         cfg = config.train_config_from_yaml(saved[CONFIG_YAML])
     except UserError as error:
@@ -123,9 +129,7 @@ def load_generator(path: str | Path, device: torch.device, use_ema: bool = True)
     try:
         G.load_state_dict(weights)
     except RuntimeError as error:
-        raise UserError(
-            f"checkpoint {path} does not match the generator its config describes: {str(error)[:200]}"
-        ) from None
+        raise UserError(f"{path} does not match the generator its config describes: {str(error)[:200]}") from None
     return G.to(device).eval(), cfg, saved
 
 
@@ -140,6 +144,8 @@ class Studio:
     train_cfg: DictConfig
     cfg: SampleConfig
     device: torch.device
+    weights: str = "generator"  # which generator of the checkpoint G is: "ema" or "generator" (sampling_weights)
+    step: int = 0  # the training step G's weights come from
 
     def latents(self, seeds: List[int], device: Optional[torch.device | str] = None) -> torch.Tensor:
         g = self.train_cfg.generator
@@ -219,6 +225,11 @@ def write_neighbors(studio: Studio) -> List[Path]:
 
 def training_images(train_cfg: DictConfig, root: Optional[str]) -> torch.Tensor:
     """The checkpoint's training set, as the run saw it (same size, channels, max_images)."""
+    if not train_cfg.dataset.name:  # a .safetensors export whose JSON names no data set (portable.rebuild_yaml)
+        raise UserError(
+            "the generator file does not name the data set it was trained on, so mode=neighbors has nothing to "
+            "search; run it on the checkpoint the file was exported from"
+        )
     dataset = train_cfg.dataset if root is None else OmegaConf.merge(train_cfg.dataset, {"root": root})
     try:
         return data.load_images(dataset)
@@ -252,12 +263,15 @@ def nearest_neighbors(
 
 
 # The default file of each export format.
-EXPORT_FORMATS = {"torchscript": "generator.pt", "onnx": "generator.onnx"}
-EXPORT_SUFFIXES = {"torchscript": (".pt", ".pth"), "onnx": (".onnx",)}
+EXPORT_FORMATS = {"torchscript": "generator.pt", "onnx": "generator.onnx", "safetensors": "generator.safetensors"}
+EXPORT_SUFFIXES = {"torchscript": (".pt", ".pth"), "onnx": (".onnx",), "safetensors": (portable.SUFFIX,)}
 
 
 def write_export(studio: Studio) -> List[Path]:
     out = studio.out()
+    if studio.cfg.format == "safetensors":
+        # Weights and the recipe to rebuild G, not a traced program: nothing runs G here.
+        return portable.save(studio.G, portable.describe(studio.train_cfg, studio.weights, studio.step), out)
     export_generator(studio.G, studio.train_cfg, studio.cfg.format, out)
     return [out]
 
@@ -343,7 +357,7 @@ def check_sample_config(cfg: SampleConfig) -> None:
     if cfg.k < 1:
         raise UserError(f"k must be >= 1, got {cfg.k}")
     if cfg.format not in EXPORT_FORMATS:
-        raise UserError(f"format={cfg.format!r} is not an export format; choose {' or '.join(EXPORT_FORMATS)}")
+        raise UserError(f"format={cfg.format!r} is not an export format; choose one of {', '.join(EXPORT_FORMATS)}")
     if cfg.n > MAX_IMAGES:
         raise UserError(
             f"n={cfg.n:,} is more images than gan-sample makes in one command ({MAX_IMAGES:,}); split the job by seed"
@@ -402,9 +416,10 @@ def run(cfg: SampleConfig) -> List[Path]:
     """Write what `cfg.mode` asks for; returns the files written."""
     check_sample_config(cfg)
     device = resolve_device(cfg.device)
-    G, train_cfg, _ = load_generator(cfg.ckpt, device, cfg.ema)
+    G, train_cfg, saved = load_generator(cfg.ckpt, device, cfg.ema)
     if cfg.truncation is not None and cfg.truncation > 1 and train_cfg.generator.z_distribution == "uniform":
         raise UserError(
             f"truncation scales this checkpoint's uniform latents, so it must be in (0, 1]; got {cfg.truncation}"
         )
-    return MODES[cfg.mode](Studio(G, train_cfg, cfg, device))
+    weights = sampling_weights(saved, cfg.ema)[1]
+    return MODES[cfg.mode](Studio(G, train_cfg, cfg, device, weights, int(saved[STEP])))
