@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -23,7 +24,7 @@ from dcgan import cli, data
 from dcgan.data import DatasetConfig
 from dcgan.layout import RunFolder
 
-from conftest import FAST, run_cli
+from conftest import BIN, FAST, run_cli
 
 HUGE_SEED = 2**64 - 1  # the largest seed torch takes: any seed after it overflows
 NOT_WRITABLE = Path("/proc/dcgan-test/out")  # nothing can be made in /proc, not even by root
@@ -262,6 +263,16 @@ def test_help_in_a_real_process(program: str, tmp_path: Path):
     result = run_cli(program, ["--help"], cwd=tmp_path)
     assert "usage" in result.stdout.lower() or "Override anything" in result.stdout
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "program, flag", [("gan-train", "--help"), ("gan-train", "--hydra-help"), ("gan-eval", "--help")]
+)
+def test_help_piped_into_a_reader_that_stops_early_ends_quietly(program: str, flag: str, tmp_path: Path):
+    """`gan-train --help | head -1`: the reader closes the pipe; exit 0 and no BrokenPipeError traceback."""
+    pipeline = f"{BIN / program} {flag} | head -1 > /dev/null; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", pipeline], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
 
 
 # ---------------------------------------------------------------- data sets

@@ -35,9 +35,15 @@ def exit_with_help(usage: str, about: str, config_name: str, args: List[str]) ->
         print(f"usage: {usage.strip().replace('`', '').rstrip('.')}\n\n{about.strip()}\n")
         print("Settings, given as KEY=VALUE (defaults shown; each is explained in the module that owns them):\n")
         print(OmegaConf.to_yaml(compose(config_name, [])), flush=True)
-    except BrokenPipeError:  # `gan-sample --help | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:
+        reader_has_enough()
     sys.exit(0)
+
+
+def reader_has_enough() -> None:
+    """`gan-sample --help | head`: the reader closed the pipe with all it wanted; end quietly, not with a
+    second BrokenPipeError when Python flushes stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # ---------------------------------------------------------------- gan-train
@@ -100,7 +106,11 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     """`gan-train [overrides]`: check the config, then let Hydra make the run folder and call train()."""
     args = sys.argv[1:] if argv is None else argv
     if "--hydra-help" in args:
-        print(HYDRA_HELP, flush=True)
+        try:
+            print(HYDRA_HELP, flush=True)
+        except BrokenPipeError:
+            reader_has_enough()
+            return
     # Flags (--help, --cfg job, --multirun) are Hydra's business; plain overrides are checked here first.
     if any(arg in ("-m", "--multirun") for arg in args):
         try:  # each job is checked when it runs; what would end the sweep halfway is checked now
@@ -124,6 +134,8 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     sys.argv = [sys.argv[0], *args]
     try:
         _hydra_main()
+    except BrokenPipeError:  # gan-train --help | head (Hydra prints the help)
+        reader_has_enough()
     except SystemExit as exit:
         # Hydra reports its own config errors with exit code 1; they are usage errors like ours.
         raise SystemExit(USAGE_EXIT if exit.code == 1 else exit.code) from None
