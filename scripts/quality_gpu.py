@@ -84,7 +84,7 @@ WEIGHTS_FILE = "inception-2015-12-05-fidelity.pth"
 DEFAULT_WEIGHTS = REPO.parent / "shared" / "models" / WEIGHTS_FILE
 DEFAULT_RECIPES = "baseline,ttur,hinge_sn,lr_decay,big_batch,diffaug"
 REPORTS = {28: "RESULTS_gpu.md", 64: "RESULTS_gpu_64px.md"}
-EXIT_MEANING = {0: "finished", 2: "usage error", 3: "diverged"}
+EXIT_MEANING = {0: "finished", 2: "usage error", 3: "diverged", 130: "interrupted", 143: "stopped (SIGTERM)"}
 NEVER = 10**9  # steps: trainer.max_steps, ckpt_every and sample_every that never come; the clock ends the run
 START_UP_MARGIN_MIN = 3.0  # a training process still running this long after its --minutes is killed
 
@@ -184,17 +184,23 @@ def recipe_table(points: List[Point], work: Path) -> List[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
-        if p.row is None or not p.results:
+        if p.row is None:
             lines.append(f"| {p.at_minutes:g} min | | | | {p.note} | | | | |")
             continue
         kid = p.results.get("kid")
         kid_cell = f"{1000 * kid['value']:.2f} ± {1000 * kid['std']:.2f}" if kid else "-"
-        stamp = p.ckpt.with_suffix(".eval.json")
+        fid_cell, stamp = (
+            (f"{p.fid:.2f}", f"`{relative(p.ckpt.with_suffix('.eval.json'), work)}`") if p.results else (p.note, "")
+        )
         lines.append(
-            f"| {p.at_minutes:g} min | {p.row['minutes']:.2f} | {p.row['step']:,} | {p.images:,} | {p.fid:.2f} | "
-            f"{kid_cell} | {p.row['d_accuracy']:.3f} | {p.row['loss_g']:.3f} | `{relative(stamp, work)}` |"
+            f"| {p.at_minutes:g} min | {p.row['minutes']:.2f} | {p.row['step']:,} | {p.images:,} | {fid_cell} | "
+            f"{kid_cell} | {number(p.row, 'd_accuracy')} | {number(p.row, 'loss_g')} | {stamp} |"
         )
     return lines
+
+
+def number(row: Dict[str, Any], key: str) -> str:
+    return f"{row[key]:.3f}" if key in row else "-"
 
 
 def summary_table(runs: List[Run], points: Dict[str, List[Point]], times: Sequence[float]) -> List[str]:
@@ -343,7 +349,12 @@ def evaluate_points(points: List[Point], args, weights: str, study_started: floa
             point.note = f"not evaluated: past --deadline-minutes {args.deadline_minutes:g}"
             return
         started = time.monotonic()
-        point.results = evaluate_one(cfg)
+        try:
+            point.results = evaluate_one(cfg)
+        except Exception as error:  # one bad checkpoint must not cost the other points and the report
+            point.note = f"evaluation failed: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+            say(f"  {point.recipe} @ {point.at_minutes:g} min: {point.note}")
+            return
         longest[0] = max(longest[0], time.monotonic() - started)
         say(f"  {point.recipe} @ {point.at_minutes:g} min (step {point.row['step']}): FID {point.fid:.2f}")
 
@@ -483,7 +494,7 @@ def write_report(args, runs: List[Run], points: Dict[str, List[Point]], timing, 
         if best
         else "**Best recipe:** none: no checkpoint was evaluated."
     )
-    outright = [p.recipe for ps in points.values() if (p := last_scored(ps)) and p.row["d_accuracy"] >= 0.99]
+    outright = [p.recipe for ps in points.values() if (p := last_scored(ps)) and p.row.get("d_accuracy", 0) >= 0.99]
     lines += [
         f"D winning outright (D accuracy >= 0.99 at the last evaluated point): {', '.join(outright) or 'none'}.",
         "",

@@ -149,6 +149,8 @@ def test_report_from_stamps_lists_failed_runs_and_names_the_best(tmp_path: Path)
             row = {"step": 100 * (i + 1), "minutes": t + 0.01, "d_accuracy": 0.7, "loss_g": 1.5}
             p = quality_gpu.Point(name, t, row, 128, tmp_path / name / f"step_{i}.pt", {"fid": stamp(fid)})
             points[name].append(p)
+    kid = {**stamp(0.0123), "metric": "kid", "std": 0.0004}
+    points["ttur"][0].results["kid"] = kid
     points["sngan"] = [quality_gpu.Point("sngan", t, None, 0, note="not reached: diverged (exit 3)") for t in [1, 2]]
     best = quality_gpu.best_point([p for ps in points.values() for p in ps])
     assert (best.recipe, best.fid) == ("ttur", 25.5)
@@ -159,4 +161,40 @@ def test_report_from_stamps_lists_failed_runs_and_names_the_best(tmp_path: Path)
     assert "| `sngan` | diverged (exit 3) | - | - | - | - |" in report
     assert "**Best recipe:** `ttur`, FID 25.50 at 2 min (25,600 images)." in report
     assert "| 2 min | 2.01 | 200 | 25,600 | 30.00 | - | 0.700 | 1.500 | `baseline/step_1.eval.json` |" in report
+    assert "| 1 min | 1.01 | 100 | 12,800 | 45.00 | 12.30 ± 0.40 | 0.700 | 1.500 | `ttur/step_0.eval.json` |" in report
     assert "CPU smoke run, not a result" in report and "fp32: the exact weights" in report
+
+
+def test_last_points_are_evaluated_first_and_none_runs_past_the_deadline(tmp_path: Path, monkeypatch):
+    """Evaluation order, the deadline and a failing evaluation, with gan-eval replaced by a stand-in."""
+    import time
+
+    import dcgan.config
+
+    evaluated = []
+
+    def fake_evaluate(overrides):
+        ckpt = next(o for o in overrides if o.startswith("ckpt="))
+        if "bad" in ckpt:
+            raise ValueError("not a checkpoint")
+        evaluated.append(ckpt)
+        time.sleep(0.3)
+        return {"fid": stamp(10.0)}
+
+    monkeypatch.setattr(dcgan.config, "compose", lambda name, overrides: overrides)
+    monkeypatch.setattr(quality_gpu, "evaluate_one", fake_evaluate)
+    args = quality_gpu.parse_args(["--device", "cpu", "--eval-workers", "1", "--work", str(tmp_path)])
+    args.deadline_minutes = 0.5 / 60  # half a second: room for one evaluation of 0.3 s, not two
+    row = {"step": 1, "minutes": 1.0}
+    points = [
+        quality_gpu.Point(name, t, row, 1, tmp_path / f"{name}-{t:g}.pt")
+        for name in ("bad", "good")
+        for t in (1.0, 2.0)
+    ]
+    quality_gpu.evaluate_points(points, args, "w.pth", time.monotonic())
+    # The last time first; bad's failure costs no time, good's 0.3 s leave too little for a third.
+    assert evaluated == [f"ckpt={tmp_path / 'good-2.pt'}"]
+    by_name = {p.ckpt.stem: p for p in points}
+    assert by_name["bad-2"].note == "evaluation failed: ValueError: not a checkpoint"
+    assert by_name["bad-1"].note.startswith("not evaluated: past --deadline-minutes")
+    assert by_name["good-1"].note.startswith("not evaluated: past --deadline-minutes")
