@@ -10,7 +10,7 @@ What it does, in order:
    checkpoint whose metrics.jsonl row is the first with `minutes` >= that time, and evaluates its EMA
    generator in this one process with gan-eval's own code (`dcgan.evaluate.run` on gan-eval's config):
    --eval-n generated images against the test split (10,000 images of Fashion-MNIST; `mnist_tiny` has no
-   split: its images), the exact Inception weights. The reference features are computed once and cached
+   split: its images), the --inception-weights. The reference features are computed once and cached
    (torch-fidelity's cache under --work); each stamp is written beside its checkpoint (step_N.eval.json), as
    gan-eval writes it, and every number in the report is read from a stamp. The last point of each recipe is
    evaluated first; an evaluation that would end past --deadline-minutes (from the start of the study) is
