@@ -11,6 +11,7 @@ continues where it stopped.
     python scripts/quality.py                      # every row at 10,000 images: many hours on two CPU cores
     python scripts/quality.py --budget-images 3200 --eval-n 500 --key-eval-n 2000   # a quicker look
     python scripts/quality.py --table native       # dcgan64, keras_celeba64 (64 px) and tf_celeba28 at their own size
+    python scripts/quality.py --gpu [options]      # the recipes at once on one GPU, FID against minutes: quality_gpu.py
 
 The command behind each committed page is written on it.
 
@@ -965,6 +966,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    if "--gpu" in sys.argv[1:]:  # the GPU study: its own options and its own module
+        import quality_gpu
+
+        sys.exit(quality_gpu.main([a for a in sys.argv[1:] if a != "--gpu"]))
     args = parse_args()
     command = "python scripts/quality.py " + " ".join(sys.argv[1:])
     started = datetime.datetime.now()

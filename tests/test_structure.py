@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dcgan"
+# Scripts written to the same rule (quality.py's older report writers are not, yet).
+SCRIPTS = [Path(__file__).resolve().parents[1] / "scripts" / "quality_gpu.py"]
 MAX_FUNCTION_LINES = 60
 
 
@@ -73,7 +75,7 @@ def test_errors_imports_nothing_from_the_package():
 
 def test_no_function_is_longer_than_a_screen():
     long = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.glob("*.py")) + SCRIPTS:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
