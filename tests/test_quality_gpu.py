@@ -94,6 +94,31 @@ def test_an_unknown_recipe_or_a_bad_override_is_refused_before_training(tmp_path
         assert not (tmp_path / "work").exists()
 
 
+def test_gpu_mode_trains_at_once_and_reports_with_inception_stood_in_for(tmp_path: Path, monkeypatch):
+    """The same run where no Inception weights are (CI): real training, checkpoint picking and report; only
+    gan-eval's measurement is a stand-in, scoring each checkpoint by its step so the report's rows can be traced."""
+    weights = tmp_path / "w.pth"
+    torch.save({"w": torch.ones(2)}, weights)  # only its precision is read: evaluation is stood in for
+    scored = []
+
+    def stand_in(cfg):
+        step = int(Path(cfg.ckpt).stem.split("_")[-1])
+        scored.append(step)
+        return {"fid": stamp(1000.0 / step)}
+
+    monkeypatch.setattr(quality_gpu, "evaluate_one", stand_in)
+    options = [*TINY, "--recipes", "baseline,lr_decay", "--eval-n", "20", "--inception-weights", str(weights)]
+    work = tmp_path / "work"
+    assert quality_gpu.main([*options, "--work", str(work), "--extra", *SMALL_NETWORKS]) == 0
+    report = (work / "docs" / "RESULTS_gpu.md").read_text()
+    assert "**CPU smoke run, not a result:**" in report and len(scored) == 4  # two recipes x two times
+    for recipe in ("baseline", "lr_decay"):
+        assert (work / recipe / "checkpoints" / "last.pt").is_file()
+        section = report[report.index(f"## `{recipe}`: finished") :].split("\n## ")[0]
+        rows = [[c.strip() for c in line.split("|")] for line in section.splitlines() if line.startswith("| 0.")]
+        assert len(rows) == 2 and all(cells[5] == f"{1000.0 / int(cells[3].replace(',', '')):.2f}" for cells in rows)
+
+
 # ---------------------------------------------------------------- the pure parts, without Inception
 
 
