@@ -121,14 +121,17 @@ def test_command_line_beats_preset():
 RECIPES = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "configs" / "recipe").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_composes_over_every_preset_and_leaves_the_rest(recipe: str):
+def test_every_recipe_composes_over_the_28_and_64_px_defaults_and_leaves_data_and_g_alone():
+    import yaml
+
     assert len(RECIPES) >= 10
-    for preset in [None, *PRESETS]:
-        chosen = [f"preset={preset}"] if preset else []
-        plain, with_recipe = compose("train", chosen), compose("train", [*chosen, f"recipe={recipe}"])
-        if preset in (None, "dcgan64"):  # the 28- and 64-px defaults the study compares recipes on
-            validate_train(with_recipe)
-        # A recipe changes training settings only: never the data set or G's architecture.
-        assert with_recipe.dataset == plain.dataset and with_recipe.generator == plain.generator
+    for recipe in RECIPES:
+        text = (Path(__file__).resolve().parents[1] / "configs" / "recipe" / f"{recipe}.yaml").read_text()
+        written = yaml.safe_load(text) or {}
+        # A recipe changes training settings only: never the data set or G's architecture, over any preset.
+        assert not {"dataset", "generator"} & set(written), recipe
+        assert not any("/dataset" in str(d) or "/generator" in str(d) for d in written.get("defaults", [])), recipe
+        for preset in (None, "dcgan64"):  # the 28- and 64-px defaults the GPU study compares recipes on
+            chosen = [f"preset={preset}"] if preset else []
+            validate_train(compose("train", [*chosen, f"recipe={recipe}"]))
     assert compose("train", ["recipe=baseline"]) == compose("train", [])
