@@ -55,7 +55,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        try:  # a job that fails returns NaN and the sweep goes on (sweep.py)
+        try:  # a job that fails returns +inf, the worst score, and the sweep goes on (sweep.py)
             keep = runfolder.hydra_record(hydra_cfg.job.name)
             return sweep.run_job(cfg, run_dir, str(hydra_cfg.job.num), list(hydra_cfg.overrides.task), keep)
         except train.Stopped as stopped:  # but a signal stops the sweep

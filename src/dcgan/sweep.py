@@ -12,9 +12,9 @@ joblib, submitit on SLURM), each job trains and then returns `sweep.objective`, 
 The value and its protocol also go into the run's metrics.jsonl (a last row) and run card (`objective`).
 A job that fails (a bad value among its overrides, a full disk) or diverges returns +inf, the worst
 score there is (hydra-optuna-sweeper ends the whole search on a NaN), and the sweep goes on; a stop by
-signal ends the whole sweep. Each job leaves
-a record in SWEEP_DIR/sweep_jobs/, and when the sweep ends `SweepSummary` (a Hydra callback,
-configs/train.yaml) gathers this sweep's records into SWEEP_DIR/sweep_summary.json and .md.
+signal ends the whole sweep. Each job leaves a record in SWEEP_DIR/sweep_jobs/, and when the sweep ends
+`SweepSummary` (a Hydra callback, configs/train.yaml) gathers this sweep's records into
+SWEEP_DIR/sweep_summary.json and .md.
 """
 
 from __future__ import annotations
