@@ -1,29 +1,30 @@
 """The command line: `gan-train`, `gan-sample`, `gan-eval` and `gan-report`.
 
 Each command composes its config (config.py) from the command line, checks it, runs, and turns a
-UserError into one line on stderr and exit code 2 (errors.py lists the exit codes). gan-train checks
-its overrides and takes the run folder (runfolder.py: one owner, one run) before Hydra writes into it,
-then Hydra calls the training loop (train.py) under the divergence supervisor (supervise.py).
+UserError into one line on stderr and exit code 2 (errors.py lists the exit codes). gan-train lets
+Hydra compose from the whole command line; precheck.py checks that config and takes the run folder
+(runfolder.py: one owner, one run) before Hydra writes into it, then Hydra calls the training loop
+(train.py) under the divergence supervisor (supervise.py).
 How a run ends (finished, stopped by a signal, diverged) becomes its exit code here and only here.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from dcgan import distributed, evaluate, report, runcard, runfolder, sample, supervise, sweep, train
-from dcgan.config import compose, config_dir, validate_train
+from dcgan import distributed, evaluate, precheck, report, runfolder, sample, supervise, sweep, train
+from dcgan.config import compose, config_dir, describe_config_error, validate_train
 from dcgan.errors import DIVERGED_EXIT, USAGE_EXIT, UserError, exit_with, signal_exit
 
 
@@ -61,7 +62,10 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         except train.Stopped as stopped:  # but a signal stops the sweep
             raise SystemExit(signal_exit(stopped.signal)) from None
     try:
-        # main() took the folder already, except for a multirun's jobs, whose folders Hydra names.
+        if not precheck.checked:  # a primary config of the user's own (-cp) without our callbacks: check now
+            precheck.check_known_keys(cfg)
+            validate_train(cfg)
+        # PreCheck took the folder already (then this does nothing), except under a config without it.
         runfolder.take(run_dir, cfg, keep=runfolder.hydra_record(hydra_cfg.job.name))
         train_in_run_dir(cfg, run_dir)
     except UserError as error:
@@ -103,7 +107,8 @@ Completes config groups, their options and keys (gan-train dataset=<TAB>):
 
 
 def train_main(argv: Optional[List[str]] = None) -> None:
-    """`gan-train [overrides]`: check the config, then let Hydra make the run folder and call train()."""
+    """`gan-train [overrides]`: Hydra composes the config from the command line; PreCheck (precheck.py) checks it
+    and takes the run folder before Hydra writes anything; then Hydra calls train()."""
     args = sys.argv[1:] if argv is None else argv
     if "--hydra-help" in args:
         try:
@@ -111,48 +116,25 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         except BrokenPipeError:
             reader_has_enough()
             return
-    # Flags (--help, --cfg job, --multirun) are Hydra's business; plain overrides are checked here first.
-    if any(arg in ("-m", "--multirun") for arg in args):
-        try:  # each job is checked when it runs; what would end the sweep halfway is checked now
-            sweep.check_sweep(args)
-        except UserError as error:
-            exit_with(error, "gan-train")
-    elif not any(arg.startswith("-") for arg in args):
-        try:
-            cfg = compose("train", args)
-            validate_train(cfg)
-            runcard.check_run_dir(run_dir_from(args))  # Hydra would fail on it with a traceback
-            if distributed.world().enabled:  # under torchrun: join the job, use rank 0's run folder
-                distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
-                args = distributed.shared_run_dir(args, run_dir_from(args))
-            # One owner per run folder, and no second run mixed into it: decided before Hydra writes there.
-            runfolder.take(Path(run_dir_from(args)), cfg)
-        except UserError as error:
-            runfolder.release_all()
-            distributed.shutdown()
-            exit_with(error, "gan-train")
+    # Hydra prints its own composition errors over several lines and exits 1; asked to raise them instead,
+    # it hands them to us, and they become one line and exit 2 like ours. A user's HYDRA_FULL_ERROR wins.
+    wants_traceback = "HYDRA_FULL_ERROR" in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     sys.argv = [sys.argv[0], *args]
     try:
         _hydra_main()
     except BrokenPipeError:  # gan-train --help | head (Hydra prints the help)
         reader_has_enough()
     except SystemExit as exit:
-        # Hydra reports its own config errors with exit code 1; they are usage errors like ours.
+        # Hydra reports some usage errors itself with exit code 1; they are usage errors like ours.
         raise SystemExit(USAGE_EXIT if exit.code == 1 else exit.code) from None
+    except (HydraException, OmegaConfBaseException) as error:
+        if precheck.checked or wants_traceback:  # raised by the run, not by the command line: a bug
+            raise
+        exit_with(UserError(sweep.missing_plugin(error) or describe_config_error(error)), "gan-train")
     finally:
         runfolder.release_all()
         distributed.shutdown()
-
-
-def run_dir_from(args: List[str]) -> str:
-    """The run folder Hydra would pick for these args: hydra.run.dir=..., or train.yaml's dated default."""
-    for arg in args:
-        if arg.startswith("hydra.run.dir="):
-            return arg.split("=", 1)[1]
-    run = OmegaConf.load(config_dir() / "train.yaml").hydra.run
-    template = OmegaConf.to_container(run)["dir"]  # unresolved: ${now:...}
-    now = datetime.datetime.now()
-    return re.sub(r"\$\{now:([^}]*)\}", lambda match: now.strftime(match.group(1)), template)
 
 
 # ---------------------------------------------------------------- gan-sample, gan-eval, gan-report

@@ -11,9 +11,10 @@ Schemas: train_schema and report_schema here; gan-sample's and gan-eval's regist
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Iterable, List
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -95,13 +96,13 @@ def compose(config_name: str, overrides: List[str]) -> DictConfig:
     except UserError:
         raise
     except Exception as error:  # Hydra and OmegaConf report bad overrides with their own exception types
-        raise UserError(describe_config_error(error)) from None
+        raise UserError(describe_config_error(error, config_name)) from None
     finally:
         GlobalHydra.instance().clear()
 
 
-def describe_config_error(error: Exception) -> str:
-    """One readable sentence from a Hydra/OmegaConf composition error, with what to do about it."""
+def describe_config_error(error: Exception, config_name: str = "train") -> str:
+    """One readable sentence from a Hydra/OmegaConf composition error of `config_name`, with what to do about it."""
     messages = []
     while error is not None:
         text = " ".join(str(error).split())
@@ -111,10 +112,32 @@ def describe_config_error(error: Exception) -> str:
     message = ": ".join(list(dict.fromkeys(m for m in messages if m and "$VALUE" not in m))[:2])
     if "Could not override" in message or "not in" in message:
         key = message.split("'")[1] if "'" in message else "?"
-        return f"unknown config key {key}: check its spelling; the valid keys are in configs/ and src/dcgan/config.py"
+        return unknown_key_message(key, config_name)
     if "Could not find" in message:
         return f"{message.replace('In ' + repr('train') + ': ', '')}; pick one of those"
     return f"bad configuration: {message}"
+
+
+def unknown_key_message(key: str, config_name: str = "train") -> str:
+    """'unknown config key K: did you mean K2?': the nearest key of the command's schema, and where keys are listed."""
+    nearest = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
+    hint = f"did you mean {nearest[0]}? " if nearest else "check its spelling; "
+    program = {"train": "gan-train", "sample": "gan-sample", "eval": "gan-eval", "report": "gan-report"}[config_name]
+    return f"unknown config key {key}: {hint}`{program} --help` lists every key"
+
+
+def known_keys(config_name: str) -> List[str]:
+    """Every key of a command's schema, dotted (trainer.max_steps, optimizer.generator.lr, ...)."""
+
+    def walk(node: Any, prefix: str) -> Iterable[str]:
+        for key in node.keys():
+            yield prefix + str(key)
+            value = node._get_node(key)
+            if isinstance(value, DictConfig) and not value._is_missing() and not value._is_none():
+                yield from walk(value, f"{prefix}{key}.")
+
+    stored = ConfigStore.instance().load(f"{config_name}_schema.yaml").node
+    return list(walk(stored, ""))
 
 
 def validate_train(cfg: TrainConfig | DictConfig) -> None:

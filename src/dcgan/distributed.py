@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List
 
 import torch
 import torch.distributed as dist
@@ -78,20 +78,13 @@ def setup(device_setting: str, timeout_s: float) -> torch.device:
     return device
 
 
-def shared_run_dir(args: List[str], run_dir: str) -> List[str]:
-    """Command-line args with rank 0's run folder, so the whole job writes into one Hydra run dir.
-
-    Other ranks also stop Hydra from writing its .hydra/ record and log file there (rank 0 does).
-    """
-    w = world()
-    if not w.enabled:
-        return args
-    chosen = [run_dir]
+def object_from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object, e.g. the run folder rank 0's Hydra chose)."""
+    if not (world().enabled and dist.is_initialized()):
+        return value
+    chosen = [value]
     dist.broadcast_object_list(chosen, src=0)
-    args = [a for a in args if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={chosen[0]}"]
-    if not w.is_main:
-        args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
-    return args
+    return chosen[0]
 
 
 def per_rank_batch(batch_size: int) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dcgan import distributed, evaluate, files, metrics, runcard, runfolder, supervise, train
-from dcgan.config import compose, validate_train
+from dcgan.config import validate_train
 from dcgan.errors import USAGE_EXIT, UserError
 from dcgan.layout import RunFolder
 
@@ -143,46 +144,22 @@ def write_record(sweep_dir: Path, record: Dict[str, Any]) -> None:
 OPTUNA = ("hydra_plugins.hydra_optuna_sweeper", "sweep")
 SUBMITIT = ("hydra_plugins.hydra_submitit_launcher", "slurm")
 PLUGINS = {
-    ("hydra/sweeper", "optuna"): OPTUNA,
-    ("hparams_search", "*"): OPTUNA,  # configs/hparams_search/ are Optuna searches
+    ("hydra/sweeper", "optuna"): OPTUNA,  # also what configs/hparams_search/ choose
     ("hydra/launcher", "joblib"): ("hydra_plugins.hydra_joblib_launcher", "sweep"),
     **{("hydra/launcher", name): SUBMITIT for name in ("submitit_local", "submitit_slurm", "slurm_gpu", "slurm_ddp")},
 }
 
 
-def check_sweep(args: List[str]) -> None:
-    """Before a sweep starts: the plugins its sweeper and launcher need are installed, and a grid's jobs each
-    compose (check_jobs_compose)."""
+def missing_plugin(error: Exception) -> Optional[str]:
+    """'hydra/launcher=joblib needs the Hydra plugin ...: pip install ...' when Hydra could not find a plugin's
+    config because the plugin is not installed; None for any other composition error."""
     import importlib.util
 
-    overrides = [a for a in args if not a.startswith("-")]
-    for arg in overrides:
-        group, _, option = arg.partition("=")
-        module, extra = PLUGINS.get((group, option), PLUGINS.get((group, "*"), (None, None)))
-        if module and importlib.util.find_spec(module) is None:
-            raise UserError(f"{arg} needs the Hydra plugin {module.split('.')[-1]}: pip install 'dcgan[{extra}]'")
-    if not any(a.startswith(("hydra/sweeper=", "hparams_search=")) for a in overrides):
-        check_jobs_compose(overrides)  # another sweeper draws its own jobs, and Hydra checks its search space
-
-
-def check_jobs_compose(overrides: List[str]) -> None:
-    """A grid sweep's jobs (the basic sweeper), each composed before any runs: a value of the wrong type
-    would otherwise end the sweep halfway, when Hydra composes that job. Values of the right type that a
-    check refuses (a batch size of -1) fail their own job only, when it runs."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in overrides if not a.startswith("hydra")])
-        batches = BasicSweeper.split_arguments(parsed, None)
-    except Exception as error:  # Hydra's own parse errors: reported by Hydra itself when it runs
-        log.debug("sweep not pre-checked: %s", error)
-        return
-    for job in [job for batch in batches for job in batch][:1000]:
-        try:
-            compose("train", list(job))
-        except UserError as error:
-            raise UserError(f"sweep job {' '.join(job)} can't be composed: {error}; no job was run") from None
+    found = re.search(r"Could not find '([^']+)/([^'/]+)'", str(error))
+    module, extra = PLUGINS.get(found.groups(), (None, None)) if found else (None, None)
+    if module is None or importlib.util.find_spec(module) is not None:
+        return None
+    return f"{found[1]}={found[2]} needs the Hydra plugin {module.split('.')[-1]}: pip install 'dcgan[{extra}]'"
 
 
 class SweepSummary(Callback):
