@@ -10,11 +10,12 @@ How a run ends (finished, stopped by a signal, diverged) becomes its exit code h
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,7 +26,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dcgan import distributed, evaluate, precheck, report, runfolder, sample, supervise, sweep, train
 from dcgan.config import compose, config_dir, describe_config_error, validate_train
-from dcgan.errors import DIVERGED_EXIT, USAGE_EXIT, UserError, exit_with, signal_exit
+from dcgan.errors import (
+    DIVERGED_EXIT,
+    USAGE_EXIT,
+    Interrupted,
+    UserError,
+    exit_with,
+    interrupted_exit,
+    raise_on_stop_signals,
+    signal_exit,
+)
 
 
 def exit_with_help(usage: str, about: str, config_name: str, args: List[str]) -> None:
@@ -55,15 +65,11 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     """The task function: one run, or one job of a sweep, which returns its objective to the sweeper."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        try:  # a job that fails returns +inf, the worst score, and the sweep goes on (sweep.py)
-            keep = runfolder.hydra_record(hydra_cfg.job.name)
-            return sweep.run_job(cfg, run_dir, str(hydra_cfg.job.num), list(hydra_cfg.overrides.task), keep)
-        except train.Stopped as stopped:  # but a signal stops the sweep
-            raise SystemExit(signal_exit(stopped.signal)) from None
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a job that fails returns +inf and the sweep goes on (sweep.py)
+        keep = runfolder.hydra_record(hydra_cfg.job.name)
+        return sweep.run_job(cfg, run_dir, str(hydra_cfg.job.num), list(hydra_cfg.overrides.task), keep)
     try:
         if not precheck.checked:  # a primary config of the user's own (-cp) without our callbacks: check now
-            precheck.check_known_keys(cfg)
             validate_train(cfg)
         # PreCheck took the folder already (then this does nothing), except under a config without it.
         runfolder.take(run_dir, cfg, keep=runfolder.hydra_record(hydra_cfg.job.name))
@@ -110,6 +116,7 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     """`gan-train [overrides]`: Hydra composes the config from the command line; PreCheck (precheck.py) checks it
     and takes the run folder before Hydra writes anything; then Hydra calls train()."""
     args = sys.argv[1:] if argv is None else argv
+    precheck.checked = False  # this invocation's checks are still to come
     if "--hydra-help" in args:
         try:
             print(HYDRA_HELP, flush=True)
@@ -121,8 +128,11 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     wants_traceback = "HYDRA_FULL_ERROR" in os.environ
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     sys.argv = [sys.argv[0], *args]
+    raise_on_stop_signals()  # start-up, scoring, a second Ctrl-C: one line (train() checkpoints on the first)
     try:
         _hydra_main()
+    except Interrupted as interrupted:
+        interrupted_exit(interrupted, "gan-train", STOPPED_HOW)
     except BrokenPipeError:  # gan-train --help | head (Hydra prints the help)
         reader_has_enough()
     except SystemExit as exit:
@@ -137,9 +147,33 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         distributed.shutdown()
 
 
+STOPPED_HOW = (
+    "; every file written is whole, and a run that had begun training is checkpointed: continue it (or the "
+    "sweep) with trainer.resume=auto"
+)
+
+
 # ---------------------------------------------------------------- gan-sample, gan-eval, gan-report
 
 
+def stops_cleanly(program: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command that a stop signal ends with one line and exit 128 + N (its files are written whole)."""
+
+    def wrap(main: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(main)
+        def run(argv: Optional[List[str]] = None) -> None:
+            raise_on_stop_signals()
+            try:
+                main(argv)
+            except Interrupted as interrupted:
+                interrupted_exit(interrupted, program, "; every file written is whole")
+
+        return run
+
+    return wrap
+
+
+@stops_cleanly("gan-sample")
 def sample_main(argv: List[str] | None = None) -> None:
     """`gan-sample ckpt=PATH [mode=grid|seeds|interpolate|neighbors|export] [n=64] [seeds=0-63] [truncation=0.7]
     [out=...]`."""
@@ -158,6 +192,7 @@ def sample_main(argv: List[str] | None = None) -> None:
         print(f"... and {len(written) - 3} more in {written[0].parent}")
 
 
+@stops_cleanly("gan-eval")
 def eval_main(argv: Optional[List[str]] = None) -> None:
     """`gan-eval ckpt=PATH [dataset=NAME] [n=10000] [metrics=[fid,kid]] [inception_weights=PATH]`,
     or `gan-eval input1=FOLDER input2=FOLDER`."""
@@ -178,6 +213,7 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
     print(f"wrote {out}")
 
 
+@stops_cleanly("gan-report")
 def report_main(argv: Optional[List[str]] = None) -> None:
     """`gan-report run=DIR [fps=4] [max_frames=100]`."""
     args = sys.argv[1:] if argv is None else argv

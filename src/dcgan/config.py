@@ -11,10 +11,11 @@ Schemas: train_schema and report_schema here; gan-sample's and gan-eval's regist
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List
+from typing import Any, Iterable, Iterator, List
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -118,6 +119,26 @@ def describe_config_error(error: Exception, config_name: str = "train") -> str:
     return f"bad configuration: {message}"
 
 
+def check_known_keys(task: DictConfig) -> None:
+    """A key the schema lacks (added with `+`, which Hydra allows) would be ignored: refuse it, naming the nearest."""
+    unknown = next(unknown_keys(task, OmegaConf.structured(TrainConfig), ""), None)
+    if unknown is not None:
+        raise UserError(unknown_key_message(unknown))
+
+
+def unknown_keys(given: DictConfig, schema: DictConfig, prefix: str) -> Iterator[str]:
+    """Dotted keys of `given` that the dataclass schema has no field for (a Dict[str, Any] field takes any key)."""
+    structured = dataclasses.is_dataclass(OmegaConf.get_type(schema))
+    for key in given.keys():
+        if key not in schema:
+            if structured:
+                yield f"{prefix}{key}"
+            continue
+        inner, inner_schema = given._get_node(key), schema._get_node(key)
+        if isinstance(inner, DictConfig) and isinstance(inner_schema, DictConfig) and not inner_schema._is_none():
+            yield from unknown_keys(inner, inner_schema, f"{prefix}{key}.")
+
+
 def unknown_key_message(key: str, config_name: str = "train") -> str:
     """'unknown config key K: did you mean K2?': the nearest key of the command's schema, and where keys are listed."""
     nearest = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
@@ -142,6 +163,8 @@ def known_keys(config_name: str) -> List[str]:
 
 def validate_train(cfg: TrainConfig | DictConfig) -> None:
     """Each module's checks of its section, in the order a reader meets them; raises UserError naming key and fix."""
+    if isinstance(cfg, DictConfig):
+        check_known_keys(cfg)
     data.validate_dataset(cfg.dataset)
     models.validate_networks(cfg)
     losses.validate_loss(cfg.loss)

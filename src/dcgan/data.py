@@ -714,7 +714,11 @@ class ImageBatches:
         return batch.float().div_(127.5).sub_(1)
 
     def state_dict(self) -> Dict[str, int]:
-        return {"epoch": int(self.epoch), "position": int(self.position)}
+        return {"epoch": int(self.epoch), "position": int(self.position), "batch_size": self.global_batch}
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         try:
@@ -724,6 +728,8 @@ class ImageBatches:
                 f"the checkpoint's data position {state!r} is not {{'epoch': int, 'position': int}}; the "
                 "checkpoint is damaged"
             ) from None
+        saved_batch = int(state.get("batch_size", self.global_batch))  # absent before batch sizes were saved
+        position = position * saved_batch // self.global_batch  # the images seen into the epoch, in today's batches
         if position >= self.batches_per_epoch:
             # A smaller data set or a larger batch since the checkpoint: start the next epoch cleanly.
             log.warning(

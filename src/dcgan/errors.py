@@ -7,8 +7,10 @@ USAGE_EXIT. Tracebacks are for bugs. This module imports nothing from the packag
 
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,45 @@ DIVERGED_EXIT = 3
 
 def signal_exit(signum: int) -> int:
     return 128 + signum
+
+
+# Ctrl-C, `kill` and a closed terminal or SLURM session: each stops a command cleanly (README, exit codes).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SAME_SIGNAL_S = 1.0  # a signal this soon after another is the same request delivered twice (terminal + parent)
+
+
+class Interrupted(BaseException):
+    """A stop signal where nothing is left to save (start-up, scoring, a second Ctrl-C during training):
+    the command ends with one line and exit 128 + N. Every file it writes is written whole (files.py), so
+    nothing is half-written. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signal = signum
+
+
+class SignalsRaise:
+    """Install as the stop signals' handler: each raises Interrupted, but a repeat within SAME_SIGNAL_S is dropped."""
+
+    def __init__(self) -> None:
+        self.last = -float("inf")
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        repeat, self.last = now - self.last < SAME_SIGNAL_S, now
+        if not repeat:
+            raise Interrupted(signum)
+
+
+def raise_on_stop_signals() -> dict:
+    """Every stop signal raises Interrupted from here on; returns the handlers it replaced."""
+    handler = SignalsRaise()
+    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+
+def interrupted_exit(interrupted: Interrupted, program: str, what: str = "") -> None:
+    print(f"{program}: {interrupted}{what}", file=sys.stderr, flush=True)
+    sys.exit(signal_exit(interrupted.signal))
 
 
 class UserError(Exception):

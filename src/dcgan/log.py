@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -158,6 +158,15 @@ class MetricsLog:
         self.bar.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def last_training_row(path: Path) -> Dict[str, Any]:
+    """The newest row with losses in a metrics file ({} if none): what a run that had no step left to train
+    reports (a finished sweep job continued with trainer.resume=auto)."""
+    if not path.exists():
+        return {}
+    rows = [row for line in path.read_text().splitlines() if (row := _parse_row(line)) is not None]
+    return next((row for row in reversed(rows) if "loss_g" in row), {})
 
 
 def _logged_step(line: str) -> Optional[int]:

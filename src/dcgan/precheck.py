@@ -5,8 +5,8 @@ Hydra reads the whole command line itself (overrides in any spelling: quoted, in
 `on_run_start` / `on_multirun_start` before it makes the run folder and writes `.hydra/` and the log
 there. `PreCheck` (the first callback in configs/train.yaml) checks at that moment, on that very config:
 
-  a run      every key is one the schema knows (`+trainer.max_step=3` is refused, naming max_steps),
-             each module's checks (config.validate_train), the run folder Hydra will use (rank 0's
+  a run      config.validate_train: every key is one the schema knows (`+trainer.max_step=3` is refused,
+             naming max_steps) and each module's checks; the run folder Hydra will use (rank 0's
              under torchrun), its one owner and its one run (runfolder.take: the lock, resume or overwrite).
   a sweep    the sweep folder can be made; a grid's jobs each compose, and the folders they will use
              either hold nothing, or are continued (`trainer.resume=auto`), or are moved aside whole,
@@ -19,11 +19,10 @@ same line). No argument is read here: only what Hydra composed.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -72,7 +71,6 @@ def task_config(hydra_config: DictConfig) -> DictConfig:
 def check_run(hydra_config: DictConfig) -> None:
     HydraConfig.instance().set_config(hydra_config)  # so ${hydra:...} in a user's config resolves, as in the run
     task = task_config(hydra_config)
-    check_known_keys(task)
     config.validate_train(task)
     if distributed.world().enabled:  # under torchrun: join the job, and write into rank 0's run folder
         distributed.setup(task.trainer.device, task.trainer.dist_timeout_s)
@@ -93,26 +91,6 @@ def share_run_dir(hydra_config: DictConfig) -> None:
 
 
 HYDRA_CONF = Path(sys.modules["hydra"].__file__).parent / "conf"
-
-
-def check_known_keys(task: DictConfig) -> None:
-    """A key the schema lacks (added with `+`, which Hydra allows) would be ignored: refuse it, naming the nearest."""
-    unknown = next(unknown_keys(task, OmegaConf.structured(config.TrainConfig), ""), None)
-    if unknown is not None:
-        raise UserError(config.unknown_key_message(unknown))
-
-
-def unknown_keys(given: DictConfig, schema: DictConfig, prefix: str) -> Iterator[str]:
-    """Dotted keys of `given` that the dataclass schema has no field for (a Dict[str, Any] field takes any key)."""
-    structured = dataclasses.is_dataclass(OmegaConf.get_type(schema))
-    for key in given.keys():
-        if key not in schema:
-            if structured:
-                yield f"{prefix}{key}"
-            continue
-        inner, inner_schema = given._get_node(key), schema._get_node(key)
-        if isinstance(inner, DictConfig) and isinstance(inner_schema, DictConfig) and not inner_schema._is_none():
-            yield from unknown_keys(inner, inner_schema, f"{prefix}{key}.")
 
 
 # ---------------------------------------------------------------- a sweep

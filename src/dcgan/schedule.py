@@ -2,9 +2,11 @@
 checkpoints due by the clock, and the learning rates' linear decay over the run's last part.
 
 A run ends at its step count or after `trainer.max_minutes` of training in this invocation, whichever
-comes first (a cluster job's time slot: `trainer.resume=auto` continues it). The clock is read at log
-rows only, where the loop syncs anyway, and under torchrun rank 0's reading is every rank's, so all
-ranks stop, checkpoint and decay their learning rates at the same step.
+comes first (a cluster job's time slot: `trainer.resume=auto` continues it). Everything that follows
+progress (the learning-rate decay here, `trainer.ema_start`, lazy R1) reads the run's step, which the
+checkpoint stores, never this invocation's clock: a run cut into slots decays once, over its last steps,
+exactly as the same run in one piece. The clock is read at log rows only, where the loop syncs anyway,
+and under torchrun rank 0's reading is every rank's, so all ranks stop and checkpoint at the same step.
 """
 
 from __future__ import annotations
@@ -41,9 +43,8 @@ class Schedule:
         return round(self.elapsed_s / 60, 4)
 
     def progress(self, step: int) -> float:
-        """The fraction of the run done: by steps, or by minutes when those run out first."""
-        done = step / self.total_steps
-        return max(done, self.elapsed_s / self.max_s) if self.max_s else done
+        """The fraction of the run done, by its steps (a slot's minutes say nothing of the whole run)."""
+        return step / self.total_steps
 
     def set_learning_rates(self, step: int) -> None:
         """Before a step: each rate is its base rate x min(1, remaining fraction / trainer.lr_decay)."""

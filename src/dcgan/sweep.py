@@ -19,10 +19,14 @@ SWEEP_DIR/sweep_summary.json and .md.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dcgan import distributed, evaluate, files, metrics, runcard, runfolder, supervise, train
 from dcgan.config import validate_train
-from dcgan.errors import USAGE_EXIT, UserError
+from dcgan.errors import SAME_SIGNAL_S, STOP_SIGNALS, USAGE_EXIT, Interrupted, UserError, raise_on_stop_signals
 from dcgan.layout import RunFolder
 
 log = logging.getLogger(__name__)
@@ -57,14 +61,39 @@ def validate_sweep(cfg: DictConfig) -> None:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, job: str, overrides: List[str], keep: List[str]) -> Optional[float]:
-    """Check, train and score one job; returns its objective, +inf (the worst) if it failed or diverged.
+    """Check, train and score one job; returns its objective, +inf (the worst) if it failed or diverged, None
+    if a signal stopped it (checkpointed) or the sweep was stopping before it began (Optuna marks it failed).
 
     `keep`: what Hydra wrote into the folder before the job (runfolder.hydra_record). Never exits: a
-    failing job must not end the sweep. train.Stopped (SIGINT/SIGTERM) is left to the
-    caller, since a stopped sweep should stop.
+    failing job must not end the sweep, and a stopped one leaves the stop to SweepSummary (the end of
+    the sweep), so a launcher running jobs in other processes (joblib, submitit) waits for every job's
+    checkpoint instead of killing it.
     """
+    sweep_dir = run_dir.parent
+    previous = raise_on_stop_signals()  # outside training a signal raises Interrupted; train() takes it as a stop
     record: Dict[str, Any] = {"job": job, "folder": str(run_dir), "overrides": overrides}
-    value: Optional[float] = FAILED
+    value: Optional[float] = None
+    try:
+        if stopped_by(sweep_dir) is None:
+            value = train_and_score(cfg, run_dir, job, keep, record)
+    except (train.Stopped, Interrupted) as stopped:
+        mark_stopped(sweep_dir, stopped.signal)
+        print(f"gan-train: job {job}: {stopped}; continue it with trainer.resume=auto", file=sys.stderr, flush=True)
+        record.update(status="interrupted", error=f"{stopped}; continue it with trainer.resume=auto")
+    finally:
+        runfolder.release_all()
+        distributed.shutdown()
+    if distributed.world().is_main and "status" in record:
+        write_record(sweep_dir, record)
+    # A launcher's worker process stays deaf to stop signals between jobs: the sweep's process decides.
+    in_worker = os.environ.get(SWEEP_PROCESS, str(os.getpid())) != str(os.getpid())
+    for signum, handler in previous.items():
+        signal.signal(signum, signal.SIG_IGN if in_worker else handler)
+    return value
+
+
+def train_and_score(cfg: DictConfig, run_dir: Path, job: str, keep: List[str], record: Dict[str, Any]) -> float:
+    """The job itself; what happened goes into `record`. +inf if it failed or diverged."""
     try:
         distributed.adopt_submitit_tasks()  # a multi-task SLURM job: one DDP process per task
         validate_train(cfg)
@@ -73,34 +102,91 @@ def run_job(cfg: DictConfig, run_dir: Path, job: str, overrides: List[str], keep
             distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
         runfolder.take(run_dir, cfg, keep)
         row = supervise.supervise(train.train, cfg, run_dir)
-        if distributed.world().is_main:
-            value, measured = objective(cfg, run_dir, row)
-            record.update(status="completed", **measured)
+        if not distributed.world().is_main:
+            return FAILED  # rank 0 reports the job's score
+        value, measured = objective(cfg, run_dir, row)
+        record.update(status="completed", **measured)
+        return FAILED if value is None else value
     except UserError as error:
         print(f"gan-train: job {job}: {error}", file=sys.stderr, flush=True)
         record.update(status="failed", error=str(error))
     except supervise.DivergedAndStopped as diverged:
         print(f"gan-train: job {job}: diverged: {diverged}", file=sys.stderr, flush=True)
         record.update(status="diverged", error=str(diverged))
-    finally:
-        runfolder.release_all()
-        distributed.shutdown()
-    if distributed.world().is_main:
-        write_record(run_dir.parent, record)
-    return value
+    return FAILED
+
+
+# ---------------------------------------------------------------- a stop by signal
+
+SWEEP_PROCESS = "DCGAN_SWEEP_PID"  # the sweep's own process, for jobs running in a launcher's workers
+STOPPED = "stopped"  # SWEEP_DIR/sweep_jobs/stopped holds the signal that stopped the sweep
+
+
+def mark_stopped(sweep_dir: Path, signum: int) -> None:
+    """Jobs yet to begin see it and don't; the sweep's process exits 128 + signum when the launcher returns."""
+    try:
+        (sweep_dir / JOBS).mkdir(parents=True, exist_ok=True)
+        files.atomic_write_text(sweep_dir / JOBS / STOPPED, f"{signum}\n")
+    except OSError as error:
+        log.warning("could not mark the sweep as stopped in %s: %s", sweep_dir, error)
+
+
+def stopped_by(sweep_dir: Path) -> Optional[int]:
+    try:
+        return int((sweep_dir / JOBS / STOPPED).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class SweepStop:
+    """The sweep's process, under a launcher whose jobs run in other processes (joblib, submitit_local): a stop
+    signal is passed on to those processes, which checkpoint their jobs, and the launcher is left to collect
+    them; a second signal (after SAME_SIGNAL_S) raises Interrupted at once."""
+
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir, self.first_s = sweep_dir, None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.first_s is not None:
+            if now - self.first_s >= SAME_SIGNAL_S:
+                raise Interrupted(signum)
+            return
+        self.first_s = now
+        mark_stopped(self.sweep_dir, signum)
+        for child in child_processes(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(child, signum)
+
+
+def child_processes(pid: int) -> List[int]:
+    """The processes whose parent is `pid` (Linux /proc; none elsewhere)."""
+    children = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(entry.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.parent.name))
+    return children
 
 
 def objective(cfg: DictConfig, run_dir: Path, row: Dict[str, Any]) -> Tuple[Optional[float], Dict[str, Any]]:
-    """The job's score by sweep.objective, and what to record of it; also written to metrics and run card."""
+    """The job's score by sweep.objective, and what to record of it; also written to metrics and run card.
+
+    A job continued with nothing left to train (trainer.resume=auto over a finished sweep) reports the score
+    its run card holds for the same objective at the same step, without measuring it again."""
     name, run = cfg.sweep.objective, RunFolder(run_dir)
     if name == "none":
         return None, {"objective": name}
+    stored = (runcard.read(run_dir) or {}).get("objective") or {}
+    if stored.get("objective") == name and stored.get("step") == row["step"] and "value" in stored:
+        log.info("sweep.objective %s = %.6g, as measured before (%s)", name, stored["value"], stored["protocol"])
+        return float(stored["value"]), stored
     if name in metrics.METRICS:
         value, protocol = final_score(cfg, run, name)
     else:
         value = float(row[name])
         protocol = f"mean of {name} over the last {cfg.trainer.log_every} steps (step {row['step']})"
-    measured = {"objective": name, "value": value, "protocol": protocol}
+    measured = {"objective": name, "value": value, "protocol": protocol, "step": row["step"]}
     with open(run.metrics, "a") as file:  # the run's last row: the score at its final step
         file.write(
             json.dumps({"step": row["step"], "epoch": row["epoch"], "sweep_objective": name, name: value}) + "\n"
@@ -129,12 +215,24 @@ def final_score(cfg: DictConfig, run: RunFolder, name: str) -> Tuple[float, str]
 
 
 def write_record(sweep_dir: Path, record: Dict[str, Any]) -> None:
-    path = sweep_dir / JOBS / f"{Path(record['folder']).name}.json"
+    """SWEEP_DIR/sweep_jobs/<job folder>.json; a refusal never replaces the record of a job that ran (it is kept
+    beside it as <job folder>.<n>.json), so a sweep run again into its folder loses no score."""
+    folder = sweep_dir / JOBS
+    path = folder / f"{Path(record['folder']).name}.json"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        if record.get("status") == "failed" and _ran(path):
+            path = next(p for n in itertools.count(1) if not (p := path.with_suffix(f".{n}.json")).exists())
         files.atomic_write_text(path, json.dumps({**record, "ended": time.time()}, indent=2) + "\n")
     except OSError as error:  # the job's own files hold its result; the summary will lack this one
         log.warning("could not write the sweep record %s: %s", path, error)
+
+
+def _ran(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("status") in ("completed", "diverged")
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------- before and after the sweep
@@ -162,6 +260,28 @@ def missing_plugin(error: Exception) -> Optional[str]:
     return f"{found[1]}={found[2]} needs the Hydra plugin {module.split('.')[-1]}: pip install 'dcgan[{extra}]'"
 
 
+def study_seed(base: int, storage: str, study_name: str) -> int:
+    """The sampler's seed for an Optuna study continued from `storage`: `base` plus the trials it holds.
+
+    A fixed seed would make a continued study's sampler draw the same first proposals again, repeating
+    trials it already ran; counting the stored trials keeps each continuation reproducible and new.
+    configs/hparams_search/ set `sampler.seed: ${dcgan.study_seed:0,${hydra.sweeper.storage},NAME}`.
+    """
+    database = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else None
+    if database is not None and not Path(database).is_file():  # a new study; don't make the file here
+        return int(base)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return int(base) + len(optuna.load_study(study_name=study_name, storage=storage).trials)
+    except (ImportError, KeyError):  # no plugin (Hydra says which), or no such study yet
+        return int(base)
+
+
+OmegaConf.register_new_resolver("dcgan.study_seed", study_seed, replace=True)
+
+
 class SweepSummary(Callback):
     """Hydra callback: when a sweep ends, its jobs' records as SWEEP_DIR/sweep_summary.json and .md, sorted by
     objective, failed jobs with their reason; the sweep exits 2 if any job failed on a usage error."""
@@ -172,30 +292,36 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
         # Before the sweeper starts: Optuna's storage (hparams_search/) lives in the sweep folder.
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / JOBS / STOPPED).unlink(missing_ok=True)  # an earlier, stopped sweep: this one goes on
+        os.environ[SWEEP_PROCESS] = str(os.getpid())
+        if not str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, SweepStop(sweep_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        records = read_records(sweep_dir, self.started)
-        if not records:
-            return
-        write_summary(sweep_dir, records)
-        failed = [r for r in records if r.get("status") == "failed"]
-        print(summary_line(records, sweep_dir), file=sys.stderr, flush=True)
-        if failed:
+        records = read_records(sweep_dir)
+        if records:
+            write_summary(sweep_dir, records)  # every job ever recorded in this folder, best first
+            this_sweep = [r for r in records if r.get("ended", 0) >= self.started]
+            print(summary_line(this_sweep, sweep_dir), file=sys.stderr, flush=True)
+        signum = stopped_by(sweep_dir)
+        if signum is not None:  # every job that had begun is checkpointed; the rest did not begin
+            raise Interrupted(signum)
+        if any(r.get("status") == "failed" and r.get("ended", 0) >= self.started for r in records):
             raise SystemExit(USAGE_EXIT)
 
 
-def read_records(sweep_dir: Path, since: float) -> List[Dict[str, Any]]:
-    """This sweep's job records (an earlier sweep into the same folder left older ones)."""
+def read_records(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """Every job record in the folder: this sweep's, and those of earlier sweeps run into it."""
     records = []
     for path in sorted((sweep_dir / JOBS).glob("*.json")):
         try:
-            record = json.loads(path.read_text())
+            records.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-        if record.get("ended", 0) >= since:
-            records.append(record)
     return records
 
 
@@ -222,7 +348,8 @@ def write_summary(sweep_dir: Path, records: List[Dict[str, Any]]) -> None:
 
 
 def summary_line(records: List[Dict[str, Any]], sweep_dir: Path) -> str:
-    counts = {status: sum(r.get("status") == status for r in records) for status in ("completed", "diverged", "failed")}
+    statuses = ("completed", "diverged", "failed", "interrupted")
+    counts = {status: sum(r.get("status") == status for r in records) for status in statuses}
     failed = "; ".join(f"job {r['job']}: {r.get('error')}" for r in records if r.get("status") == "failed")
     said = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
     return f"gan-train: sweep of {len(records)} jobs: {said}{' (' + failed + ')' if failed else ''}; " + (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dcgan import augment, checkpoint, data, distributed, models, report, runcard, speed
-from dcgan.errors import UserError, at_least, check_seeds, exit_with
+from dcgan.errors import SAME_SIGNAL_S, STOP_SIGNALS, Interrupted, UserError, at_least, check_seeds, exit_with
 from dcgan.guard import Guard, HealthConfig
 from dcgan.images import generate, latents, save_grid
 from dcgan.layout import RunFolder
-from dcgan.log import MetricsLog
+from dcgan.log import MetricsLog, last_training_row
 from dcgan.losses import build_loss
 from dcgan.metrics import TrainingEvaluator
 from dcgan.optim import EMA, build_optimizer
@@ -35,7 +36,6 @@ from dcgan.state import REPLICA_CHECKSUMS, TrainingState
 log = logging.getLogger(__name__)
 
 # Signals that stop a run once its current step is done and checkpointed (gan-train then exits 128 + N, cli.py).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass
@@ -120,8 +120,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     state, train_step, images = build(cfg, device)
     run = RunFolder(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
-    total_steps = t.max_steps or max(1, t.epochs * state.batches.batches_per_epoch // t.d_steps)
-    evaluator = start_run(cfg, state, images, device, run, total_steps)  # resume, run card; FID/KID on rank 0
+    evaluator, total_steps = start_run(cfg, state, images, device, run)  # resume, run card; FID/KID on rank 0
     grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)  # seeds 0..
     images_per_step = t.batch_size * t.d_steps
     optimizers = {"g": state.opt_g, "d": state.opt_d}  # their learning rates go into every row
@@ -151,6 +150,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         if checkpointing and state.guard.healthy(step, state):  # a sync: no checkpoint of NaN
             save_checkpoint(state, run.checkpoints, t.keep_last)
     metrics.close()
+    row = row or last_training_row(run.metrics)  # nothing left to train: the run's last row stands
     if world.is_main:
         report.write_report(run_dir)  # loss_curves.png and progress.gif
     stop.restore()
@@ -169,19 +169,31 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
 
 
 def start_run(
-    cfg: DictConfig, state: TrainingState, images: torch.Tensor, device: torch.device, run: RunFolder, total_steps: int
-) -> Optional[TrainingEvaluator]:
+    cfg: DictConfig, state: TrainingState, images: torch.Tensor, device: torch.device, run: RunFolder
+) -> Tuple[Optional[TrainingEvaluator], int]:
     """Resume into `state` if asked, write the run card and say what will run. Returns the evaluator
-    (rank 0 only, with trainer.eval_every), which keeps best.pt."""
+    (rank 0 only, with trainer.eval_every), which keeps best.pt, and the step the run ends at."""
     t = cfg.trainer
     changes = resume(state, t.resume, run.checkpoints, cfg)
+    total_steps = planned_steps(t, state)
     runcard.start(run.root, cfg, images, device, state.step, changes)  # run_card.json: command, versions, data, seed
     shape = tuple(images.shape[1:])
     message = "data: %d images %s; %d steps of batch %d on %s -> %s"
     log.info(message, len(images), shape, total_steps, t.batch_size, device, run.root)
     if t.eval_every and distributed.world().is_main:
-        return TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0)
-    return None
+        return TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0), total_steps
+    return None, total_steps
+
+
+def planned_steps(t: TrainerConfig, state: TrainingState) -> int:
+    """The step the run ends at: trainer.max_steps, or the step at which the data has been seen trainer.epochs
+    times, counted from where the data stands (a resume with another batch size or d_steps still trains the
+    epochs asked for)."""
+    if t.max_steps:
+        return t.max_steps
+    batches = state.batches
+    remaining = (t.epochs - batches.epoch) * batches.batches_per_epoch - batches.position
+    return max(1, state.step + max(0, remaining) // t.d_steps)
 
 
 def build(
@@ -352,7 +364,8 @@ def resume(state: TrainingState, source: Optional[str], checkpoints: Path, cfg: 
 
 
 class Stopped(Exception):
-    """train() ended early on SIGINT or SIGTERM, its checkpoint saved; gan-train exits 128 + the signal (cli.py)."""
+    """train() ended early on a stop signal (SIGINT, SIGTERM, SIGHUP), its checkpoint saved; gan-train exits
+    128 + the signal (cli.py)."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signum}")
@@ -360,17 +373,19 @@ class Stopped(Exception):
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag, so the current step finishes and a checkpoint is written."""
+    """Turns a stop signal into a flag, so the current step finishes and a checkpoint is written."""
 
     def __init__(self, check_every: int, device: torch.device):
         self.signal: Optional[int] = None
         self.check_every, self.device = check_every, device
+        self._first_s = 0.0
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
-        self.signal = signum
+        if self.signal is None:
+            self.signal, self._first_s = signum, time.monotonic()
+        elif time.monotonic() - self._first_s >= SAME_SIGNAL_S:  # a second Ctrl-C means "now"
+            raise Interrupted(signum)
 
     def agreed(self, step: int) -> bool:
         """Stop now? Alone: as soon as a signal came. Under torchrun the ranks agree every
