@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
-from dcgan import checkpoint, cli, supervise, sweep
+from dcgan import checkpoint, supervise, sweep
 from dcgan.config import compose
 
 from conftest import BIN, WEIGHTS, needs_weights, run_cli

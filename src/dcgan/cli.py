@@ -34,6 +34,7 @@ from dcgan.errors import (
     exit_with,
     interrupted_exit,
     raise_on_stop_signals,
+    restore_signals,
     signal_exit,
 )
 
@@ -125,10 +126,10 @@ def train_main(argv: Optional[List[str]] = None) -> None:
             return
     # Hydra prints its own composition errors over several lines and exits 1; asked to raise them instead,
     # it hands them to us, and they become one line and exit 2 like ours. A user's HYDRA_FULL_ERROR wins.
-    wants_traceback = "HYDRA_FULL_ERROR" in os.environ
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    earlier = os.environ.get("HYDRA_FULL_ERROR")
+    wants_traceback, os.environ["HYDRA_FULL_ERROR"] = earlier == "1", "1"
     sys.argv = [sys.argv[0], *args]
-    raise_on_stop_signals()  # start-up, scoring, a second Ctrl-C: one line (train() checkpoints on the first)
+    handlers = raise_on_stop_signals()  # start-up, scoring, a 2nd Ctrl-C: one line (train() checkpoints on the 1st)
     try:
         _hydra_main()
     except Interrupted as interrupted:
@@ -145,6 +146,11 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     finally:
         runfolder.release_all()
         distributed.shutdown()
+        restore_signals(handlers)
+        if earlier is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = earlier
 
 
 STOPPED_HOW = (
@@ -162,11 +168,13 @@ def stops_cleanly(program: str) -> Callable[[Callable[..., None]], Callable[...,
     def wrap(main: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(main)
         def run(argv: Optional[List[str]] = None) -> None:
-            raise_on_stop_signals()
+            handlers = raise_on_stop_signals()
             try:
                 main(argv)
             except Interrupted as interrupted:
                 interrupted_exit(interrupted, program, "; every file written is whole")
+            finally:
+                restore_signals(handlers)
 
         return run
 

@@ -58,6 +58,11 @@ def raise_on_stop_signals() -> dict:
     return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
 
+def restore_signals(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
 def interrupted_exit(interrupted: Interrupted, program: str, what: str = "") -> None:
     print(f"{program}: {interrupted}{what}", file=sys.stderr, flush=True)
     sys.exit(signal_exit(interrupted.signal))

@@ -101,10 +101,11 @@ def train_and_score(cfg: DictConfig, run_dir: Path, job: str, keep: List[str], r
         if distributed.world().enabled:
             distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)
         runfolder.take(run_dir, cfg, keep)
+        earlier = (runcard.read(run_dir) or {}).get("objective") or {}  # a continued job's score, if it has one
         row = supervise.supervise(train.train, cfg, run_dir)
         if not distributed.world().is_main:
             return FAILED  # rank 0 reports the job's score
-        value, measured = objective(cfg, run_dir, row)
+        value, measured = objective(cfg, run_dir, row, earlier)
         record.update(status="completed", **measured)
         return FAILED if value is None else value
     except UserError as error:
@@ -169,18 +170,20 @@ def child_processes(pid: int) -> List[int]:
     return children
 
 
-def objective(cfg: DictConfig, run_dir: Path, row: Dict[str, Any]) -> Tuple[Optional[float], Dict[str, Any]]:
+def objective(
+    cfg: DictConfig, run_dir: Path, row: Dict[str, Any], earlier: Dict[str, Any]
+) -> Tuple[Optional[float], Dict[str, Any]]:
     """The job's score by sweep.objective, and what to record of it; also written to metrics and run card.
 
     A job continued with nothing left to train (trainer.resume=auto over a finished sweep) reports the score
-    its run card holds for the same objective at the same step, without measuring it again."""
+    it had (`earlier`, from its run card) for the same objective at the same step, without measuring again."""
     name, run = cfg.sweep.objective, RunFolder(run_dir)
     if name == "none":
         return None, {"objective": name}
-    stored = (runcard.read(run_dir) or {}).get("objective") or {}
-    if stored.get("objective") == name and stored.get("step") == row["step"] and "value" in stored:
-        log.info("sweep.objective %s = %.6g, as measured before (%s)", name, stored["value"], stored["protocol"])
-        return float(stored["value"]), stored
+    if earlier.get("objective") == name and earlier.get("step") == row["step"] and "value" in earlier:
+        log.info("sweep.objective %s = %.6g, as measured before (%s)", name, earlier["value"], earlier["protocol"])
+        runcard.update(run_dir, objective=earlier)
+        return float(earlier["value"]), earlier
     if name in metrics.METRICS:
         value, protocol = final_score(cfg, run, name)
     else:
