@@ -204,6 +204,7 @@ RUN_CONTROLS = tuple(
         "cudnn_benchmark",
         "fused_optimizer",
         "eval_every",
+        "eval_every_minutes",
     )
 ) + ("logger", "eval", "sweep")
 

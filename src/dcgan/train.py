@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,8 @@ class TrainerConfig:
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
     dist_timeout_s: float = 1800.0  # under torchrun: a collective waiting longer than this ends the job
     eval_every: int = 0  # steps between FID/KID evaluations of the sampling generator (see `eval`); 0 = never
+    # Also evaluate every N minutes of training (their cost is not counted); with either, the last step is evaluated.
+    eval_every_minutes: float = 0.0
 
 
 def validate_trainer(t: TrainerConfig) -> None:
@@ -94,7 +97,7 @@ def validate_trainer(t: TrainerConfig) -> None:
     at_least("trainer.ema_start", t.ema_start, 0)
     if not 0.0 <= t.lr_decay <= 1.0:
         raise UserError(f"trainer.lr_decay is a fraction of the run in [0, 1] (0 turns it off), got {t.lr_decay}")
-    for key in ("max_minutes", "ckpt_every_minutes"):
+    for key in ("max_minutes", "ckpt_every_minutes", "eval_every_minutes"):
         if not t[key] >= 0:
             raise UserError(f"trainer.{key} must be >= 0 minutes (0 turns it off), got {t[key]}")
     distributed.validate_device("trainer.device", t.device)
@@ -127,7 +130,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     optimizers = {"g": state.opt_g, "d": state.opt_d}  # their learning rates go into every row
     metrics = MetricsLog(run.metrics, state.step, total_steps, images_per_step, t.progress, cfg.logger, optimizers)
     stop = StopRequest(check_every=t.log_every if world.enabled else 1, device=device)
-    clock = Schedule(total_steps, t.max_minutes, t.ckpt_every_minutes, t.lr_decay, optimizers.values(), device)
+    clock = Schedule(
+        total_steps, t.max_minutes, t.ckpt_every_minutes, t.lr_decay, optimizers.values(), device, t.eval_every_minutes
+    )
     row: Dict[str, Any] = {}
     stopping = False
     while state.step < total_steps and not stopping and state.guard.fault is None:
@@ -136,18 +141,19 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         step = state.step
 
         # Evaluation, logging, grids and checkpoints; the metrics write is the only GPU sync.
-        out_of_time, timed_checkpoint = clock.read_clock() if step % t.log_every == 0 else (False, False)
+        out_of_time, timed_checkpoint, timed_eval = clock.read_clock() if step % t.log_every == 0 else NOT_DUE
         stopping = stop.agreed(step) or out_of_time
         last = step == total_steps or stopping
-        # FID/KID (rank 0) go into this step's metrics row; best.pt follows the best FID.
-        evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == total_steps)
-        scores = evaluator(step, state.sampling_generator(), state.state_dict) if evaluator and evaluating else {}
+        # FID/KID (rank 0) go into this step's metrics row, and a checkpoint beside its stamp; best.pt follows the
+        # best FID. The same on every rank: the step, and rank 0's clock.
+        evaluating = evaluation_due(t, step, total_steps, timed_eval, out_of_time)
+        scores = evaluate_untimed(evaluator, step, state, clock, metrics) if evaluator and evaluating else {}
         if step % t.log_every == 0 or last or evaluating:
             row = metrics.write(step, state.batches.epoch, {**scores, "minutes": clock.minutes})
             state.guard.check_row(step, row)
         if world.is_main and (step % t.sample_every == 0 or last):
             draw_grid(state, grid_z, run, metrics)
-        checkpointing = step % t.ckpt_every == 0 or last or timed_checkpoint
+        checkpointing = step % t.ckpt_every == 0 or last or timed_checkpoint or evaluating
         if checkpointing and state.guard.healthy(step, state):  # a sync: no checkpoint of NaN
             save_checkpoint(state, run.checkpoints, t.keep_last)
     metrics.close()
@@ -168,18 +174,40 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     return row
 
 
+NOT_DUE = (False, False, False)  # Schedule.read_clock between log rows, where the clock is not read
+
+
+def evaluation_due(t: TrainerConfig, step: int, total_steps: int, timed: bool, out_of_time: bool) -> bool:
+    """trainer.eval_every (steps) or eval_every_minutes (`timed`), and the run's last step, whichever ends it."""
+    if not (t.eval_every or t.eval_every_minutes):
+        return False
+    return timed or step == total_steps or out_of_time or bool(t.eval_every and step % t.eval_every == 0)
+
+
+def evaluate_untimed(
+    evaluator: TrainingEvaluator, step: int, state: TrainingState, clock: Schedule, metrics: MetricsLog
+) -> Dict[str, float]:
+    """FID/KID of the sampling generator; its time is left out of the training clock and of the speed figures."""
+    started = time.perf_counter()
+    scores = evaluator(step, state.sampling_generator(), state.state_dict)
+    spent = time.perf_counter() - started
+    clock.leave_out(spent)
+    metrics.leave_out(spent)
+    return scores
+
+
 def start_run(
     cfg: DictConfig, state: TrainingState, images: torch.Tensor, device: torch.device, run: RunFolder, total_steps: int
 ) -> Optional[TrainingEvaluator]:
     """Resume into `state` if asked, write the run card and say what will run. Returns the evaluator
-    (rank 0 only, with trainer.eval_every), which keeps best.pt."""
+    (rank 0 only, with trainer.eval_every or eval_every_minutes), which keeps best.pt."""
     t = cfg.trainer
     changes = resume(state, t.resume, run.checkpoints, cfg)
     runcard.start(run.root, cfg, images, device, state.step, changes)  # run_card.json: command, versions, data, seed
     shape = tuple(images.shape[1:])
     message = "data: %d images %s; %d steps of batch %d on %s -> %s"
     log.info(message, len(images), shape, total_steps, t.batch_size, device, run.root)
-    if t.eval_every and distributed.world().is_main:
+    if (t.eval_every or t.eval_every_minutes) and distributed.world().is_main:
         return TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0)
     return None
 
