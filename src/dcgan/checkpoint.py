@@ -187,6 +187,7 @@ RUN_CONTROLS = tuple(
         "resume",
         "overwrite",
         "max_steps",
+        "max_images",
         "epochs",
         "progress",
         "log_every",

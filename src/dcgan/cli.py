@@ -197,7 +197,7 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
 
 
 def report_main(argv: Optional[List[str]] = None) -> None:
-    """`gan-report run=DIR [fps=4] [max_frames=100]`."""
+    """`gan-report run=DIR [fps=4] [max_frames=100]`, or `gan-report sweep=DIR [out=PAGE.md] [title=...]`."""
     args = sys.argv[1:] if argv is None else argv
     exit_with_help(report_main.__doc__, report.__doc__, "report", args)
     logging.basicConfig(level=logging.INFO, format="gan-report: %(message)s")

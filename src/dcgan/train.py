@@ -43,6 +43,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class TrainerConfig:
     batch_size: int = 128  # real images per D update (and fakes per G update)
     max_steps: int = 0  # generator updates to run; 0 = run `epochs` epochs
+    # Or a budget in real images seen (steps x batch_size x d_steps), equal for runs of any batch size; 0 = off.
+    max_images: int = 0
     epochs: int = 5  # passes over the data set (counted in D's real batches), when max_steps = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -80,9 +82,15 @@ class TrainerConfig:
 def validate_trainer(t: TrainerConfig) -> None:
     at_least("trainer.batch_size", t.batch_size, 1)
     at_least("trainer.max_steps", t.max_steps, 0)
+    at_least("trainer.max_images", t.max_images, 0)
     at_least("trainer.epochs", t.epochs, 0)
-    if t.max_steps == 0 and t.epochs == 0:
-        raise UserError("nothing to train: set trainer.max_steps or trainer.epochs above 0")
+    if t.max_steps == 0 and t.max_images == 0 and t.epochs == 0:
+        raise UserError("nothing to train: set trainer.max_steps, trainer.max_images or trainer.epochs above 0")
+    if t.max_steps and t.max_images:
+        raise UserError(
+            f"trainer.max_steps={t.max_steps} and trainer.max_images={t.max_images} both set the run's length: "
+            "set one of them to 0"
+        )
     at_least("trainer.d_steps", t.d_steps, 1)
     for key in ("sample_every", "ckpt_every", "log_every", "grid_size"):
         at_least(f"trainer.{key}", t[key], 1)
@@ -123,10 +131,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     state, train_step, images = build(cfg, device)
     run = RunFolder(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
-    total_steps = t.max_steps or max(1, t.epochs * state.batches.batches_per_epoch // t.d_steps)
+    images_per_step = t.batch_size * t.d_steps
+    total_steps = run_length(t, state.batches.batches_per_epoch)
     evaluator = start_run(cfg, state, images, device, run, total_steps)  # resume, run card; FID/KID on rank 0
     grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)  # seeds 0..
-    images_per_step = t.batch_size * t.d_steps
     optimizers = {"g": state.opt_g, "d": state.opt_d}  # their learning rates go into every row
     metrics = MetricsLog(run.metrics, state.step, total_steps, images_per_step, t.progress, cfg.logger, optimizers)
     stop = StopRequest(check_every=t.log_every if world.enabled else 1, device=device)
@@ -172,6 +180,15 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         raise Stopped(stop.signal)
     state.guard.raise_if_diverged()  # supervise.py stops or rolls back (trainer.on_divergence)
     return row
+
+
+def run_length(t: TrainerConfig, batches_per_epoch: int) -> int:
+    """Steps to run: trainer.max_steps, else enough for trainer.max_images (rounded up), else `epochs` passes."""
+    if t.max_steps:
+        return t.max_steps
+    if t.max_images:
+        return -(-t.max_images // (t.batch_size * t.d_steps))
+    return max(1, t.epochs * batches_per_epoch // t.d_steps)
 
 
 NOT_DUE = (False, False, False)  # Schedule.read_clock between log rows, where the clock is not read
