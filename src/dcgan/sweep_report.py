@@ -242,13 +242,15 @@ def plot_fid(jobs: List[Job], path: Path) -> Optional[Path]:
         return None
     varied = differing(jobs)
     figure = Figure(figsize=(11, 4), dpi=100, layout="constrained")
-    for axes, x_key, label in zip(figure.subplots(1, 2), ("minutes", "images"), ("minutes of training", "images seen")):
+    axes_pair = figure.subplots(1, 2)
+    x_axes = (("minutes", "minutes of training"), ("images", "images seen"))
+    for axes, (x_key, label) in zip(axes_pair, x_axes, strict=True):
         for job in scored:
             points = [(row.get(x_key, 0), row[metric]) for row in job.evaluations if metric in row]
-            axes.plot(*zip(*points), marker="o", label=varied[job.folder][:40])
+            axes.plot(*zip(*points, strict=True), marker="o", label=varied[job.folder][:40])
         axes.set_xlabel(label)
         axes.set_ylabel(f"{metric.upper()} (lower is better)")
         axes.grid(alpha=0.3)
-    figure.axes[1].legend(fontsize="small")
+    axes_pair[1].legend(fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     return files.atomic_write(path, lambda file: figure.savefig(file, format="png"))
