@@ -178,7 +178,7 @@ def sample_main(argv: List[str] | None = None) -> None:
 
 def eval_main(argv: Optional[List[str]] = None) -> None:
     """`gan-eval ckpt=PATH [dataset=NAME] [n=10000] [metrics=[fid,kid]] [inception_weights=PATH]`,
-    or `gan-eval input1=FOLDER input2=FOLDER`."""
+    or `gan-eval input1=FOLDER input2=FOLDER`, or `gan-eval fp16_copy=OUT.pth inception_weights=PATH`."""
     logging.basicConfig(level=logging.INFO, format="gan-eval: %(message)s")
     args = sys.argv[1:] if argv is None else argv
     exit_with_help(eval_main.__doc__, evaluate.__doc__, "eval", args)
@@ -189,7 +189,11 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
                 "dataset=fashion_mnist); "
                 "without one, the checkpoint's own training set is used as it was trained"
             )
-        results, out = evaluate.run(compose("eval", args))
+        cfg = compose("eval", args)
+        if cfg.fp16_copy:  # staging the weights, not an evaluation
+            print(evaluate.write_fp16_copy(cfg))
+            return
+        results, out = evaluate.run(cfg)
     except UserError as error:
         exit_with(error, "gan-eval")
     print(evaluate.format_table(results))
