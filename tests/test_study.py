@@ -139,11 +139,9 @@ def study_dir(tmp_path_factory, weights: Path) -> Path:
     command = doc_command("gan-train -m +study=gpu_recipes hydra/launcher=joblib")
     args = [a for a in command[1:] if not a.startswith(("dataset.root=", "eval.inception_weights="))]
     args += [*SHRINK, f"eval.inception_weights={weights}", f"hydra.sweep.dir={root / 'sweep'}"]
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(STAND_IN), os.environ.get("PYTHONPATH", "")])
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # run_cli passes os.environ on to gan-train and its workers
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(STAND_IN), os.environ.get("PYTHONPATH")])))
         run_cli("gan-train", args, root)
-    finally:
-        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
     return root / "sweep"
 
 

@@ -128,7 +128,8 @@ def write_fp16_copy(cfg: DictConfig) -> str:
         state = torch.load(Path(source).expanduser(), map_location="cpu", weights_only=True)
         half = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
     except Exception as error:  # torch.load fails in many ways on a file that is not a state dict
-        raise UserError(f"inception_weights={source} is not a weights file torch can read ({type(error).__name__}: {error})") from None
+        reason = f"{type(error).__name__}: {error}"
+        raise UserError(f"inception_weights={source} is not a weights file torch can read ({reason})") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     files.atomic_write(out, lambda file: torch.save(half, file))
     stat = out.stat()
