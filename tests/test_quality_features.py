@@ -309,6 +309,8 @@ def test_the_time_limit_ends_a_run_checkpointed_and_resume_goes_on(tmp_path: Pat
         ("trainer.lr_decay=1.5", "trainer.lr_decay is a fraction"),
         ("trainer.max_minutes=-1", "trainer.max_minutes must be >= 0"),
         ("trainer.ckpt_every_minutes=-2", "trainer.ckpt_every_minutes must be >= 0"),
+        ("trainer.eval_every_minutes=-1", "trainer.eval_every_minutes must be >= 0"),
+        ("trainer.max_images=-5", "trainer.max_images"),
         ("trainer.ema_start=-1", "trainer.ema_start"),
         ("loss.r1_every=0", "loss.r1_every"),
     ],

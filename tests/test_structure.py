@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dcgan"
-# Scripts written to the same rule (quality.py's older report writers are not, yet).
-SCRIPTS = [Path(__file__).resolve().parents[1] / "scripts" / "quality_gpu.py"]
+# The scripts are written to the same rule.
+SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "scripts").glob("*.py"))
 MAX_FUNCTION_LINES = 60
 
 

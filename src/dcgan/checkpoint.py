@@ -187,6 +187,7 @@ RUN_CONTROLS = tuple(
         "resume",
         "overwrite",
         "max_steps",
+        "max_images",
         "epochs",
         "progress",
         "log_every",
@@ -204,6 +205,7 @@ RUN_CONTROLS = tuple(
         "cudnn_benchmark",
         "fused_optimizer",
         "eval_every",
+        "eval_every_minutes",
     )
 ) + ("logger", "eval", "sweep")
 

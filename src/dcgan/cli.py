@@ -105,8 +105,10 @@ Completes config groups, their options and keys (gan-train dataset=<TAB>):
   zsh:   autoload -Uz bashcompinit && bashcompinit && eval "$(gan-train -sc install=bash)"    (in ~/.zshrc)
   fish:  gan-train -sc install=fish | source        (in ~/.config/fish/config.fish)
 
-== Sweeps and clusters (README, "Sweeps") ==
+== Sweeps, studies and clusters (docs/sweeps.md) ==
   gan-train -m loss=ns,hinge                    a grid, one job after another; each returns sweep.objective
+  gan-train -m +study=gpu_recipes               a study: a sweep kept as a config (configs/study/)
+  gan-report sweep=DIR                          one page comparing a sweep's jobs, best first
   gan-train -m hparams_search=fashion_optuna    an Optuna search (pip install ".[sweep]")
   gan-train -m hydra/launcher=slurm_gpu ...     each job a SLURM job; slurm_ddp: one DDP process per task
   gan-train -m hydra/launcher=joblib ...        several small jobs at once on one machine
@@ -203,7 +205,7 @@ def sample_main(argv: List[str] | None = None) -> None:
 @stops_cleanly("gan-eval")
 def eval_main(argv: Optional[List[str]] = None) -> None:
     """`gan-eval ckpt=PATH [dataset=NAME] [n=10000] [metrics=[fid,kid]] [inception_weights=PATH]`,
-    or `gan-eval input1=FOLDER input2=FOLDER`."""
+    or `gan-eval input1=FOLDER input2=FOLDER`, or `gan-eval fp16_copy=OUT.pth inception_weights=PATH`."""
     logging.basicConfig(level=logging.INFO, format="gan-eval: %(message)s")
     args = sys.argv[1:] if argv is None else argv
     exit_with_help(eval_main.__doc__, evaluate.__doc__, "eval", args)
@@ -214,7 +216,11 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
                 "dataset=fashion_mnist); "
                 "without one, the checkpoint's own training set is used as it was trained"
             )
-        results, out = evaluate.run(compose("eval", args))
+        cfg = compose("eval", args)
+        if cfg.fp16_copy:  # staging the weights, not an evaluation
+            print(evaluate.write_fp16_copy(cfg))
+            return
+        results, out = evaluate.run(cfg)
     except UserError as error:
         exit_with(error, "gan-eval")
     print(evaluate.format_table(results))
@@ -223,7 +229,7 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
 
 @stops_cleanly("gan-report")
 def report_main(argv: Optional[List[str]] = None) -> None:
-    """`gan-report run=DIR [fps=4] [max_frames=100]`."""
+    """`gan-report run=DIR [fps=4] [max_frames=100]`, or `gan-report sweep=DIR [out=PAGE.md] [title=...]`."""
     args = sys.argv[1:] if argv is None else argv
     exit_with_help(report_main.__doc__, report.__doc__, "report", args)
     logging.basicConfig(level=logging.INFO, format="gan-report: %(message)s")

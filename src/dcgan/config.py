@@ -25,7 +25,7 @@ from dcgan.augment import AugmentConfig
 from dcgan.data import DatasetConfig
 from dcgan.errors import UserError, one_of
 from dcgan.losses import LossConfig
-from dcgan.metrics import MetricsConfig
+from dcgan.metrics import TrainEvalConfig
 from dcgan.models import DiscriminatorConfig, GeneratorConfig
 from dcgan.optim import OptimizerConfig
 from dcgan.report import ReportConfig
@@ -66,8 +66,8 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # FID/KID during training (trainer.eval_every): fewer images than gan-eval's 10,000, for speed.
-    eval: MetricsConfig = field(default_factory=lambda: MetricsConfig(n=2000))
+    # FID/KID during training (trainer.eval_every*): fewer images than gan-eval's 10,000, for speed.
+    eval: TrainEvalConfig = field(default_factory=lambda: TrainEvalConfig(n=2000))
     # Where metrics go: jsonl (metrics.jsonl, always) plus optional trackers, e.g. logger=[jsonl,tensorboard].
     logger: List[str] = field(default_factory=lambda: ["jsonl"])
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -177,8 +177,9 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
             "lazy R1 (loss.r1_every > 1) varies the step, which a CUDA graph can't follow: "
             "set trainer.cuda_graphs=false or loss.r1_every=1"
         )
-    if cfg.trainer.eval_every:
+    if cfg.trainer.eval_every or cfg.trainer.eval_every_minutes:
         metrics.validate_metrics("eval.", cfg.eval)
+        metrics.validate_eval_split(cfg.eval, cfg.dataset)
         metrics.require_inception_weights(cfg.eval)
     log.validate_loggers(cfg.logger)
     one_of("sweep.objective", cfg.sweep.objective, OBJECTIVES)

@@ -50,6 +50,9 @@ class EvalConfig(MetricsConfig):
     out: Optional[str] = (
         None  # results JSON; None = beside the checkpoint (last.pt -> last.eval.json) or input1's folder
     )
+    # Instead of evaluating: write a half-precision copy of `inception_weights` here (48 MB instead of 96) and exit,
+    # to stage the weights where files are size-limited; torch-fidelity casts it back to fp32 when it loads it.
+    fp16_copy: Optional[str] = None
 
 
 config.register_schema("eval_schema", EvalConfig)
@@ -110,6 +113,27 @@ def run(cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Path]:
         scores = ", ".join(f"{r['metric'].upper()} {r['value']:.6g}" for r in results)
         raise UserError(f"could not write {out} ({error.strerror or error}); the scores were {scores}") from None
     return results, out
+
+
+def write_fp16_copy(cfg: DictConfig) -> str:
+    """gan-eval fp16_copy=OUT inception_weights=FP32: the copy, atomically; returns a line saying what was written."""
+    from dcgan.metrics import file_sha256
+
+    source = cfg.inception_weights
+    if not source or not Path(source).expanduser().is_file():
+        raise UserError(f"fp16_copy needs the fp32 weights to convert: pass inception_weights=PATH (got {source})")
+    out = Path(cfg.fp16_copy)
+    check_output_file("fp16_copy", out, (".pth", ".pt"), "the weights copy")
+    try:
+        state = torch.load(Path(source).expanduser(), map_location="cpu", weights_only=True)
+        half = {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
+    except Exception as error:  # torch.load fails in many ways on a file that is not a state dict
+        reason = f"{type(error).__name__}: {error}"
+        raise UserError(f"inception_weights={source} is not a weights file torch can read ({reason})") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(out, lambda file: torch.save(half, file))
+    stat = out.stat()
+    return f"wrote {out}: {stat.st_size:,} bytes, sha256 {file_sha256(str(out), stat.st_size, stat.st_mtime_ns)}"
 
 
 def results_path(cfg: DictConfig) -> Path:

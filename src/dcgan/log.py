@@ -117,6 +117,10 @@ class MetricsLog:
         self._count += 1
         self.bar.update(1)
 
+    def leave_out(self, seconds: float) -> None:
+        """Time spent on something other than training (an evaluation): not counted in images_per_s."""
+        self._clock += seconds
+
     def write(self, step: int, epoch: int, extra: Optional[Dict[str, float]] = None) -> Dict[str, float]:
         """Average what was accumulated since the last write, append it as a JSON line, show it."""
         if self._count == 0:

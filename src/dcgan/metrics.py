@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
@@ -68,6 +68,34 @@ class MetricsConfig:
 
 
 METRICS = ("fid", "kid")
+
+
+@dataclass
+class TrainEvalConfig(MetricsConfig):
+    """`eval.*` of gan-train: how trainer.eval_every* and sweep.objective=fid|kid measure."""
+
+    # The reference: None = the training images (already in memory); a split of the data set (e.g. test) =
+    # gan-eval's `dataset.split=SPLIT` protocol, so the scores compare with gan-eval's and across recipes.
+    split: Optional[str] = None
+
+
+def validate_eval_split(m: TrainEvalConfig | DictConfig, dataset: DatasetConfig | DictConfig) -> None:
+    """eval.split names a split the training data set has."""
+    splits = data.DATASETS[dataset.name].splits if dataset.name in data.DATASETS else ()
+    if m.split is not None and m.split not in splits:
+        have = f"its splits are {', '.join(splits)}" if splits else "it has none: leave eval.split unset"
+        raise UserError(f"eval.split={m.split}: dataset {dataset.name} has no such split ({have})")
+
+
+def reference_for_training(
+    m: TrainEvalConfig | DictConfig, dataset: DatasetConfig | DictConfig, images: Optional[torch.Tensor] = None
+) -> ImageSource:
+    """The reference trainer.eval_every* and sweep.objective compare with: eval.split of the data set, or the
+    training images (`images`, when already loaded)."""
+    if m.split is None:
+        return reference_from_dataset(dataset, m.reference_n, m.seed, images)
+    other = OmegaConf.merge(dataset, {"split": m.split})
+    return reference_from_dataset(other, m.reference_n, m.seed)
 
 
 def validate_metrics(prefix: str, m: MetricsConfig | DictConfig) -> None:
@@ -471,8 +499,10 @@ def read_score(
 
 
 class TrainingEvaluator:
-    """gan-train's `trainer.eval_every`: FID/KID of the sampling generator against the training set, and
-    `checkpoints/best.pt` kept by FID (by KID when FID is not measured), with its stamp in RunFolder.best_stamp."""
+    """gan-train's `trainer.eval_every*`: FID/KID of the sampling generator against eval.split (default: the
+    training images), each result stamped beside the step's checkpoint (checkpoints/step_N.eval.json, as gan-eval
+    names it), and `checkpoints/best.pt` kept by FID (by KID when FID is not measured), with its stamp in
+    RunFolder.best_stamp."""
 
     def __init__(self, cfg: DictConfig, images: torch.Tensor, device: torch.device, run: RunFolder, resumed: bool):
         self.settings, self.generator_cfg = cfg.eval, cfg.generator
@@ -480,8 +510,8 @@ class TrainingEvaluator:
             "ema" if cfg.trainer.ema > 0 else "generator"
         )  # what TrainingState.sampling_generator returns
         self.device, self.run = device, run
-        # The training images are in memory already; the reference is a seeded subset of them.
-        self.reference = reference_from_dataset(cfg.dataset, cfg.eval.reference_n, cfg.eval.seed, images)
+        # A seeded subset of eval.split, or of the training images (in memory already).
+        self.reference = reference_for_training(cfg.eval, cfg.dataset, images)
         self.best_by = "fid" if "fid" in cfg.eval.metrics else "kid"
         self.best = read_best_score(run.best_stamp, self.best_by) if resumed else math.inf
 
@@ -503,6 +533,9 @@ class TrainingEvaluator:
         results = measure(ImageSource(ImageSet(images), stamp), self.reference, s, self.device)
         scores = {r["metric"]: round(r["value"], 6) for r in results}
         scores["eval_s"] = results[0]["seconds"]
+        stamp_path = self.run.checkpoints / checkpoint.step_name(step)
+        self.run.checkpoints.mkdir(parents=True, exist_ok=True)
+        files.atomic_write_text(stamp_path.with_suffix(".eval.json"), json.dumps({"results": results}, indent=2) + "\n")
         if scores[self.best_by] < self.best:
             self.best = scores[self.best_by]
             checkpoint.save_as(training_state(), self.run.checkpoints / checkpoint.BEST)

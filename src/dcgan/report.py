@@ -1,4 +1,5 @@
-"""Figures of a training run (`gan-report run=DIR`; gan-train also writes them when it ends).
+"""Figures of a training run (`gan-report run=DIR`; gan-train also writes them when it ends), and the page of a
+sweep (`gan-report sweep=DIR`: sweep_report.py).
 
   loss_curves.png   losses, D(x) and D(G(z)), D's accuracy, FID/KID when measured, learning rates
                     and speed against the step, from metrics.jsonl (needs matplotlib)
@@ -18,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
-from dcgan import files
+from dcgan import files, sweep_report
 from dcgan.errors import UserError, check_writable_folder
 from dcgan.images import save_gif
 from dcgan.layout import RunFolder, grid_step
@@ -27,7 +28,10 @@ from dcgan.log import read_metrics
 
 @dataclass
 class ReportConfig:
-    run: str = ""  # a gan-train run folder (required): reads metrics.jsonl and samples/, writes the figures there
+    run: str = ""  # a gan-train run folder: reads metrics.jsonl and samples/, writes the figures there
+    sweep: str = ""  # or a sweep folder (gan-train -m): one page comparing its jobs (sweep_report.py)
+    out: str = ""  # sweep: the page's path (default SWEEP_DIR/sweep_report.md), e.g. docs/RESULTS_gpu.md
+    title: str = ""  # sweep: the page's title (default "Sweep: <folder name>")
     fps: int = 4  # progress movie frame rate
     max_frames: int = 100  # progress movie: at most this many grids, evenly spaced (the first and last kept)
 
@@ -149,8 +153,14 @@ def captioned(grid: Image.Image, caption: str) -> Image.Image:
 
 
 def run(cfg: ReportConfig) -> List[Path]:
+    if cfg.run and cfg.sweep:
+        raise UserError("pass either run=DIR (one run's figures) or sweep=DIR (a sweep's page), not both")
+    if cfg.sweep:
+        return sweep_page(cfg)
     if not cfg.run:
-        raise UserError("no run folder given: pass run=DIR (the hydra.run.dir of a gan-train run)")
+        raise UserError(
+            "no folder given: pass run=DIR (the hydra.run.dir of a gan-train run) or sweep=DIR (of gan-train -m)"
+        )
     if cfg.fps < 1 or cfg.max_frames < 1:
         raise UserError(f"fps and max_frames must be >= 1, got fps={cfg.fps} max_frames={cfg.max_frames}")
     run = RunFolder(cfg.run)
@@ -160,3 +170,16 @@ def run(cfg: ReportConfig) -> List[Path]:
         )
     check_writable_folder("run", run.root)  # the figures go into the run folder
     return write_report(run.root, cfg.fps, cfg.max_frames)
+
+
+def sweep_page(cfg: ReportConfig) -> List[Path]:
+    sweep_dir = Path(cfg.sweep)
+    if not sweep_dir.is_dir():
+        raise UserError(f"sweep={cfg.sweep} is not a folder; pass the hydra.sweep.dir of a gan-train -m sweep")
+    out = Path(cfg.out) if cfg.out else None
+    if out is not None and out.suffix != ".md":
+        raise UserError(f"out={cfg.out}: the sweep's page is Markdown; give a path ending in .md")
+    out_folder = out.parent if out is not None else sweep_dir
+    if out_folder.is_dir():
+        check_writable_folder("out" if out else "sweep", out_folder)
+    return sweep_report.write_page(sweep_dir, out, cfg.title)

@@ -4,7 +4,8 @@ Under Hydra's multirun, with any sweeper (the basic grid, Optuna) and any launch
 joblib, submitit on SLURM), each job trains and then returns `sweep.objective`, which sweepers minimize:
 
   fid, kid   measured on the job's last checkpoint with gan-eval's protocol (evaluate.py): `eval.n`
-             generated images against `eval.reference_n` of the training set, with eval.inception_weights.
+             generated images against `eval.reference_n` of the training set (of eval.split when set),
+             with eval.inception_weights.
              The stamp is written beside the checkpoint (last.eval.json), as gan-eval writes it.
   loss_g, loss_d   the mean over the last log interval: a quick search without Inception weights.
   none       nothing (a plain grid whose runs are compared later).
@@ -202,10 +203,13 @@ def objective(
 def final_score(cfg: DictConfig, run: RunFolder, name: str) -> Tuple[float, str]:
     """FID or KID of the last checkpoint, exactly as `gan-eval ckpt=... n=eval.n metrics=[NAME]` measures it."""
     last = run.checkpoints / "last.pt"
+    measured = OmegaConf.to_container(cfg.eval)  # a TrainEvalConfig: its fields, not its type
+    split = measured.pop("split", None)  # eval.split: gan-eval's dataset.split=SPLIT of the training data set
+    reference = {"dataset": {**OmegaConf.to_container(cfg.dataset), "split": split}} if split else {}
     settings = OmegaConf.merge(
         OmegaConf.structured(evaluate.EvalConfig),
-        OmegaConf.to_container(cfg.eval),  # a MetricsConfig: its fields, not its type
-        {"ckpt": str(last), "metrics": [name], "device": cfg.trainer.device},
+        measured,
+        {"ckpt": str(last), "metrics": [name], "device": cfg.trainer.device, **reference},
     )
     results, stamp = evaluate.run(settings)
     result = results[0]

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 class TrainerConfig:
     batch_size: int = 128  # real images per D update (and fakes per G update)
     max_steps: int = 0  # generator updates to run; 0 = run `epochs` epochs
+    # Or a budget in real images seen (steps x batch_size x d_steps), equal for runs of any batch size; 0 = off.
+    max_images: int = 0
     epochs: int = 5  # passes over the data set (counted in D's real batches), when max_steps = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -72,14 +74,22 @@ class TrainerConfig:
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
     dist_timeout_s: float = 1800.0  # under torchrun: a collective waiting longer than this ends the job
     eval_every: int = 0  # steps between FID/KID evaluations of the sampling generator (see `eval`); 0 = never
+    # Also evaluate every N minutes of training (their cost is not counted); with either, the last step is evaluated.
+    eval_every_minutes: float = 0.0
 
 
 def validate_trainer(t: TrainerConfig) -> None:
     at_least("trainer.batch_size", t.batch_size, 1)
     at_least("trainer.max_steps", t.max_steps, 0)
+    at_least("trainer.max_images", t.max_images, 0)
     at_least("trainer.epochs", t.epochs, 0)
-    if t.max_steps == 0 and t.epochs == 0:
-        raise UserError("nothing to train: set trainer.max_steps or trainer.epochs above 0")
+    if t.max_steps == 0 and t.max_images == 0 and t.epochs == 0:
+        raise UserError("nothing to train: set trainer.max_steps, trainer.max_images or trainer.epochs above 0")
+    if t.max_steps and t.max_images:
+        raise UserError(
+            f"trainer.max_steps={t.max_steps} and trainer.max_images={t.max_images} both set the run's length: "
+            "set one of them to 0"
+        )
     at_least("trainer.d_steps", t.d_steps, 1)
     for key in ("sample_every", "ckpt_every", "log_every", "grid_size"):
         at_least(f"trainer.{key}", t[key], 1)
@@ -94,7 +104,7 @@ def validate_trainer(t: TrainerConfig) -> None:
     at_least("trainer.ema_start", t.ema_start, 0)
     if not 0.0 <= t.lr_decay <= 1.0:
         raise UserError(f"trainer.lr_decay is a fraction of the run in [0, 1] (0 turns it off), got {t.lr_decay}")
-    for key in ("max_minutes", "ckpt_every_minutes"):
+    for key in ("max_minutes", "ckpt_every_minutes", "eval_every_minutes"):
         if not t[key] >= 0:
             raise UserError(f"trainer.{key} must be >= 0 minutes (0 turns it off), got {t[key]}")
     distributed.validate_device("trainer.device", t.device)
@@ -120,13 +130,15 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     state, train_step, images = build(cfg, device)
     run = RunFolder(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
+    images_per_step = t.batch_size * t.d_steps
     evaluator, total_steps = start_run(cfg, state, images, device, run)  # resume, run card; FID/KID on rank 0
     grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)  # seeds 0..
-    images_per_step = t.batch_size * t.d_steps
     optimizers = {"g": state.opt_g, "d": state.opt_d}  # their learning rates go into every row
     metrics = MetricsLog(run.metrics, state.step, total_steps, images_per_step, t.progress, cfg.logger, optimizers)
     stop = StopRequest(check_every=t.log_every if world.enabled else 1, device=device)
-    clock = Schedule(total_steps, t.max_minutes, t.ckpt_every_minutes, t.lr_decay, optimizers.values(), device)
+    clock = Schedule(
+        total_steps, t.max_minutes, t.ckpt_every_minutes, t.lr_decay, optimizers.values(), device, t.eval_every_minutes
+    )
     row: Dict[str, Any] = {}
     stopping = False
     while state.step < total_steps and not stopping and state.guard.fault is None:
@@ -135,18 +147,19 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         step = state.step
 
         # Evaluation, logging, grids and checkpoints; the metrics write is the only GPU sync.
-        out_of_time, timed_checkpoint = clock.read_clock() if step % t.log_every == 0 else (False, False)
+        out_of_time, timed_checkpoint, timed_eval = clock.read_clock() if step % t.log_every == 0 else NOT_DUE
         stopping = stop.agreed(step) or out_of_time
         last = step == total_steps or stopping
-        # FID/KID (rank 0) go into this step's metrics row; best.pt follows the best FID.
-        evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == total_steps)
-        scores = evaluator(step, state.sampling_generator(), state.state_dict) if evaluator and evaluating else {}
+        # FID/KID (rank 0) go into this step's metrics row, and a checkpoint beside its stamp; best.pt follows the
+        # best FID. The same on every rank: the step, and rank 0's clock.
+        evaluating = evaluation_due(t, step, total_steps, timed_eval, out_of_time)
+        scores = evaluate_untimed(evaluator, step, state, clock, metrics) if evaluator and evaluating else {}
         if step % t.log_every == 0 or last or evaluating:
             row = metrics.write(step, state.batches.epoch, {**scores, "minutes": clock.minutes})
             state.guard.check_row(step, row)
         if world.is_main and (step % t.sample_every == 0 or last):
             draw_grid(state, grid_z, run, metrics)
-        checkpointing = step % t.ckpt_every == 0 or last or timed_checkpoint
+        checkpointing = step % t.ckpt_every == 0 or last or timed_checkpoint or evaluating
         if checkpointing and state.guard.healthy(step, state):  # a sync: no checkpoint of NaN
             save_checkpoint(state, run.checkpoints, t.keep_last)
     metrics.close()
@@ -168,11 +181,34 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     return row
 
 
+NOT_DUE = (False, False, False)  # Schedule.read_clock between log rows, where the clock is not read
+
+
+def evaluation_due(t: TrainerConfig, step: int, total_steps: int, timed: bool, out_of_time: bool) -> bool:
+    """trainer.eval_every (steps) or eval_every_minutes (`timed`), and the run's last step, whichever ends it."""
+    if not (t.eval_every or t.eval_every_minutes):
+        return False
+    return timed or step == total_steps or out_of_time or bool(t.eval_every and step % t.eval_every == 0)
+
+
+def evaluate_untimed(
+    evaluator: TrainingEvaluator, step: int, state: TrainingState, clock: Schedule, metrics: MetricsLog
+) -> Dict[str, float]:
+    """FID/KID of the sampling generator; its time is left out of the training clock and of the speed figures."""
+    started = time.perf_counter()
+    scores = evaluator(step, state.sampling_generator(), state.state_dict)
+    spent = time.perf_counter() - started
+    clock.leave_out(spent)
+    metrics.leave_out(spent)
+    return scores
+
+
 def start_run(
     cfg: DictConfig, state: TrainingState, images: torch.Tensor, device: torch.device, run: RunFolder
 ) -> Tuple[Optional[TrainingEvaluator], int]:
     """Resume into `state` if asked, write the run card and say what will run. Returns the evaluator
-    (rank 0 only, with trainer.eval_every), which keeps best.pt, and the step the run ends at."""
+    (rank 0 only, with trainer.eval_every or eval_every_minutes), which keeps best.pt, and the step the run
+    ends at."""
     t = cfg.trainer
     changes = resume(state, t.resume, run.checkpoints, cfg)
     total_steps = planned_steps(t, state)
@@ -180,17 +216,19 @@ def start_run(
     shape = tuple(images.shape[1:])
     message = "data: %d images %s; %d steps of batch %d on %s -> %s"
     log.info(message, len(images), shape, total_steps, t.batch_size, device, run.root)
-    if t.eval_every and distributed.world().is_main:
+    if (t.eval_every or t.eval_every_minutes) and distributed.world().is_main:
         return TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0), total_steps
     return None, total_steps
 
 
 def planned_steps(t: TrainerConfig, state: TrainingState) -> int:
-    """The step the run ends at: trainer.max_steps, or the step at which the data has been seen trainer.epochs
-    times, counted from where the data stands (a resume with another batch size or d_steps still trains the
-    epochs asked for)."""
+    """The step the run ends at: trainer.max_steps; else enough for trainer.max_images (rounded up); else the
+    step at which the data has been seen trainer.epochs times, counted from where the data stands (a resume
+    with another batch size or d_steps still trains the epochs asked for)."""
     if t.max_steps:
         return t.max_steps
+    if t.max_images:
+        return -(-t.max_images // (t.batch_size * t.d_steps))
     batches = state.batches
     remaining = (t.epochs - batches.epoch) * batches.batches_per_epoch - batches.position
     return max(1, state.step + max(0, remaining) // t.d_steps)
