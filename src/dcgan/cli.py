@@ -145,6 +145,11 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         if precheck.checked or wants_traceback:  # raised by the run, not by the command line: a bug
             raise
         exit_with(UserError(sweep.missing_plugin(error) or describe_config_error(error)), "gan-train")
+    except Exception:
+        if sweep.stopping is None:
+            raise
+        # A launcher whose jobs a signal ended (submitit) reports them as failed: the stop is the news.
+        interrupted_exit(Interrupted(sweep.stopping), "gan-train", STOPPED_HOW)
     finally:
         runfolder.release_all()
         distributed.shutdown()

@@ -126,6 +126,8 @@ STOPPED = "stopped"  # SWEEP_DIR/sweep_jobs/stopped holds the signal that stoppe
 
 def mark_stopped(sweep_dir: Path, signum: int) -> None:
     """Jobs yet to begin see it and don't; the sweep's process exits 128 + signum when the launcher returns."""
+    if stopped_by(sweep_dir) is not None:  # the first signal names the stop (a job may see the one passed on)
+        return
     try:
         (sweep_dir / JOBS).mkdir(parents=True, exist_ok=True)
         files.atomic_write_text(sweep_dir / JOBS / STOPPED, f"{signum}\n")
@@ -142,23 +144,30 @@ def stopped_by(sweep_dir: Path) -> Optional[int]:
 
 class SweepStop:
     """The sweep's process, under a launcher whose jobs run in other processes (joblib, submitit_local): a stop
-    signal is passed on to those processes, which checkpoint their jobs, and the launcher is left to collect
-    them; a second signal (after SAME_SIGNAL_S) raises Interrupted at once."""
+    signal is passed on to those processes as SIGTERM, which every job takes as a stop (it checkpoints) and
+    submitit's local controller forwards to its tasks, and the launcher is left to collect the jobs; a second
+    signal (after SAME_SIGNAL_S) raises Interrupted at once. (A Ctrl-C also reaches submitit's local
+    controller itself, which kills its tasks a second later: under submitit_local, stop a sweep with
+    `kill PID`, SIGTERM, to give every job the time its checkpoint takes.)"""
 
     def __init__(self, sweep_dir: Path):
         self.sweep_dir, self.first_s = sweep_dir, None
 
     def __call__(self, signum: int, frame: Any) -> None:
+        global stopping
         now = time.monotonic()
         if self.first_s is not None:
             if now - self.first_s >= SAME_SIGNAL_S:
                 raise Interrupted(signum)
             return
-        self.first_s = now
+        self.first_s, stopping = now, signum
         mark_stopped(self.sweep_dir, signum)
         for child in child_processes(os.getpid()):
             with contextlib.suppress(OSError):
-                os.kill(child, signum)
+                os.kill(child, signal.SIGTERM)
+
+
+stopping: Optional[int] = None  # the signal that is stopping this process's sweep (a launcher may then fail)
 
 
 def child_processes(pid: int) -> List[int]:
