@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dcgan import speed, train
+from dcgan import runcard, speed, train
 from dcgan.config import compose
 from dcgan.errors import UserError
 from dcgan.guard import tensors_in
@@ -287,3 +287,69 @@ def test_the_eager_steps_read_nothing_on_the_host(overrides, monkeypatch, tmp_pa
     cfg, seen = count_host_reads(monkeypatch, overrides, steps=4)
     train.train(cfg, tmp_path / "run")
     assert seen == {}, f"host reads inside eager steps: {seen}"
+    chosen = runcard.read(tmp_path / "run")["precision"]  # what trainer.amp became, and why
+    assert chosen["trainer.amp"] == cfg.trainer.amp and chosen["chosen"] in ("bf16", "fp16", "off") and chosen["why"]
+
+
+def test_a_failed_capture_in_a_resumed_run_loses_nothing(monkeypatch, tmp_path):
+    """train() with the captured step: the capture fails after the resumed run's warm-up; the checkpoints written
+    before stay as they were, and the error is the one-line UserError gan-train exits 2 with."""
+    run = tmp_path / "run"
+    overrides = [*TINY, "trainer.progress=false", "trainer.log_every=2", "trainer.sample_every=100"]
+    train.train(compose("train", [*overrides, "trainer.max_steps=2", "trainer.ckpt_every=2"]), run)
+    last = (run / "checkpoints" / "last.pt").read_bytes()
+    fake = FakeCuda(monkeypatch, mode="fails")
+    build = train.build
+
+    def build_captured(cfg, device, graphs=None):
+        state, step, images = build(cfg, device, graphs=True)
+        fake.captured = step
+        return state, step, images
+
+    monkeypatch.setattr(train, "build", build_captured)
+    resumed = compose("train", [*overrides, "trainer.max_steps=6", "trainer.ckpt_every=100", "trainer.resume=auto"])
+    with pytest.raises(UserError, match="capturing the training step failed"):
+        train.train(resumed, run)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == last
+
+
+def test_cuda_n_becomes_the_current_device_before_anything_uses_it(monkeypatch):
+    from dcgan import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert distributed.setup("cuda:1", 60) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    chosen.clear()
+    distributed.setup("cuda", 60)
+    assert chosen == []  # plain cuda: the current device, whichever CUDA_VISIBLE_DEVICES made it
+
+
+@pytest.mark.parametrize(
+    "setting, device, bf16, capability, graphs, mode",
+    [
+        ("auto", "cpu", True, None, False, "bf16"),
+        ("auto", "cpu", False, None, False, "off"),
+        ("auto", "cuda", True, (8, 0), True, "bf16"),  # A100, H100
+        ("auto", "cuda", False, (7, 5), False, "fp16"),  # T4
+        ("auto", "cuda", False, (7, 5), True, "off"),  # T4 with graphs: fp16's loss scaling is not captured
+        ("auto", "cuda", False, (6, 0), False, "off"),  # P100
+        (True, "cpu", False, None, False, "bf16"),  # configs and checkpoints written when amp was a bool
+        (False, "cuda", True, (9, 0), False, "off"),
+        ("fp16", "cpu", True, None, False, "fp16"),
+    ],
+)
+def test_amp_auto_follows_the_hardware(setting, device, bf16, capability, graphs, mode, monkeypatch):
+    monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    precision = speed.resolve_precision(setting, torch.device(device), graphs)
+    assert precision.mode == mode and precision.reason
+
+
+def test_amp_refuses_what_it_cannot_do():
+    with pytest.raises(UserError, match="trainer.amp must be one of auto, bf16, fp16, off, got 'half'"):
+        speed.amp_mode("half")
+    with pytest.raises(UserError, match="trainer.amp=fp16 needs loss scaling.*trainer.cuda_graphs=false"):
+        speed.resolve_precision("fp16", torch.device("cpu"), cuda_graphs=True)
