@@ -1,7 +1,8 @@
 """Speed options of the trainer: `trainer.amp`, `channels_last`, `compile`, `cuda_graphs`, `cudnn_benchmark`.
 
-Only amp changes the arithmetic (matmul and conv inputs rounded to bf16); channels_last and
-cudnn_benchmark pick memory layouts and kernels, and compile fuses the same operations.
+Only amp changes the arithmetic (matmul and conv inputs rounded to bf16 or fp16; `auto` picks by
+hardware, `resolve_precision`); channels_last and cudnn_benchmark pick memory layouts and kernels,
+and compile fuses the same operations.
 (`trainer.fused_optimizer` lives with the optimizers, in optim.build_optimizer.)
 
 `prepare_networks` runs once, right after G and D are built and before anything copies or wraps
