@@ -25,6 +25,7 @@ from dcgan.config import compose
 from dcgan.errors import UserError
 from dcgan.guard import tensors_in
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 aten = torch.ops.aten
 # Ops that read a device value on the host, or whose output shape depends on the data.
 HOST_READS = {
@@ -172,14 +173,6 @@ def captured_step(monkeypatch, overrides: List[str], mode: str = "works"):
     state, step, _ = train.build(cfg, torch.device("cpu"), graphs=True)
     fake.captured = step
     return fake, state, step
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def preset_overrides(overrides: List[str]) -> List[str]:

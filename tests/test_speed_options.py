@@ -32,12 +32,8 @@ RUN = [*FAST, "trainer.max_steps=6", "discriminator.dropout=0.2", "trainer.amp=o
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_fresh_compiler():
-    """One CPU thread: on a shared 2-core machine two OpenMP threads wait on each other far longer than they compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread_and_fresh_compiler(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
     torch.compiler.reset()
 
 
