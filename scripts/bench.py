@@ -18,7 +18,7 @@ torch.utils.flop_counter over one training step (convs and matmuls; ours: a 2-st
 1-step run, so it is the real loop's step).
 
     python scripts/bench.py --device cuda --data fashion_mnist --root /usr/share/datasets/fashion-mnist \\
-        --image-size 64 --batch-size 128 --steps 200 --ours "" --ours "trainer.amp=true trainer.channels_last=true"
+        --image-size 64 --batch-size 128 --steps 200 --ours "trainer.amp=off" --ours "trainer.amp=bf16"
     python scripts/bench.py --device cpu --data synthetic --image-size 32 --batch-size 32 --steps 20 \\
         --threads 1 --repeat 3
 
@@ -80,7 +80,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action="append",
         default=None,
         metavar="OVERRIDES",
-        help='our trainer with these gan-train overrides, e.g. "trainer.amp=true trainer.channels_last=true"; '
+        help='our trainer with these gan-train overrides, e.g. "trainer.amp=bf16 trainer.channels_last=true"; '
         'repeat for more runs; "" = the defaults (the default)',
     )
     parser.add_argument(

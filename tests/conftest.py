@@ -44,6 +44,15 @@ def run_cli(
     return result
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One CPU thread: on a shared 2-core machine two OpenMP threads wait on each other far longer than they compute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Small, fast settings for CPU runs: a narrow network and frequent logging.
 FAST = [
     "trainer.device=cpu",

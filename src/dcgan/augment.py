@@ -86,7 +86,7 @@ def random_cutout(x: torch.Tensor, ratio: float = CUTOUT_RATIO) -> torch.Tensor:
     y = torch.clamp(y + offset_y - size_y // 2, min=0, max=height - 1)
     xx = torch.clamp(xx + offset_x - size_x // 2, min=0, max=width - 1)
     mask = torch.ones(batch, height, width, dtype=x.dtype, device=x.device)
-    mask[b, y, xx] = 0
+    mask.index_put_((b, y, xx), mask.new_zeros(()))  # (`mask[...] = 0` makes a tensor of the Python 0 every step)
     return x * mask.unsqueeze(1)
 
 

@@ -69,6 +69,10 @@ def setup(device_setting: str, timeout_s: float) -> torch.device:
     if w.enabled and cuda:
         device = torch.device("cuda", w.local_rank)  # one GPU per process, whatever cuda:N said
         torch.cuda.set_device(device)
+    elif cuda and device.index is not None:
+        # cuda:N alone: make it the current device before anything uses "the current one" (the side stream and
+        # the capture of trainer.cuda_graphs, the random generators, cuDNN's handle).
+        torch.cuda.set_device(device)
     if w.enabled and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",

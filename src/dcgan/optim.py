@@ -120,15 +120,21 @@ class EMA:
     def update(self, model: nn.Module, step: int | torch.Tensor) -> None:
         """`step` is the number of updates so far; a tensor (a CUDA graph's counter, speed.CapturedStep) is
         read and advanced on the device, so the decay ramp goes on while the graph replays."""
+        ema_params, params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
         if isinstance(step, torch.Tensor):
             since = step.sub(self.start)
-            decay = since.add(1).div(since.add(10)).clamp(max=self.decay).where(since >= 0, 0.0)
+            ramp = since.clamp(min=0)  # (where(since >= 0, ..., 0.0) would make a tensor of 0.0 inside the graph)
+            decay = ramp.add(1).div(ramp.add(10)).clamp(max=self.decay).mul(since >= 0)
             step.add_(1)
+            # ema += (weights - ema) * (1 - decay), the weight a device tensor. Not _foreach_lerp_: it has no
+            # overload for one tensor weight, and would read it on the host (.item(), a sync a CUDA graph forbids).
+            steps = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(steps, decay.neg().add(1))
+            torch._foreach_add_(ema_params, steps)
         else:
             since = step - self.start
             decay = min(self.decay, (1 + since) / (10 + since)) if since >= 0 else 0.0
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         if self.copied:
             ema_buffers, buffers = list(self.model.buffers()), list(model.buffers())
             for i in self.copied:

@@ -1,7 +1,8 @@
 """Speed options of the trainer: `trainer.amp`, `channels_last`, `compile`, `cuda_graphs`, `cudnn_benchmark`.
 
-Only amp changes the arithmetic (matmul and conv inputs rounded to bf16); channels_last and
-cudnn_benchmark pick memory layouts and kernels, and compile fuses the same operations.
+Only amp changes the arithmetic (matmul and conv inputs rounded to bf16 or fp16; `auto` picks by
+hardware, `resolve_precision`); channels_last and cudnn_benchmark pick memory layouts and kernels,
+and compile fuses the same operations.
 (`trainer.fused_optimizer` lives with the optimizers, in optim.build_optimizer.)
 
 `prepare_networks` runs once, right after G and D are built and before anything copies or wraps
@@ -13,13 +14,15 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, nullcontext
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from dcgan import distributed
+from dcgan.errors import UserError
 from dcgan.losses import build_loss
 
 log = logging.getLogger(__name__)
@@ -28,18 +31,85 @@ log = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"
 
 
-def autocast(amp: bool, device: torch.device, cache: bool = True) -> AbstractContextManager:
-    """bf16 autocast for trainer.amp (matmuls and convs in bf16, reductions in fp32); a no-op otherwise.
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+# trainer.amp before it took a mode: true meant bf16 autocast, false meant none. Both still read as before.
+LEGACY_AMP = {"true": "bf16", "false": "off"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-    `cache=False` under a CUDA graph: autocast's cache of bf16 weight copies would outlive the capture.
+
+@dataclass(frozen=True)
+class Precision:
+    """What trainer.amp resolved to on this device: `mode` is bf16, fp16 or off; `reason` says why (run card)."""
+
+    setting: str  # as given: auto | bf16 | fp16 | off (or a legacy true/false)
+    mode: str  # bf16 | fp16 | off
+    reason: str
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        return DTYPES.get(self.mode)
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 gradients underflow without a loss scale (torch.amp.GradScaler); bf16 has fp32's exponent range."""
+        return self.mode == "fp16"
+
+
+def amp_mode(setting: Any) -> str:
+    """trainer.amp as one of AMP_MODES; a bool (a config written before the modes) maps through LEGACY_AMP."""
+    text = str(setting).strip().lower()
+    mode = LEGACY_AMP.get(text, text)
+    if mode not in AMP_MODES:
+        raise UserError(f"trainer.amp must be one of {', '.join(AMP_MODES)}, got {setting!r}")
+    return mode
+
+
+def resolve_precision(setting: Any, device: torch.device, cuda_graphs: bool = False) -> Precision:
+    """trainer.amp on `device`: `auto` picks bf16 where the hardware computes it natively, fp16 with loss
+    scaling on GPUs without bf16 (T4, V100), and off elsewhere. fp16's loss scaling is not captured in a
+    CUDA graph here, so `auto` skips it under trainer.cuda_graphs and an explicit fp16 is refused."""
+    mode = amp_mode(setting)
+    if mode == "fp16" and cuda_graphs:
+        raise UserError(
+            "trainer.amp=fp16 needs loss scaling, which the captured step does not run: "
+            "set trainer.cuda_graphs=false, or trainer.amp=bf16 on a GPU that has it"
+        )
+    if mode != "auto":
+        return Precision(str(setting), mode, "set in the config")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return Precision("auto", "bf16", f"{name} computes bf16 natively")
+        if torch.cuda.get_device_capability(device) >= (7, 0) and not cuda_graphs:
+            return Precision("auto", "fp16", f"{name} has fp16 tensor cores but no native bf16")
+        return Precision("auto", "off", f"{name}: no native bf16" + (" (fp16 is not captured)" if cuda_graphs else ""))
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return Precision("auto", "bf16", "this CPU computes bf16 natively (AVX512-BF16 or AMX)")
+    return Precision("auto", "off", f"no native bf16 on {device.type} (emulated bf16 runs slower than fp32)")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX tiles, as PyTorch's CPU dispatcher sees them (oneDNN's bf16 kernels use these)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast(precision: Precision, device: torch.device, cache: bool = True) -> AbstractContextManager:
+    """Autocast in the resolved precision (matmuls and convs in bf16 or fp16, reductions in fp32); a no-op for off.
+
+    `cache=False` under a CUDA graph: autocast's cache of low-precision weight copies would outlive the capture.
     """
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if amp else nullcontext()
+    if precision.dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=precision.dtype, cache_enabled=cache)
 
 
-def prepare_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: int, device: torch.device) -> None:
+def prepare_networks(
+    cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: int, device: torch.device, precision: Precision
+) -> None:
     """Apply the trainer's speed options to freshly built G and D, in place.
 
-    `batch_size` is this process's batch: the compile trial step runs on the loop's exact shapes.
+    `batch_size` is this process's batch and `precision` the resolved trainer.amp: the compile trial step
+    runs on the loop's exact shapes and dtypes.
     """
     t = cfg.trainer
     if device.type == "cuda":
@@ -53,10 +123,12 @@ def prepare_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: in
         G.to(memory_format=torch.channels_last)
         D.to(memory_format=torch.channels_last)
     if t.compile:
-        compile_networks(cfg, G, D, batch_size, device)
+        compile_networks(cfg, G, D, batch_size, device, precision)
 
 
-def compile_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: int, device: torch.device) -> bool:
+def compile_networks(
+    cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: int, device: torch.device, precision: Precision
+) -> bool:
     """torch.compile G and D in place, then prove it with one trial step; on any failure, stay eager.
 
     torch.compile fails late: the forward graph compiles at the first call and the backward graph
@@ -80,7 +152,7 @@ def compile_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: in
     for network in networks:
         network.compile(backend=COMPILE_BACKEND)
     try:
-        trial_step(G, D, cfg, batch_size, device)
+        trial_step(G, D, cfg, batch_size, device, precision)
     except Exception as error:  # any compiler or runtime failure: the eager networks still train correctly
         for network in networks:
             network._compiled_call_impl = None  # what nn.Module.compile() set; the plain forward is used again
@@ -96,7 +168,9 @@ def compile_networks(cfg: DictConfig, G: nn.Module, D: nn.Module, batch_size: in
     return True
 
 
-def trial_step(G: nn.Module, D: nn.Module, cfg: DictConfig, batch_size: int, device: torch.device) -> None:
+def trial_step(
+    G: nn.Module, D: nn.Module, cfg: DictConfig, batch_size: int, device: torch.device, precision: Precision
+) -> None:
     """Call G and D the ways the training loop does, on its shapes, forward and backward; leave no trace.
 
     D step: fakes from a no-grad G, D on real and fake batches with weight gradients.
@@ -105,7 +179,7 @@ def trial_step(G: nn.Module, D: nn.Module, cfg: DictConfig, batch_size: int, dev
     """
     state = {"G": _snapshot(G), "D": _snapshot(D)}
     image_shape = (batch_size, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
-    cast = autocast(cfg.trainer.amp, device)
+    cast = autocast(precision, device)
     rng_devices = (
         [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     )
@@ -161,10 +235,16 @@ class CapturedStep:
     and `capturable`, gradients are zeroed in place, the EMA's decay follows a step counter on the
     device, and the guard's finite flags and the statistics are tensors the graph writes in place.
     Logging, grids, checkpoints, evaluation and signal checks stay outside, between replays.
+    What a captured region may not do (read the device from the host, make a tensor from a Python
+    value, produce a shape that depends on data) is checked on the CPU: tests/test_capture_rules.py.
 
     The first WARMUP_STEPS steps run eagerly on a side stream (CUDA graphs need their kernels and
     cuDNN's choices settled first); they are real training steps. The next step is captured and
-    replayed. If capturing fails, training goes on eagerly, with one warning naming the cause.
+    replayed. A check that fails before the capture opens sends training on eagerly, with a warning;
+    once `torch.cuda.graph` has begun, a failure leaves the allocator, the random generators and the
+    stream in capture state, so nothing can safely go on in this process: the run stops with a
+    UserError naming the root cause. So does a capture that recorded nothing (the first replay must
+    advance the step counters).
     """
 
     WARMUP_STEPS = 3
@@ -173,14 +253,14 @@ class CapturedStep:
         self.step, self.state = step, step.state
         self.d_steps = step.cfg.trainer.d_steps
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.failed = False
+        self.eager = False  # a check before the capture found the step not capturable
         self.warmed = 0
         self.counter: Optional[torch.Tensor] = None  # the EMA's step on the device, from the (resumed) step
         self.reals: list = []
         self.stats: Dict[str, torch.Tensor] = {}
 
     def __call__(self) -> Dict[str, torch.Tensor]:
-        if self.failed:
+        if self.eager:
             return self.step()
         if self.counter is None:
             self.counter = torch.tensor(float(self.state.step), device=self.step.device)
@@ -199,6 +279,10 @@ class CapturedStep:
             self.state.G_ema.mark_updated()
         return stats
 
+    def captured_update(self) -> Dict[str, torch.Tensor]:
+        """What the graph records: the step on the static batch buffers, the device counter, in-place zeroing."""
+        return self.step.update(self.reals, self.counter, set_to_none=False)
+
     def _warm_up(self, reals: list) -> Dict[str, torch.Tensor]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -210,22 +294,59 @@ class CapturedStep:
 
     def _capture(self, reals: list) -> Dict[str, torch.Tensor]:
         """Record this step's kernels, then replay them once: the capture itself runs nothing."""
+        reason = not_capturable(self.state)
+        if reason:  # the capture has not begun: the eager step trains correctly from here
+            log.warning("trainer.cuda_graphs: %s; training without CUDA graphs", reason)
+            self.eager = True
+            return self.step.update(reals, self.state.step)
         self.reals = [real.clone() for real in reals]
+        counters = self.counters()
+        before = [float(counter) for counter, _ in counters]  # host reads, once: outside the capture
         graph = torch.cuda.CUDAGraph()
         try:
             graph.register_generator_state(self.state.noise)  # the latents' stream advances at every replay
             with torch.cuda.graph(graph):
-                self.stats = self.step.update(self.reals, self.counter, set_to_none=False)
-        except Exception as error:  # any capture failure: the eager step still trains correctly
-            message = (str(error).strip().splitlines() or [""])[0]
-            log.warning(
-                "trainer.cuda_graphs: capturing the training step failed (%s: %s); training without CUDA graphs",
-                type(error).__name__,
-                message[:300],
-            )
-            self.failed = True
-            torch.cuda.synchronize()
-            return self.step.update(reals, self.state.step)
+                self.stats = self.captured_update()
+        except Exception as error:  # the process is left in capture state: stop, naming the first error
+            raise capture_failed(error) from None
         self.graph = graph
         graph.replay()
+        moved = [float(counter) - old for (counter, _), old in zip(counters, before, strict=True)]
+        if moved != [float(by) for _, by in counters]:
+            raise UserError(
+                f"trainer.cuda_graphs: the captured training step did not train when replayed (its step counters "
+                f"moved by {moved}, expected {[by for _, by in counters]}); set trainer.cuda_graphs=false"
+            )
         return self.stats
+
+    def counters(self) -> list:
+        """(counter, its advance per step): the EMA's device counter and each optimizer's first step count."""
+        counters = [(self.counter, 1)] if self.state.G_ema is not None else []
+        for optimizer, updates in ((self.state.opt_d, self.d_steps), (self.state.opt_g, 1)):
+            steps = [s["step"] for s in optimizer.state.values() if isinstance(s.get("step"), torch.Tensor)]
+            counters += [(steps[0], updates)] if steps else []
+        return counters
+
+
+def not_capturable(state: Any) -> Optional[str]:
+    """Why the optimizers' update can't be captured as it stands, or None: each step count must live on its
+    parameter's device (a host count is read with .item(), a sync the capture forbids)."""
+    for name, optimizer in (("optimizer.generator", state.opt_g), ("optimizer.discriminator", state.opt_d)):
+        for parameter, values in optimizer.state.items():
+            step = values.get("step")
+            if isinstance(step, torch.Tensor) and step.device != parameter.device:
+                return f"{name} keeps its step counts on {step.device}, not with the weights on {parameter.device}"
+    return None
+
+
+def capture_failed(error: BaseException) -> UserError:
+    """The first error of a failed capture as one line: CUDA reports later ones as "operation failed due to a
+    previous error during capture", and Python chains them onto the first."""
+    root = error
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    message = (str(root).strip().splitlines() or [""])[0][:300]
+    return UserError(
+        f"trainer.cuda_graphs: capturing the training step failed ({type(root).__name__}: {message}); "
+        "set trainer.cuda_graphs=false to train without CUDA graphs"
+    )

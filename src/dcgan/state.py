@@ -20,6 +20,7 @@ from torch import nn
 from dcgan.data import ImageBatches
 from dcgan.guard import Guard
 from dcgan.optim import BASE_LR, EMA
+from dcgan.speed import Precision
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ DATA = "data"  # where the batches are (data.ImageBatches.state_dict)
 RNG = "rng"  # {"noise": the training latents' generator, "torch": the CPU stream, "cuda": one per GPU}
 CONFIG_YAML = "config_yaml"  # the resolved config: all gan-sample needs to rebuild G
 HEALTH = "health"  # the guard's memory (guard.Guard.state_dict)
+GRAD_SCALER = "grad_scaler"  # with trainer.amp=fp16: the loss scale (torch.amp.GradScaler.state_dict); else absent
 REPLICA_CHECKSUMS = "replica_checksums"  # under torchrun: each rank's weight checksums, equal when in sync
 REQUIRED = (GENERATOR, DISCRIMINATOR, CONFIG_YAML, STEP)  # what a file must hold to be a checkpoint of this tool
 
@@ -51,6 +53,8 @@ class TrainingState:
     noise: torch.Generator  # the training latents' random stream
     guard: Guard
     config_yaml: str  # this run's resolved config (checkpoint.config_yaml)
+    precision: Optional[Precision] = None  # what trainer.amp resolved to on this device
+    scaler: Optional[torch.amp.GradScaler] = None  # fp16's loss scale
     step: int = 0  # generator updates done
 
     def sampling_generator(self) -> nn.Module:
@@ -71,6 +75,7 @@ class TrainingState:
             RNG: {"noise": self.noise.get_state(), "torch": torch.get_rng_state(), "cuda": cuda_rng},
             CONFIG_YAML: self.config_yaml,
             HEALTH: self.guard.state_dict(),
+            **({GRAD_SCALER: self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
@@ -84,6 +89,8 @@ class TrainingState:
         self.batches.load_state_dict(saved[DATA])
         self.step = int(saved[STEP])
         self.guard.load_state_dict(saved.get(HEALTH) or {}, self.step)
+        if self.scaler is not None and saved.get(GRAD_SCALER):
+            self.scaler.load_state_dict(saved[GRAD_SCALER])
         self.apply_changed_learning_rates(saved)
         rng = saved[RNG]
         try:
@@ -122,6 +129,22 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> N
     for group, settings in zip(optimizer.param_groups, fresh, strict=True):
         group.update(settings)
         group.setdefault(BASE_LR, group["lr"])  # checkpoints written before trainer.lr_decay existed
+    place_step_counts(optimizer)
+
+
+def place_step_counts(optimizer: torch.optim.Optimizer) -> None:
+    """Each step count where this run's update reads it: with its weights for a fused or capturable update
+    (read on the device; one on the host would fail a CUDA graph's capture), on the CPU otherwise (the plain
+    update reads it with .item(), a sync per parameter per step if it sat on the GPU). torch.optim's
+    load_state_dict placed them for the checkpoint's settings, which a resume may have changed."""
+    for group in optimizer.param_groups:
+        with_weights = bool(group.get("fused") or group.get("capturable"))
+        for parameter in group["params"]:
+            values = optimizer.state.get(parameter, {})
+            step = values.get("step")
+            if isinstance(step, torch.Tensor):
+                device = parameter.device if with_weights else torch.device("cpu")
+                values["step"] = step.to(device=device, dtype=torch.float32)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer | Dict[str, Any], lr: float) -> None:

@@ -53,7 +53,10 @@ class TrainerConfig:
     log_every: int = 50  # steps between metrics.jsonl rows (the only GPU syncs of the loop)
     resume: Optional[str] = None  # a checkpoint path, or "auto" for checkpoints/last.pt of the run dir
     overwrite: bool = False  # start over in a run dir that holds a run: its files move to RUN_DIR/replaced/<time>/
-    amp: bool = False  # bf16 autocast (CUDA; also allowed on CPU)
+    # Mixed precision: auto | bf16 | fp16 | off. auto: bf16 where the hardware computes it natively, fp16 with loss
+    # scaling on GPUs without bf16, else off (speed.resolve_precision; the run card says what it chose and why).
+    # true and false, from configs written before the modes, mean bf16 and off.
+    amp: str = "auto"
     # Speed options (speed.py; measured in docs/PERFORMANCE.md): the same maths on other layouts and kernels.
     channels_last: bool = True  # NHWC layout for G and D
     compile: bool = False  # torch.compile G and D; a failure in the trial step before training falls back to eager
@@ -108,6 +111,7 @@ def validate_trainer(t: TrainerConfig) -> None:
         if not t[key] >= 0:
             raise UserError(f"trainer.{key} must be >= 0 minutes (0 turns it off), got {t[key]}")
     distributed.validate_device("trainer.device", t.device)
+    speed.amp_mode(t.amp)
     if t.cuda_graphs and (t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())):
         raise UserError(
             "trainer.cuda_graphs=true needs a CUDA device (CUDA graphs replay GPU kernels); set it false on CPU"
@@ -213,6 +217,9 @@ def start_run(
     changes = resume(state, t.resume, run.checkpoints, cfg)
     total_steps = planned_steps(t, state)
     runcard.start(run.root, cfg, images, device, state.step, changes)  # run_card.json: command, versions, data, seed
+    p = state.precision
+    runcard.update(run.root, precision={"trainer.amp": p.setting, "chosen": p.mode, "why": p.reason})
+    log.info("precision: %s (trainer.amp=%s: %s)", p.mode, p.setting, p.reason)
     shape = tuple(images.shape[1:])
     message = "data: %d images %s; %d steps of batch %d on %s -> %s"
     log.info(message, len(images), shape, total_steps, t.batch_size, device, run.root)
@@ -235,20 +242,22 @@ def planned_steps(t: TrainerConfig, state: TrainingState) -> int:
 
 
 def build(
-    cfg: DictConfig, device: torch.device
+    cfg: DictConfig, device: torch.device, graphs: Optional[bool] = None
 ) -> Tuple[TrainingState, Callable[[], Dict[str, torch.Tensor]], torch.Tensor]:
     """A fresh run's training state (a resume loads into it), the step that updates it, and the uint8 training images.
 
-    The order of the seeds and random draws here is part of every result: keep it.
+    The order of the seeds and random draws here is part of every result: keep it. `graphs` overrides
+    trainer.cuda_graphs (the CPU tests build the captured step's state with it).
     """
     t, world = cfg.trainer, distributed.world()
-    graphs = speed.use_cuda_graphs(t.cuda_graphs, device)
+    graphs = speed.use_cuda_graphs(t.cuda_graphs, device) if graphs is None else graphs
+    precision = speed.resolve_precision(t.amp, device, graphs)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     images = data.load_images(cfg.dataset)
     local_batch = distributed.per_rank_batch(t.batch_size)  # batch_size is global: split over ranks
     batches = data.ImageBatches(images, local_batch, device, t.seed, world.rank, world.size)
     G, D = models.build_generator(cfg, device), models.build_discriminator(cfg, device)
-    speed.prepare_networks(cfg, G, D, local_batch, device)  # layout, cuDNN, compile: before EMA and DDP copy them
+    speed.prepare_networks(cfg, G, D, local_batch, device, precision)  # layout, compile: before EMA and DDP copy them
     runcard.use_deterministic_algorithms(t.deterministic)  # after prepare_networks: it turns cuDNN's autotuner off
     # The EMA's BatchNorm statistics come from ~2,048 fixed latents in global-size batches: N ranks agree with one.
     calibration_latents = functools.partial(latent_batch, cfg=cfg, device=device)
@@ -269,6 +278,8 @@ def build(
         noise=torch.Generator(device).manual_seed(t.seed + 1),  # training latents; its state is checkpointed
         guard=Guard(t.health, images, device),  # NaN/Inf and collapse; trainer.on_divergence acts on what it finds
         config_yaml=checkpoint.config_yaml(cfg),
+        precision=precision,
+        scaler=torch.amp.GradScaler(device.type) if precision.loss_scaling else None,  # fp16's loss scale
     )
     step = TrainStep(state, cfg, device, G_train, D_train, graphs)
     return state, speed.CapturedStep(step) if graphs else step, images
@@ -293,7 +304,7 @@ class TrainStep:
     ):
         self.state, self.cfg, self.device, self.world = state, cfg, device, distributed.world()
         self.loss = build_loss(cfg.loss)
-        self.autocast = speed.autocast(cfg.trainer.amp, device, cache=not graphs)
+        self.autocast = speed.autocast(state.precision, device, cache=not graphs)
         # G_train and D_train are G and D wrapped for DDP under torchrun. G's update judges its fakes with the
         # plain D (frozen: no weight gradient to all-reduce). Both see every image through DiffAugment
         # (augment.policy); with no policy these are the networks themselves.
@@ -320,20 +331,34 @@ class TrainStep:
             with self.autocast:
                 loss_d, stats = self.loss.discriminator(self.D_train, real, fake, s.step * len(reals) + i)
             s.opt_d.zero_grad(set_to_none=set_to_none)
-            loss_d.backward()
-            s.guard.watch("D", loss_d, s.D)  # NaN/Inf flags stay on the device: no sync
-            s.opt_d.step()
+            self.backward_and_step("D", loss_d, s.D, s.opt_d)
 
         # G update on fresh latents; D's weights need no gradient here, so the plain D (no DDP) is frozen.
         with self.autocast, frozen(s.D):
             loss_g = self.loss.generator(self.D_judge, self.G_train(self.latents()))
         s.opt_g.zero_grad(set_to_none=set_to_none)
-        loss_g.backward()
-        s.guard.watch("G", loss_g, s.G)
-        s.opt_g.step()
+        self.backward_and_step("G", loss_g, s.G, s.opt_g)
         if s.G_ema is not None:
             s.G_ema.update(s.G, ema_step)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **stats}
+
+    def backward_and_step(self, name: str, loss: torch.Tensor, model: nn.Module, optimizer) -> None:
+        """Gradients of `loss`, the guard's NaN/Inf flags (on the device: no sync), the optimizer's update.
+
+        With fp16 the loss is scaled so small gradients survive; a step whose scaled gradients overflow
+        is skipped and the scale lowered (torch.amp.GradScaler), so the guard watches the loss only.
+        Fused optimizers take the scale and the overflow flag as tensors: no sync.
+        """
+        scaler = self.state.scaler
+        if scaler is None:
+            loss.backward()
+            self.state.guard.watch(name, loss, model)
+            optimizer.step()
+            return
+        scaler.scale(loss).backward()
+        self.state.guard.watch(name, loss, None)
+        scaler.step(optimizer)
+        scaler.update()
 
     def latents(self) -> torch.Tensor:
         return latent_batch(self.state.noise, self.cfg, self.device, self.world)
