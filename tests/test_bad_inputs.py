@@ -242,7 +242,7 @@ def test_gan_report_skips_a_truncated_last_metrics_line(run_copy: Path):
         f"gan-report: {run_copy / 'metrics.jsonl'}: skipped 1 line(s) that are not metrics rows (line 3; cut short by "
         "a killed run?)"
     ]
-    assert RunFolder(run_copy).loss_figure.is_file() or "matplotlib" in result.stderr
+    assert RunFolder(run_copy).loss_figure.is_file()
 
 
 # ---------------------------------------------------------------- --help

@@ -554,12 +554,13 @@ def test_bad_images_are_named_before_training_and_the_run_completes(tmp_path: Pa
     assert not (run / "checkpoints").exists() and not RunFolder(run).card.exists()
 
 
-def test_a_damaged_decode_cache_is_decoded_again(tmp_path: Path):
+def test_a_damaged_decode_cache_is_decoded_again(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # this test's own cache folder
     folder = tmp_path / "photos"
     write_images(folder)
     cfg = DatasetConfig(name="folder", root=str(folder), image_size=16, channels=3)
     decoded = data.load_images(cfg).clone()
-    (cache,) = (folder / ".dcgan-cache").glob("*.npy")
+    (cache,) = data.cache_folder(cfg).glob("*.npy")
     cache.write_bytes(cache.read_bytes()[:300])  # cut short, as a kill during a copy would leave it
     assert torch.equal(data.load_images(cfg), decoded)
 

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dcgan import distributed, evaluate, report, runcard, runfolder, sample, supervise, sweep, train
+from dcgan import data, distributed, evaluate, report, runcard, runfolder, sample, supervise, sweep, train
 from dcgan.config import compose, config_dir, validate_train
 from dcgan.errors import DIVERGED_EXIT, USAGE_EXIT, UserError, exit_with, signal_exit
 
@@ -121,6 +121,7 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         try:
             cfg = compose("train", args)
             validate_train(cfg)
+            data.check_available(cfg.dataset)  # missing data is refused before any run folder exists
             runcard.check_run_dir(run_dir_from(args))  # Hydra would fail on it with a traceback
             if distributed.world().enabled:  # under torchrun: join the job, use rank 0's run folder
                 distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_s)

@@ -25,7 +25,7 @@ from dcgan.errors import UserError, at_least, check_seeds, exit_with
 from dcgan.guard import Guard, HealthConfig
 from dcgan.images import generate, latents, save_grid
 from dcgan.layout import RunFolder
-from dcgan.log import MetricsLog
+from dcgan.log import MetricsLog, print_summary
 from dcgan.losses import build_loss
 from dcgan.metrics import TrainingEvaluator
 from dcgan.optim import EMA, build_optimizer
@@ -130,13 +130,15 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     clock = Schedule(total_steps, t.max_minutes, t.ckpt_every_minutes, t.lr_decay, optimizers.values(), device)
     row: Dict[str, Any] = {}
     stopping = False
+    draw_first_grid(state, grid_z, run, metrics)  # a fresh run's step-0 grid: the progress movie starts there
     while state.step < total_steps and not stopping and state.guard.fault is None:
         clock.set_learning_rates(state.step)  # trainer.lr_decay
         metrics.add(train_step())  # d_steps D updates, one G update, the EMA; the losses stay on the device
         step = state.step
 
         # Evaluation, logging, grids and checkpoints; the metrics write is the only GPU sync.
-        out_of_time, timed_checkpoint = clock.read_clock() if step % t.log_every == 0 else (False, False)
+        reading = step % t.log_every == 0 or step == total_steps  # the last row's minutes are current
+        out_of_time, timed_checkpoint = clock.read_clock() if reading else (False, False)
         stopping = stop.agreed(step) or out_of_time
         last = step == total_steps or stopping
         # FID/KID (rank 0) go into this step's metrics row; best.pt follows the best FID.
@@ -151,10 +153,11 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         if checkpointing and state.guard.healthy(step, state):  # a sync: no checkpoint of NaN
             save_checkpoint(state, run.checkpoints, t.keep_last)
     metrics.close()
-    if world.is_main:
-        report.write_report(run_dir)  # loss_curves.png and progress.gif
+    written = report.write_report(run_dir) if world.is_main else []  # loss_curves.png and progress.gif
     stop.restore()
     runcard.finish(run_dir, state.step, stop.signal, state.guard, out_of_time=clock.out_of_time)
+    if world.is_main and stop.signal is None and state.guard.fault is None:
+        print_summary(run_dir, state.step, clock.minutes, written)  # where everything is, what to run next
     if clock.out_of_time and stop.signal is None:
         log.info("trainer.max_minutes=%g reached at step %d; continue with trainer.resume=auto", t.max_minutes, step)
     if stop.signal is not None:
@@ -317,6 +320,16 @@ def draw_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, metric
     grid = generate(state.sampling_generator(), grid_z)
     state.guard.check_grid(state.step, grid)
     metrics.add_grid(save_grid(grid, run.grid(state.step), nrow=8), state.step)
+
+
+def draw_first_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, metrics: MetricsLog) -> None:
+    """samples/step_000000.png from the untrained G, on rank 0 of a run at step 0. Not shown to the guard (a fresh
+    G may well draw near-uniform images), and drawn under a forked RNG: the run's random stream stays as it was."""
+    if state.step != 0 or not distributed.world().is_main:
+        return
+    with torch.random.fork_rng(devices=[state.noise.device] if state.noise.device.type == "cuda" else []):
+        grid = generate(state.sampling_generator(), grid_z)
+    metrics.add_grid(save_grid(grid, run.grid(0), nrow=8), 0)
 
 
 def save_checkpoint(state: TrainingState, checkpoints: Path, keep_last: int) -> None:
