@@ -92,10 +92,12 @@ def run(cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Path]:
         default_reference = None
     if cfg.input2:
         reference = reference_from_folder(Path(cfg.input2), cfg.reference_n, cfg.seed)
+        log.info("reference: %s", counted(len(reference.images), f"folder {cfg.input2}", cfg.reference_n))
     else:
         dataset = cfg.dataset if cfg.dataset is not None else default_reference
-        log.info("reference: %d images of %s", cfg.reference_n, data.describe(dataset))
         reference = reference_from_dataset(dataset, cfg.reference_n, cfg.seed)
+        log.info("reference: %s", counted(len(reference.images), data.describe(dataset), cfg.reference_n))
+    log.info("generated: %s", counted(len(generated.images), generated.stamp["source"], cfg.n))
     if generated.stamp["image_size"] != reference.stamp["image_size"]:
         log.warning(
             "generated images are %spx, reference images %spx: both are resized to 299px by the extractor, "
@@ -103,13 +105,19 @@ def run(cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Path]:
             generated.stamp["image_size"],
             reference.stamp["image_size"],
         )
-    results = measure(generated, reference, cfg, device)
+    results = measure(generated, reference, cfg, device, show_progress=True)
     try:
         write_json({"results": results}, out)
     except OSError as error:  # checked writable before measuring, so rare (a full disk): keep the scores
         scores = ", ".join(f"{r['metric'].upper()} {r['value']:.6g}" for r in results)
         raise UserError(f"could not write {out} ({error.strerror or error}); the scores were {scores}") from None
     return results, out
+
+
+def counted(count: int, what: str, asked: int) -> str:
+    """ "5000 images of mnist_tiny (...) (asked 10000)": the count really used, and the setting when it differs."""
+    differs = f" (asked {asked})" if asked and count != asked else ""
+    return f"{count} images of {what}{differs}"
 
 
 def results_path(cfg: DictConfig) -> Path:
