@@ -46,7 +46,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     d_steps: int = 1  # discriminator updates per generator update
-    sample_every: int = 500  # steps between fixed-noise grids in samples/
+    sample_every: int = 500  # steps between fixed-noise grids in samples/ (a fresh run also draws one at step 0)
     ckpt_every: int = 1000  # steps between step_NNNNNN.pt checkpoints (last.pt is written with them)
     log_every: int = 50  # steps between metrics.jsonl rows (the only GPU syncs of the loop)
     resume: Optional[str] = None  # a checkpoint path, or "auto" for checkpoints/last.pt of the run dir
@@ -68,7 +68,7 @@ class TrainerConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     deterministic: bool = False  # PyTorch's deterministic algorithms (a warning where an op has none)
     grid_size: int = 64  # images in each progress grid
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # a bar with its ETA in a terminal; elsewhere (a file, a pipe) a log line per metrics row
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
     dist_timeout_s: float = 1800.0  # under torchrun: a collective waiting longer than this ends the job
     eval_every: int = 0  # steps between FID/KID evaluations of the sampling generator (see `eval`); 0 = never
