@@ -226,8 +226,8 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def print_summary(run_dir: Path, step: int, minutes: float, written: Sequence[Path]) -> None:
-    """The block gan-train ends with: where the run's files are, and the commands to run next."""
+def log_summary(run_dir: Path, step: int, minutes: float, written: Sequence[Path]) -> None:
+    """The block gan-train ends with: where the run's files are, and the commands to run next (a log record)."""
     run = RunFolder(run_dir)
     last = run.checkpoints / LAST
     grids = run.grids()
@@ -242,7 +242,8 @@ def print_summary(run_dir: Path, step: int, minutes: float, written: Sequence[Pa
     if last.is_file():
         lines.append(f"  gan-sample ckpt={shown(last)} scale=4 out=grid.png      # 64 new images")
     lines.append(f"  gan-report run={shown(run.root)}      # the figures again, e.g. after a resume")
-    print("\n".join(lines), flush=True)
+    # Logged, not printed: gan-train shows it (and keeps it in RUN_DIR/train.log); a script calling train() decides.
+    log.info("%s", "\n".join(lines))
 
 
 def shown(path: Path) -> str:

@@ -25,7 +25,7 @@ from dcgan.errors import UserError, at_least, check_seeds, exit_with
 from dcgan.guard import Guard, HealthConfig
 from dcgan.images import generate, latents, save_grid
 from dcgan.layout import RunFolder
-from dcgan.log import MetricsLog, print_summary
+from dcgan.log import MetricsLog, log_summary
 from dcgan.losses import build_loss
 from dcgan.metrics import TrainingEvaluator
 from dcgan.optim import EMA, build_optimizer
@@ -157,7 +157,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     stop.restore()
     runcard.finish(run_dir, state.step, stop.signal, state.guard, out_of_time=clock.out_of_time)
     if world.is_main and stop.signal is None and state.guard.fault is None:
-        print_summary(run_dir, state.step, clock.minutes, written)  # where everything is, what to run next
+        log_summary(run_dir, state.step, clock.minutes, written)  # where everything is, what to run next
     if clock.out_of_time and stop.signal is None:
         log.info("trainer.max_minutes=%g reached at step %d; continue with trainer.resume=auto", t.max_minutes, step)
     if stop.signal is not None:
