@@ -324,11 +324,14 @@ def draw_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, metric
 
 def draw_first_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, metrics: MetricsLog) -> None:
     """samples/step_000000.png from the untrained G, on rank 0 of a run at step 0. Not shown to the guard (a fresh
-    G may well draw near-uniform images), and drawn under a forked RNG: the run's random stream stays as it was."""
+    G may well draw near-uniform images), and drawn under a forked RNG: the run's random stream stays as it was.
+
+    Drawn by G itself: the EMA is G's copy at step 0, and calibrating its BatchNorm statistics (~2,048 latents)
+    would cost a fresh run, and each restart of one, far more than this one batch of 64."""
     if state.step != 0 or not distributed.world().is_main:
         return
     with torch.random.fork_rng(devices=[state.noise.device] if state.noise.device.type == "cuda" else []):
-        grid = generate(state.sampling_generator(), grid_z)
+        grid = generate(state.G, grid_z)
     metrics.add_grid(save_grid(grid, run.grid(0), nrow=8), 0)
 
 
