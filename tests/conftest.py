@@ -27,6 +27,20 @@ needs_weights = pytest.mark.skipif(
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_home(tmp_path_factory) -> Path:
+    """Caches (decoded images, reference features) go to a folder of this test session, not the user's
+    ~/.cache: every test folder is a new data set, and its decoded copy would stay there for good. Tests
+    that look inside a cache set $XDG_CACHE_HOME to a folder of their own."""
+    home, before = tmp_path_factory.mktemp("xdg-cache"), os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(home)  # subprocesses (run_cli) inherit it
+    yield home
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 def run_cli(
     program: str, args: List[str], cwd: Path, timeout: float = 900, check: bool = True
 ) -> subprocess.CompletedProcess:

@@ -114,6 +114,9 @@ SAMPLE_CASES = {
     "seed beyond 64 bits": (lambda f: ["mode=seeds", f"seeds={HUGE_SEED + 1}"], "64-bit"),
     "grid running past 64 bits": (lambda f: [f"seed={HUGE_SEED}", "n=2"], "64-bit"),
     "absurd seed range": (lambda f: ["mode=seeds", "seeds=0-99999999999"], "at most 1,000,000"),
+    "scale of 0": (lambda f: ["scale=0"], "scale must be a whole number from 1 to 16"),
+    "scale of an export": (lambda f: ["mode=export", "scale=2"], "leave scale out"),
+    "scale past what viewers open": (lambda f: ["n=1000", "scale=16"], "3872x60032 image, more than the 89,478,485"),
     # files read back
     "checkpoint from a newer version": (lambda f: [f"ckpt={f['newer']}"], "trainer.warp_drive"),
 }
@@ -171,6 +174,7 @@ TRAIN_CASES = {
     "seed whose derived seeds overflow": ([f"trainer.seed={HUGE_SEED}"], "trainer.seed uses seeds"),
     "image size too large for memory": (["dataset.image_size=65536"], "GiB"),
     "evaluation without Inception weights": (["trainer.eval_every=2"], "eval.inception_weights=PATH"),
+    "image folder that does not exist": (["dataset=folder", "dataset.root=/no/such/photos"], "is not a folder"),
 }
 
 
@@ -183,6 +187,15 @@ def test_gan_train_refuses_before_the_run_starts(case: str, tmp_path: Path, monk
         cli.train_main, "gan-train", [*FAST, "trainer.max_steps=2", *args, f"hydra.run.dir={run_dir}"], expected, capsys
     )
     assert not run_dir.exists()
+
+
+def test_gan_train_without_celeba_says_what_to_get_and_leaves_no_run_folder(tmp_path: Path, monkeypatch, capsys):
+    """Offline and without the files: one line naming the files, their sizes, the absolute folder and the command
+    to run then; and no outputs/DATE/TIME folder, since the data is checked before Hydra makes one."""
+    monkeypatch.chdir(tmp_path)
+    args = ["dataset=celeba", "dataset.root=data", "dataset.download=false"]
+    assert_refused(cli.train_main, "gan-train", args, f"put both in {tmp_path.resolve() / 'data' / 'celeba'}/", capsys)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gan_train_image_size_in_a_real_process(tmp_path: Path):
@@ -242,7 +255,7 @@ def test_gan_report_skips_a_truncated_last_metrics_line(run_copy: Path):
         f"gan-report: {run_copy / 'metrics.jsonl'}: skipped 1 line(s) that are not metrics rows (line 3; cut short by "
         "a killed run?)"
     ]
-    assert RunFolder(run_copy).loss_figure.is_file() or "matplotlib" in result.stderr
+    assert RunFolder(run_copy).loss_figure.is_file()
 
 
 # ---------------------------------------------------------------- --help

@@ -47,7 +47,7 @@ def test_smoke_training_learns_mnist(tmp_path: Path):
         "step_000300.pt",
     ]
     grids = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
-    assert grids == ["step_000100.png", "step_000200.png", "step_000300.png"]
+    assert grids == ["step_000000.png", "step_000100.png", "step_000200.png", "step_000300.png"]
     assert Image.open(run_dir / "samples" / "step_000300.png").size == (8 * 30 + 2, 8 * 30 + 2)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

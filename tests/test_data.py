@@ -287,11 +287,16 @@ def test_a_zip_that_is_neither_zip_nor_web_page(tmp_path):
         load_images(celeba_cfg(tmp_path))
 
 
-def test_missing_celeba_lists_the_layouts(tmp_path):
-    with pytest.raises(UserError, match="no CelebA images found under") as caught:
-        load_images(celeba_cfg(tmp_path / "nowhere"))
+def test_missing_celeba_says_what_to_download_where_and_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no CelebA images under") as caught:
+        load_images(celeba_cfg(Path("nowhere")))  # a relative root is shown as the absolute path it means
     message = str(caught.value)
-    assert "celeba/img_align_celeba/*.jpg" in message and "img_align_celeba.zip" in message and "quota" in message
+    where = tmp_path.resolve() / "nowhere"
+    assert "img_align_celeba.zip (1.4 GB" in message and "list_eval_partition.txt (2.8 MB" in message
+    assert "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html" in message and f"put both in {where}/celeba/" in message
+    assert message.endswith(f"then run: gan-train dataset=celeba dataset.root={where}")
+    assert "\n" not in message
 
 
 def test_missing_celeba_tries_torchvision_when_download_is_on(tmp_path, monkeypatch):
@@ -304,7 +309,7 @@ def test_missing_celeba_tries_torchvision_when_download_is_on(tmp_path, monkeypa
         raise RuntimeError("The daily quota of the file img_align_celeba.zip is exceeded")
 
     monkeypatch.setattr(torchvision.datasets, "CelebA", failing_download)
-    with pytest.raises(UserError, match="no CelebA images found"):
+    with pytest.raises(UserError, match="no CelebA images under .* \\(the automatic download failed: The daily quota"):
         load_images(celeba_cfg(tmp_path, download=True))
     assert calls == [(str(tmp_path), "all", True)]
 
@@ -400,12 +405,12 @@ def test_bad_files_are_skipped_with_one_warning_naming_them(folder_with_bad_file
     assert len(warnings) == 1 and "zero.jpg" in warnings[0] and "corrupt.png" in warnings[0]
 
 
-def test_bad_files_are_an_error_when_asked(folder_with_bad_files):
+def test_bad_files_are_an_error_when_asked(folder_with_bad_files, own_cache):
     cfg = DatasetConfig(name="folder", root=str(folder_with_bad_files), image_size=16, on_bad_file="error")
     with pytest.raises(UserError, match="2 image files in .* cannot be read: corrupt.png, zero.jpg"):
         load_images(cfg)
     # The failed decode left no cache behind, half-written or otherwise.
-    assert not [p for p in (folder_with_bad_files / ".dcgan-cache").iterdir()]
+    assert not list(own_cache.iterdir())
 
 
 def test_many_bad_files_are_listed_briefly(tmp_path, caplog):
@@ -441,10 +446,19 @@ def test_folder_max_images(mixed_folder):
 # The decode cache
 
 
-def test_second_load_reads_the_cache_without_decoding(tmp_path, celeba_jpegs, monkeypatch):
+@pytest.fixture
+def own_cache(tmp_path_factory, monkeypatch) -> Path:
+    """This test's own user cache folder ($XDG_CACHE_HOME); returns where decoded images go in it."""
+    home = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home / "dcgan" / "decoded"
+
+
+def test_second_load_reads_the_cache_without_decoding(tmp_path, celeba_jpegs, monkeypatch, own_cache):
     write_celeba_folder(tmp_path, celeba_jpegs)
     first = load_images(celeba_cfg(tmp_path))
-    cached = list((tmp_path / ".dcgan-cache").iterdir())
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".jpg")] == []  # the data folder is untouched
+    cached = list(own_cache.iterdir())
     assert len(cached) == 1 and cached[0].suffix == ".npy"  # no temporary files left over
 
     def no_decoding(*args, **kwargs):
@@ -458,19 +472,28 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, celeba_jpegs, mo
             load_images(celeba_cfg(tmp_path, **other))
 
 
-def test_changed_files_invalidate_the_cache(tmp_path, celeba_jpegs):
+def test_changed_files_invalidate_the_cache(tmp_path, celeba_jpegs, own_cache):
     write_celeba_folder(tmp_path, celeba_jpegs)
     assert len(load_images(celeba_cfg(tmp_path))) == CELEBA_COUNT
     (tmp_path / "000099.jpg").write_bytes(celeba_jpegs["000001.jpg"])
     assert len(load_images(celeba_cfg(tmp_path))) == CELEBA_COUNT + 1
-    assert len(list((tmp_path / ".dcgan-cache").glob("*.npy"))) == 2
+    assert len(list(own_cache.glob("*.npy"))) == 2
 
 
-def test_cache_dir_setting(tmp_path, celeba_jpegs):
+def test_copies_of_one_data_set_have_their_own_caches(tmp_path, celeba_jpegs, own_cache):
+    """The cache is keyed by where the data is, too: a copy elsewhere is decoded into a file of its own."""
+    for copy in ("a", "b"):
+        write_celeba_folder(tmp_path / copy, celeba_jpegs)
+        load_images(celeba_cfg(tmp_path / copy))
+    assert len(list(own_cache.glob("*.npy"))) == 2
+
+
+def test_cache_dir_setting(tmp_path, celeba_jpegs, own_cache):
     write_celeba_zip(tmp_path / "data" / "img_align_celeba.zip", celeba_jpegs)
     load_images(celeba_cfg(tmp_path / "data", cache_dir=str(tmp_path / "cache")))
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
-    assert not (tmp_path / "data" / ".dcgan-cache").exists()
+    assert not own_cache.exists()
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["img_align_celeba.zip"]
 
 
 def test_worker_pool_decodes_the_same_pixels(tmp_path, celeba_jpegs, celeba_reference, monkeypatch):

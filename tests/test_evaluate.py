@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 import torch_fidelity
 from PIL import Image
 
-from dcgan import checkpoint, cli
+from dcgan import checkpoint, cli, evaluate, metrics
 from dcgan.config import compose
 from dcgan.metrics import ImageSet, ImageSource, MetricsConfig, measure, reference_from_dataset, resolve_weights
 from dcgan.train import train
@@ -99,6 +100,12 @@ def test_gan_eval_end_to_end_writes_a_complete_protocol_stamp(tiny_checkpoint: P
         "device=cpu",
     ]
     result = run_cli("gan-eval", args, cwd=tmp_path)
+    # What it really used, then a bar with an ETA over each side's features, ending at its count.
+    log = result.stderr.replace("\r", "\n").splitlines()
+    assert f"gan-eval: reference: {COUNT} images of mnist_tiny (28x28x1) from the bundled MNIST subset" in log
+    assert f"gan-eval: generated: {COUNT} images of checkpoint {tiny_checkpoint}" in log
+    for side in ("generated", "reference"):
+        assert any(line.startswith(f"Inception features, {side}: 100%") and f"{COUNT}/{COUNT}" in line for line in log)
     table = result.stdout.splitlines()
     assert table[0].split()[:2] == ["metric", "value"] and table[1].startswith("FID") and table[2].startswith("KID")
     written = tiny_checkpoint.with_suffix(".eval.json")
@@ -129,6 +136,7 @@ def test_gan_eval_end_to_end_writes_a_complete_protocol_stamp(tiny_checkpoint: P
     result = run_cli("gan-eval", [f"input1={folder}", "dataset=mnist_tiny", *args[2:], "metrics=[kid]"], cwd=tmp_path)
     folder_kid = json.loads((tmp_path / "samples.eval.json").read_text())["results"][0]
     assert folder_kid["protocol"]["reference_features"] == "cached"  # the checkpoint's evaluation cached them
+    assert "Inception features, generated" in result.stderr and "Inception features, reference" not in result.stderr
     assert folder_kid["value"] == pytest.approx(kid["value"], rel=1e-4, abs=1e-6)
 
 
@@ -195,3 +203,25 @@ def test_training_logs_fid_and_keeps_the_best_checkpoint(tmp_path: Path):
     assert best["step"] == best_step
     # best.pt is a full training state, but never what resume=auto picks up.
     assert checkpoint.latest(run_dir / "checkpoints").name == checkpoint.LAST
+
+
+def test_counts_name_what_was_asked_when_the_data_had_fewer():
+    assert evaluate.counted(5000, "mnist_tiny", 10000) == "5000 images of mnist_tiny (asked 10000)"
+    assert evaluate.counted(5000, "mnist_tiny", 0) == "5000 images of mnist_tiny"  # reference_n=0: all of them
+    assert evaluate.counted(64, "checkpoint last.pt", 64) == "64 images of checkpoint last.pt"
+
+
+def test_a_long_cpu_evaluation_says_how_long_from_the_first_batch(tmp_path: Path, monkeypatch, caplog):
+    """The rate comes from timing the first batch: 8 images in 4 s here, so 2,992 more images take ~25 min."""
+    images = torch.zeros(2000, 1, 8, 8, dtype=torch.uint8)
+    generated = ImageSource(ImageSet(images[:1000]), {"count": 1000})
+    reference = ImageSource(ImageSet(images), {"count": 2000}, cache_key="not-cached-yet")
+    generated, reference = metrics.with_progress(generated, reference, 8, torch.device("cpu"), tmp_path, "absent")
+    clock = iter([100.0, 104.0])  # the first read, then the first read of the second batch
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level(logging.WARNING, logger="dcgan.metrics"):
+        for index in range(9):
+            generated.images[index]
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning.startswith("this takes about 25 min on the CPU: 3000 images through Inception at 2.0 images/s")
+    assert "reference features included" in warning

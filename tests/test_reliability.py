@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from dcgan import checkpoint, cli, data, runcard
@@ -161,6 +162,7 @@ KILL_HARNESS = r"""
 import json, os, random, signal, sys, time
 from pathlib import Path
 import torch
+import torchvision
 torch.set_num_threads(1)  # a forked child must not inherit a running OpenMP pool
 from dcgan import checkpoint
 from dcgan.config import compose
@@ -523,7 +525,8 @@ def write_images(folder: Path) -> int:
 
 def test_bad_images_are_named_before_training_and_the_run_completes(tmp_path: Path):
     folder, run = tmp_path / "photos", tmp_path / "run"
-    good = write_images(folder)
+    good = write_images(folder / "faces")  # a class folder, as torchvision's ImageFolder wants
+    files_before = sorted(path.relative_to(folder) for path in folder.rglob("*"))
     run_cli(
         "gan-train",
         [
@@ -543,6 +546,10 @@ def test_bad_images_are_named_before_training_and_the_run_completes(tmp_path: Pa
     assert warning < next(i for i, line in enumerate(log_lines) if "data:" in line)  # before training started
     assert card(run)["data"]["count"] == good and card(run)["status"] == "completed"
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 3
+    # The data folder is still the user's alone: nothing was written into it, and other tools read it as before.
+    assert sorted(path.relative_to(folder) for path in folder.rglob("*")) == files_before
+    image_folder = torchvision.datasets.ImageFolder(str(folder))
+    assert image_folder.classes == ["faces"] and len(image_folder) == len(files_before) - 1  # all but the folder
 
     # A folder where nothing is readable is rejected before anything is written.
     empty, run = tmp_path / "empty", tmp_path / "run_empty"
@@ -554,12 +561,13 @@ def test_bad_images_are_named_before_training_and_the_run_completes(tmp_path: Pa
     assert not (run / "checkpoints").exists() and not RunFolder(run).card.exists()
 
 
-def test_a_damaged_decode_cache_is_decoded_again(tmp_path: Path):
+def test_a_damaged_decode_cache_is_decoded_again(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # this test's own cache folder
     folder = tmp_path / "photos"
     write_images(folder)
     cfg = DatasetConfig(name="folder", root=str(folder), image_size=16, channels=3)
     decoded = data.load_images(cfg).clone()
-    (cache,) = (folder / ".dcgan-cache").glob("*.npy")
+    (cache,) = data.cache_folder(cfg).glob("*.npy")
     cache.write_bytes(cache.read_bytes()[:300])  # cut short, as a kill during a copy would leave it
     assert torch.equal(data.load_images(cfg), decoded)
 

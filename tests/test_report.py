@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,8 +22,8 @@ from dcgan.log import MetricsLog
 
 from conftest import FAST, run_cli
 
-STEPS = [5, 10]  # metrics rows: log_every=5 over 10 steps
-GRID_STEPS = [2, 4, 6, 8, 10]  # sample_every=2
+STEPS = [5, 10, 11]  # metrics rows: log_every=5 over 11 steps, and the last step
+GRID_STEPS = [0, 2, 4, 6, 8, 10, 11]  # the untrained G's, sample_every=2, and the last step's
 GRID_PX = 8 * 30 + 2  # 8x8 grid of 28 px images with 2 px padding
 # matplotlib's first two line colours ("tab:blue", "tab:orange"): D's and G's curves.
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)
@@ -32,17 +32,20 @@ BLUE, ORANGE = (31, 119, 180), (255, 127, 14)
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
-    run_cli(
+    result = run_cli(
         "gan-train",
         [
             *FAST,
-            "trainer.max_steps=10",
+            "trainer.progress=true",  # into a pipe: progress lines, no bar
+            "trainer.max_steps=11",
             "trainer.sample_every=2",
             "logger=[jsonl,tensorboard]",
             f"hydra.run.dir={root / 'run'}",
         ],
         cwd=root,
     )
+    (root / "stdout.txt").write_text(result.stdout)
+    (root / "stderr.txt").write_text(result.stderr)
     return root / "run"
 
 
@@ -76,8 +79,33 @@ def test_tensorboard_gets_the_scalars_and_the_grids(run_dir: Path):
     images = events.Images("samples/fixed_noise")
     assert [i.step for i in images] == GRID_STEPS
     shown = Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("L")
-    saved = Image.open(run_dir / "samples" / "step_000010.png")
+    saved = Image.open(run_dir / "samples" / "step_000011.png")
     assert np.array_equal(np.asarray(shown), np.asarray(saved))
+
+
+def test_a_run_into_a_pipe_logs_lines_not_a_bar_and_ends_saying_where_everything_is(run_dir: Path):
+    """Under SLURM or `| tee`: one line per metrics row with the time left, one duration estimate a few steps
+    in, no bar redraws; then the summary block with paths relative to where gan-train ran."""
+    out, err = (run_dir.parent / "stdout.txt").read_text(), (run_dir.parent / "stderr.txt").read_text()
+    assert "\r" not in out + err and len(out + err) < 4000  # a redrawn bar would write a line per step
+    progress = [line.split(" - ", 1)[1] for line in out.splitlines() if "[dcgan.log][INFO]" in line]
+    assert [line.split()[1] for line in progress if line.startswith("step ")] == [f"{step}/11" for step in STEPS]
+    assert all(line.endswith(" left") for line in progress if line.startswith("step ") and "/11" in line)
+    (estimate,) = [line for line in progress if line.startswith("speed: ")]
+    assert re.fullmatch(r"speed: [0-9.e+-]+ s/step over steps 2-6, so about \d+ s for the 5 steps left", estimate)
+    summary = out[out.index("done: step 11 after ") :].splitlines()
+    assert summary[1:] == [
+        "  run folder       run",
+        "  last checkpoint  run/checkpoints/last.pt",
+        f"  grids            run/samples/ ({len(GRID_STEPS)}: step_000000.png ... step_000011.png)",
+        "  report           run/loss_curves.png, run/progress.gif",
+        "next:",
+        "  gan-sample ckpt=run/checkpoints/last.pt scale=4 out=grid.png      # 64 new images",
+        "  gan-report run=run      # the figures again, e.g. after a resume",
+    ]
+    # The last row's minutes were read at the last step, not carried over from the row before it.
+    rows = metrics(run_dir)
+    assert rows[-1]["minutes"] > rows[-2]["minutes"] > 0
 
 
 def test_the_end_of_a_run_writes_the_figure_and_the_movie(run_dir: Path):
@@ -102,8 +130,8 @@ def test_gan_report_rewrites_them_on_demand(run_dir: Path, tmp_path: Path):
     assert Image.open(RunFolder(copy).loss_figure).size == (1200, 640)
     movie = Image.open(RunFolder(copy).progress_movie)
     durations = [frame.info["duration"] for frame in ImageSequence.Iterator(movie)]
-    assert durations == [100, 100, report.FINAL_FRAME_MS]  # 3 of the 5 grids, evenly spaced: steps 2, 6 and 10
-    for index, step in enumerate((2, 6, 10)):
+    assert durations == [100, 100, report.FINAL_FRAME_MS]  # 3 of the 7 grids, evenly spaced: steps 0, 6 and 11
+    for index, step in enumerate((0, 6, 11)):
         movie.seek(index)
         shown = np.asarray(movie.convert("L"))[:GRID_PX]
         assert np.array_equal(shown, np.asarray(Image.open(copy / "samples" / f"step_{step:06d}.png"))), step
@@ -114,19 +142,6 @@ def test_gan_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys):
         cli.report_main([f"run={tmp_path}"])
     error = capsys.readouterr().err
     assert exit.value.code == 2 and "is it a gan-train run folder" in error and len(error.strip().splitlines()) == 1
-
-
-def test_without_matplotlib_the_movie_is_still_written(run_dir: Path, tmp_path: Path, monkeypatch, caplog):
-    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    shutil.copy(run_dir / "metrics.jsonl", tmp_path)
-    shutil.copytree(run_dir / "samples", tmp_path / "samples")
-    with caplog.at_level(logging.INFO, logger="dcgan.report"):
-        written = report.write_report(tmp_path)
-    assert written == [RunFolder(tmp_path).progress_movie] and Image.open(written[0]).n_frames == len(GRID_STEPS)
-    assert not RunFolder(tmp_path).loss_figure.exists()
-    assert "matplotlib is not installed" in caplog.text
 
 
 def test_tensorboard_asked_for_but_missing_is_a_clear_error(tmp_path: Path, monkeypatch, capsys):

@@ -105,7 +105,8 @@ def test_a_second_run_into_a_used_folder_is_refused_or_replaces_it_on_request(ru
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 3
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 3
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
-        "step_000003.png"
+        "step_000000.png",
+        "step_000003.png",
     ]  # no old grids beside new ones
 
 

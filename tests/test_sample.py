@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dcgan import cli
 from dcgan.sample import load_generator, parse_seeds
 
 from conftest import FAST, run_cli
@@ -57,6 +58,25 @@ def test_interpolation_gif(trained_ckpt: Path, tmp_path: Path):
     gif = Image.open(tmp_path / "walk.gif")
     assert gif.n_frames == 15  # 3 legs of 5 frames: 0->1, 1->2, 2->0
     assert gif.size == (28, 28)
+
+
+def test_scale_enlarges_grids_and_movies_pixel_for_pixel(trained_ckpt: Path, tmp_path: Path):
+    """scale=K: every pixel becomes a KxK block (nearest neighbour), padding included; nothing else changes."""
+    common = [f"ckpt={trained_ckpt}", "device=cpu"]
+    for scale in (1, 3):
+        cli.sample_main([*common, "n=6", "nrow=3", f"scale={scale}", f"out={tmp_path / f'grid{scale}.png'}"])
+        walk = ["mode=interpolate", "frames=3", f"scale={scale}", f"out={tmp_path / f'walk{scale}.gif'}"]
+        cli.sample_main([*common, *walk])
+    small, large = np.asarray(Image.open(tmp_path / "grid1.png")), np.asarray(Image.open(tmp_path / "grid3.png"))
+    assert large.shape == (3 * small.shape[0], 3 * small.shape[1])
+    assert np.array_equal(large, small.repeat(3, axis=0).repeat(3, axis=1))
+    small_movie, large_movie = Image.open(tmp_path / "walk1.gif"), Image.open(tmp_path / "walk3.gif")
+    assert large_movie.size == (84, 84) and large_movie.n_frames == small_movie.n_frames == 6
+    for index in range(6):
+        small_movie.seek(index)
+        large_movie.seek(index)
+        frame = np.asarray(small_movie.convert("L"))
+        assert np.array_equal(np.asarray(large_movie.convert("L")), frame.repeat(3, axis=0).repeat(3, axis=1))
 
 
 def test_uses_ema_weights_and_config_from_checkpoint(trained_ckpt: Path):

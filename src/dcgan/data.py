@@ -3,7 +3,13 @@
 `load_images(cfg)` returns every image of the configured data set as one uint8 tensor
 [N, C, S, S]. MNIST-like sets are small, so their IDX files are parsed on every load. CelebA and
 image folders are decoded once (crop, resize, colour conversion) into a `.npy` cache that later
-loads memory-map, so a 200k-image set starts in a second instead of minutes.
+loads memory-map, so a 200k-image set starts in a second instead of minutes. The cache lives in the
+user's cache folder ($XDG_CACHE_HOME/dcgan/decoded, else ~/.cache/dcgan/decoded) or in dataset.cache_dir,
+never inside the data folder: that folder is the user's, and other tools (torchvision's ImageFolder)
+read every subfolder of it as a class.
+
+`check_available(cfg)` finds the data (downloading it where a data set can) before gan-train makes a
+run folder, so a run refused for missing data leaves nothing behind.
 
 `ImageBatches` draws batches from that tensor. Its order is a pure function of (seed, epoch), so
 a checkpoint only needs {"epoch", "position"} to continue with exactly the batches an
@@ -21,7 +27,9 @@ import json
 import logging
 import multiprocessing
 import os
+import shlex
 import struct
+import sys
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
@@ -49,7 +57,7 @@ class DatasetConfig:
     crop: int = 0  # side of the centered square cropped before resizing; 0 = the largest square
     max_images: int = 0  # use only the first N images (0 = all)
     on_bad_file: str = "skip"  # folder/celeba: skip unreadable images with a warning, or error
-    cache_dir: Optional[str] = None  # decoded-image cache; None = beside the data (or $XDG_CACHE_HOME, else ~/.cache)
+    cache_dir: Optional[str] = None  # decoded-image cache; None = $XDG_CACHE_HOME/dcgan/decoded, else ~/.cache/...
     num_workers: int = 0  # processes for the one-time JPEG decode; 0 = one per core
 
 
@@ -191,15 +199,26 @@ def mnist_tiny_images(cfg: DatasetConfig) -> torch.Tensor:
 
 def _load_mnist_like(cfg: DatasetConfig) -> torch.Tensor:
     """The split's images as uint8 [N, 28, 28]: from IDX files on disk, else via torchvision."""
+    path = _find_idx(cfg)
+    if path is not None:
+        return torch.from_numpy(read_idx_images(path))
+    return _download_mnist_like(cfg)
+
+
+def _find_idx(cfg: DatasetConfig | DictConfig) -> Optional[Path]:
+    """The split's IDX image file under dataset.root (plain, torchvision's layout, or raw/), or None."""
     root = Path(cfg.root).expanduser()
     folder = "MNIST" if cfg.name == "mnist" else "FashionMNIST"
-    stem = "train-images-idx3-ubyte" if cfg.split == "train" else "t10k-images-idx3-ubyte"
     for directory in (root, root / folder / "raw", root / "raw"):
         # The uncompressed file, when torchvision left both, skips a gunzip.
-        for path in (directory / stem, directory / f"{stem}.gz"):
+        for path in (directory / _idx_stem(cfg), directory / f"{_idx_stem(cfg)}.gz"):
             if path.is_file():
-                return torch.from_numpy(read_idx_images(path))
-    return _download_mnist_like(cfg, root, stem)
+                return path
+    return None
+
+
+def _idx_stem(cfg: DatasetConfig | DictConfig) -> str:
+    return "train-images-idx3-ubyte" if cfg.split == "train" else "t10k-images-idx3-ubyte"
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -230,9 +249,10 @@ def read_idx_images(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols).copy()
 
 
-def _download_mnist_like(cfg: DatasetConfig, root: Path, stem: str) -> torch.Tensor:
+def _download_mnist_like(cfg: DatasetConfig | DictConfig) -> torch.Tensor:
     from torchvision import datasets
 
+    root, stem = Path(cfg.root).expanduser(), _idx_stem(cfg)
     dataset_class, title = (
         (datasets.MNIST, "MNIST") if cfg.name == "mnist" else (datasets.FashionMNIST, "Fashion-MNIST")
     )
@@ -274,7 +294,6 @@ class _Source:
     location: Path  # the folder or the zip file
     entries: Tuple[Tuple[str, int, int], ...]  # (relative name, size, mtime or CRC), in data set order
     is_zip: bool
-    cache_home: Path  # the data folder the user named, where .dcgan-cache/ goes
 
     @property
     def names(self) -> List[str]:
@@ -291,11 +310,11 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _folder_source(folder: Path, recursive: bool, cache_home: Path) -> _Source:
+def _folder_source(folder: Path, recursive: bool) -> _Source:
     if recursive:
         paths = []
         for directory, subdirectories, files in os.walk(folder):
-            # Hidden folders hold tool output (our own .dcgan-cache, .ipynb_checkpoints), not data.
+            # Hidden folders hold tool output (.ipynb_checkpoints, the .dcgan-cache older versions wrote), not data.
             subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
             paths.extend(Path(directory) / f for f in files if _is_image_name(f))
     else:
@@ -304,10 +323,10 @@ def _folder_source(folder: Path, recursive: bool, cache_home: Path) -> _Source:
     for path in sorted(paths):
         stat = path.stat()
         entries.append((path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns))
-    return _Source(folder, tuple(entries), is_zip=False, cache_home=cache_home)
+    return _Source(folder, tuple(entries), is_zip=False)
 
 
-def _zip_source(archive: Path, cache_home: Path) -> _Source:
+def _zip_source(archive: Path) -> _Source:
     _reject_non_zip(archive)
     try:
         with zipfile.ZipFile(archive) as zipped:
@@ -320,7 +339,7 @@ def _zip_source(archive: Path, cache_home: Path) -> _Source:
         raise UserError(f"{archive} is not a readable zip file ({error}); delete it and download it again") from None
     members.sort(key=lambda m: m.filename)
     entries = tuple((m.filename, m.file_size, m.CRC) for m in members)
-    return _Source(archive, entries, is_zip=True, cache_home=cache_home)
+    return _Source(archive, entries, is_zip=True)
 
 
 def _reject_non_zip(archive: Path) -> None:
@@ -345,41 +364,68 @@ def _find_celeba(cfg: DatasetConfig) -> _Source:
     """CelebA's aligned images, from the first layout that exists, filtered to cfg.split."""
     root = Path(cfg.root).expanduser()
     source = _celeba_layout(root)
+    failure = ""
     if source is None and cfg.download:
-        _try_torchvision_celeba(root)
+        failure = _try_torchvision_celeba(root)
         source = _celeba_layout(root)
     if source is None:
-        raise UserError(
-            f"no CelebA images found under {root}. Put them in one of the accepted layouts: "
-            f"{root}/celeba/img_align_celeba/*.jpg "
-            f"(torchvision's), the aligned JPEGs directly in {root} or {root}/img_align_celeba/, or "
-            "img_align_celeba.zip in "
-            f"{root} or {root}/celeba/ (read in place). torchvision's Google Drive download often hits a quota, so "
-            "download img_align_celeba.zip by hand from mmlab.ie.cuhk.edu.hk/projects/CelebA.html."
-        )
+        raise _celeba_missing(cfg, failure)
     return _celeba_split(source, root, cfg.split)
+
+
+# What to fetch by hand; the sizes are those of the files on the CelebA page (list_eval_partition.txt: 202,599
+# lines of 14 bytes).
+CELEBA_PAGE = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+CELEBA_FILES = "img_align_celeba.zip (1.4 GB, the aligned faces)"
+CELEBA_PARTITION = "list_eval_partition.txt (2.8 MB; only for dataset.split=train|valid|test)"
+
+
+def _celeba_missing(cfg: DatasetConfig | DictConfig, failure: str) -> UserError:
+    """One message: what to download, where to put it (an absolute path), and the command to run then."""
+    root = Path(cfg.root).expanduser().resolve()
+    tried = f" (the automatic download failed: {failure})" if failure else ""
+    return UserError(
+        f"no CelebA images under {root}{tried}. Download {CELEBA_FILES} and {CELEBA_PARTITION} from {CELEBA_PAGE} "
+        f"(Google Drive links there), put both in {root / 'celeba'}/ (the zip is read in place, no need to unzip), "
+        f"then run: {rerun_command(cfg.name, root)}"
+    )
+
+
+def rerun_command(name: str, root: Path) -> str:
+    """The command that was run, with dataset.root set to `root`; `gan-train dataset=NAME dataset.root=ROOT` when it
+    was not a gan-* command (a test, a script)."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if not program.startswith("gan-"):
+        program, arguments = "gan-train", [f"dataset={name}"]
+    else:
+        arguments = [arg for arg in sys.argv[1:] if not arg.startswith("dataset.root=")]
+    return shlex.join([program, *arguments, f"dataset.root={root}"])
 
 
 def _celeba_layout(root: Path) -> Optional[_Source]:
     # Extracted folders first: reading loose files is faster than inflating a zip.
     for folder in (root / "celeba" / "img_align_celeba", root / "img_align_celeba", root):
         if folder.is_dir():
-            source = _folder_source(folder, recursive=False, cache_home=root)
+            source = _folder_source(folder, recursive=False)
             if source.names:
                 return source
     for archive in (root / "celeba" / "img_align_celeba.zip", root / "img_align_celeba.zip"):
         if archive.is_file():
-            return _zip_source(archive, cache_home=root)
+            return _zip_source(archive)
     return None
 
 
-def _try_torchvision_celeba(root: Path) -> None:
+def _try_torchvision_celeba(root: Path) -> str:
+    """torchvision's download (Google Drive, through the gdown package); "" when it worked, else why not."""
     from torchvision import datasets
 
     try:
         datasets.CelebA(str(root), split="all", download=True)
     except Exception as error:  # any failure leads to the same advice, given by the caller
-        log.warning("torchvision could not download CelebA: %s", " ".join(str(error).split()))
+        reason = " ".join(str(error).split()) or type(error).__name__
+        # torchvision's own advice (pip install gdown) would be a second instruction beside ours: state the fact.
+        return "torchvision needs the gdown package for it" if "gdown" in reason else reason[:160]
+    return ""
 
 
 def _celeba_split(source: _Source, root: Path, split: str) -> _Source:
@@ -412,7 +458,28 @@ def _find_folder(cfg: DatasetConfig) -> _Source:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise UserError(f"dataset.root {root} is not a folder; point dataset.root at a folder of images")
-    return _folder_source(root, recursive=True, cache_home=root)
+    return _folder_source(root, recursive=True)
+
+
+def check_available(cfg: DatasetConfig | DictConfig) -> None:
+    """Raise the UserError a load would, for data that is missing (after a download where dataset.download
+    allows one), without decoding anything. gan-train calls it before Hydra makes the run folder, so a run
+    refused for its data leaves no folder behind. Data sets registered elsewhere are checked when they load."""
+    _check_split(cfg)
+    if cfg.name in ("mnist", "fashion_mnist") and _find_idx(cfg) is None:
+        _download_mnist_like(cfg)  # a UserError saying where to put the file when it fails
+    elif cfg.name == "celeba":
+        _require_images(_find_celeba(cfg).first(cfg.max_images))
+    elif cfg.name == "folder":
+        _require_images(_find_folder(cfg))
+
+
+def _require_images(source: _Source) -> None:
+    if not source.names:
+        raise UserError(
+            f"no images found in {source.location} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            "point dataset.root at a folder that holds images"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,13 +553,12 @@ class _Decoder:
 
 def _cached_decode(source: _Source, cfg: DatasetConfig) -> torch.Tensor:
     source = source.first(cfg.max_images)
-    if not source.names:
-        raise UserError(
-            f"no images found in {source.location} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
-            "point dataset.root at a folder that holds images"
-        )
+    _require_images(source)
     key_fields = {
         "version": CACHE_FORMAT_VERSION,
+        # Where the data is, and its fingerprint (names, sizes, mtimes or CRCs): two copies of one data set,
+        # or a folder edited in place, never share a cache file.
+        "location": str(source.location.resolve()),
         "files": source.entries,
         "image_size": cfg.image_size,
         "channels": cfg.channels,
@@ -502,14 +568,11 @@ def _cached_decode(source: _Source, cfg: DatasetConfig) -> torch.Tensor:
         "on_bad_file": cfg.on_bad_file,  # an "error" run must not accept a cache that skipped bad files
     }
     key = hashlib.sha1(json.dumps(key_fields).encode()).hexdigest()
-    file_name = f"{cfg.name}-{cfg.image_size}px-{cfg.channels}ch-{key[:16]}.npy"
-    folders = _cache_folders(cfg, source)
-    for folder in folders:
-        cached = _open_cache(folder / file_name)
-        if cached is not None:
-            return cached
-    folder = _writable_folder(folders)
-    path = folder / file_name
+    path = cache_folder(cfg) / f"{cfg.name}-{cfg.image_size}px-{cfg.channels}ch-{key[:16]}.npy"
+    cached = _open_cache(path)
+    if cached is not None:
+        return cached
+    _make_folder(path.parent)
     try:
         _decode_into(path, source, cfg)
     except OSError as error:  # bad image files are caught per file, so this is the cache itself
@@ -527,24 +590,21 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan"
 
 
-def _cache_folders(cfg: DatasetConfig, source: _Source) -> List[Path]:
-    if cfg.cache_dir:
-        return [Path(cfg.cache_dir).expanduser()]
-    return [source.cache_home / ".dcgan-cache", user_cache_dir()]
+def cache_folder(cfg: DatasetConfig | DictConfig) -> Path:
+    """Where decoded images are cached: dataset.cache_dir, else the user's cache folder (never the data folder)."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else user_cache_dir() / "decoded"
 
 
-def _writable_folder(folders: List[Path]) -> Path:
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            return folder
-    raise UserError(
-        f"cannot write the decoded-image cache to {' or '.join(map(str, folders))}; set dataset.cache_dir "
-        "to a writable folder"
-    )
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot make the decoded-image cache folder {folder} ({error.strerror or error}); set "
+            "dataset.cache_dir to a writable folder"
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write the decoded-image cache to {folder}; set dataset.cache_dir to a writable folder")
 
 
 def _open_cache(path: Path) -> Optional[torch.Tensor]:

@@ -95,10 +95,12 @@ def run(cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Path]:
         default_reference = None
     if cfg.input2:
         reference = reference_from_folder(Path(cfg.input2), cfg.reference_n, cfg.seed)
+        log.info("reference: %s", counted(len(reference.images), f"folder {cfg.input2}", cfg.reference_n))
     else:
         dataset = cfg.dataset if cfg.dataset is not None else default_reference
-        log.info("reference: %d images of %s", cfg.reference_n, data.describe(dataset))
         reference = reference_from_dataset(dataset, cfg.reference_n, cfg.seed)
+        log.info("reference: %s", counted(len(reference.images), data.describe(dataset), cfg.reference_n))
+    log.info("generated: %s", counted(len(generated.images), generated.stamp["source"], cfg.n))
     if generated.stamp["image_size"] != reference.stamp["image_size"]:
         log.warning(
             "generated images are %spx, reference images %spx: both are resized to 299px by the extractor, "
@@ -106,7 +108,7 @@ def run(cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Path]:
             generated.stamp["image_size"],
             reference.stamp["image_size"],
         )
-    results = measure(generated, reference, cfg, device)
+    results = measure(generated, reference, cfg, device, show_progress=True)
     try:
         write_json({"results": results}, out)
     except OSError as error:  # checked writable before measuring, so rare (a full disk): keep the scores
@@ -134,6 +136,12 @@ def write_fp16_copy(cfg: DictConfig) -> str:
     files.atomic_write(out, lambda file: torch.save(half, file))
     stat = out.stat()
     return f"wrote {out}: {stat.st_size:,} bytes, sha256 {file_sha256(str(out), stat.st_size, stat.st_mtime_ns)}"
+
+
+def counted(count: int, what: str, asked: int) -> str:
+    """ "5000 images of mnist_tiny (...) (asked 10000)": the count really used, and the setting when it differs."""
+    differs = f" (asked {asked})" if asked and count != asked else ""
+    return f"{count} images of {what}{differs}"
 
 
 def results_path(cfg: DictConfig) -> Path:

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from dcgan import files, models
+from dcgan.errors import UserError
 
 
 def latents(
@@ -103,11 +104,28 @@ def save_atomically(image: Image.Image, path: Path, **save_args) -> None:
     files.atomic_write(path, lambda file: image.save(file, format=image_format, **save_args))
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Image.Image:
-    """Write the grid and return it (the trainer also shows it in TensorBoard)."""
-    image = grid_image(images, nrow)
+def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 1) -> Image.Image:
+    """Write the grid, each pixel a `scale` x `scale` block, and return it (the trainer also shows it in
+    TensorBoard)."""
+    image = enlarge(grid_image(images, nrow), scale)
     save_atomically(image, path)
     return image
+
+
+def enlarge(image: Image.Image, scale: int) -> Image.Image:
+    """`image` with each pixel a `scale` x `scale` block (nearest neighbour: no new colours, no blur).
+
+    Bounded by what Pillow opens without a DecompressionBombWarning, so every file written opens anywhere.
+    """
+    if scale == 1:
+        return image
+    width, height = image.width * scale, image.height * scale
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise UserError(
+            f"scale={scale} makes a {width}x{height} image, more than the {Image.MAX_IMAGE_PIXELS:,} pixels image "
+            "viewers open without a warning; lower scale or the number of images"
+        )
+    return image.resize((width, height), Image.NEAREST)
 
 
 def save_gif(frames: Sequence[Image.Image], path: Path, duration_ms: int | List[int]) -> None:

@@ -1,9 +1,14 @@
-"""Training logs: a JSONL file of averaged metrics, a tqdm progress bar and, optionally, TensorBoard.
+"""Training logs: a JSONL file of averaged metrics, progress with an ETA, the end-of-run summary and,
+optionally, TensorBoard.
 
 Per-step statistics arrive as device tensors and are summed on the device; they are read back
 (one GPU sync) only every `log_every` steps, so logging never stalls the loop. With
 `logger=[jsonl,tensorboard]` every row also goes to TensorBoard (in RUN_DIR/tensorboard/) as
 scalars, and each fixed-noise grid as an image; TensorBoard is an optional package.
+
+Progress (trainer.progress): in a terminal, a tqdm bar with its ETA; into a file or a pipe (SLURM, `| tee`),
+where a redrawn bar would fill the log, one line per metrics row instead. Either way one line, a few steps
+in, says how long the run will take at the speed measured so far.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
@@ -21,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dcgan import distributed, files
+from dcgan.checkpoint import LAST
 from dcgan.errors import UserError, one_of
 from dcgan.layout import RunFolder
 
@@ -43,6 +52,11 @@ TENSORBOARD_TAGS = {
 }
 
 LOGGERS = ("jsonl", "tensorboard")
+
+# The duration estimate times this many steps, after the first one (which pays for warm-up: allocations,
+# cuDNN's autotuner, compilation). On a GPU the host runs ahead of the device only until the launch queue
+# fills, a step or two, so the host's clock measures the device's speed here without a sync.
+ESTIMATE_AFTER_STEPS = 5
 
 
 def validate_loggers(loggers) -> None:
@@ -88,13 +102,17 @@ class MetricsLog:
         self._clock = time.perf_counter()
         if self.is_main:
             self._truncate_after(start_step)
+        # The bar goes to stderr: redrawn in a terminal, one line per row anywhere else.
+        in_terminal = sys.stderr.isatty()
+        self.progress_lines = show_progress and self.is_main and not in_terminal
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
-            disable=not (show_progress and self.is_main),
+            disable=not (show_progress and self.is_main and in_terminal),
             unit="step",
             dynamic_ncols=True,
         )
+        self.speed = Speed(start_step, total_steps, announce=show_progress and self.is_main)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint, so the file reads as one continuous run."""
@@ -116,6 +134,7 @@ class MetricsLog:
             self._counts[key] = self._counts.get(key, 0) + 1
         self._count += 1
         self.bar.update(1)
+        self.speed.step_done()
 
     def leave_out(self, seconds: float) -> None:
         """Time spent on something other than training (an evaluation): not counted in images_per_s."""
@@ -145,10 +164,13 @@ class MetricsLog:
             for key, value in row.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(TENSORBOARD_TAGS.get(key, key), value, step)
-        self.bar.set_postfix(
-            {k: f"{row[k]:.3g}" for k in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s") if k in row},
-            refresh=False,
-        )
+        shown = {k: f"{row[k]:.3g}" for k in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s") if k in row}
+        self.bar.set_postfix(shown, refresh=False)
+        if self.progress_lines:
+            left = self.speed.seconds_left(step)
+            eta = "" if left is None else f"  {duration(left)} left"
+            fields = "  ".join(f"{key} {value}" for key, value in shown.items())
+            log.info("step %d/%d  %s%s", step, self.speed.total_steps, fields, eta)
         return row
 
     def add_grid(self, grid: Image.Image, step: int) -> None:
@@ -171,6 +193,80 @@ def last_training_row(path: Path) -> Dict[str, Any]:
         return {}
     rows = [row for line in path.read_text().splitlines() if (row := _parse_row(line)) is not None]
     return next((row for row in reversed(rows) if "loss_g" in row), {})
+
+
+class Speed:
+    """The run's measured speed: a one-time estimate of its duration, then the time left at each row."""
+
+    def __init__(self, start_step: int, total_steps: int, announce: bool):
+        self.start_step, self.total_steps, self.announce = start_step, total_steps, announce
+        self.done = 0  # steps taken in this invocation
+        self.first_step_end: Optional[float] = None  # the clock starts after the warm-up step
+
+    def step_done(self) -> None:
+        self.done += 1
+        if self.done == 1:
+            self.first_step_end = time.perf_counter()
+        elif self.done == 1 + ESTIMATE_AFTER_STEPS and self.announce:
+            step = self.start_step + self.done
+            seconds_per_step = self._seconds_per_step()
+            log.info(
+                "speed: %.3g s/step over steps %d-%d, so about %s for the %d steps left",
+                seconds_per_step,
+                step - ESTIMATE_AFTER_STEPS + 1,
+                step,
+                duration(seconds_per_step * (self.total_steps - step)),
+                self.total_steps - step,
+            )
+
+    def _seconds_per_step(self) -> float:
+        return (time.perf_counter() - self.first_step_end) / (self.done - 1)
+
+    def seconds_left(self, step: int) -> Optional[float]:
+        """At the speed since the first step of this invocation; None before two steps were taken."""
+        if self.done < 2:
+            return None
+        return self._seconds_per_step() * (self.total_steps - step)
+
+
+def duration(seconds: float) -> str:
+    """42 s, 12 min, 3 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def log_summary(run_dir: Path, step: int, minutes: float, written: Sequence[Path]) -> None:
+    """The block gan-train ends with: where the run's files are, and the commands to run next (a log record)."""
+    run = RunFolder(run_dir)
+    last = run.checkpoints / LAST
+    grids = run.grids()
+    lines = [f"done: step {step} after {duration(minutes * 60)} of training", f"  run folder       {shown(run.root)}"]
+    if last.is_file():
+        lines.append(f"  last checkpoint  {shown(last)}")
+    if grids:
+        lines.append(f"  grids            {shown(run.samples)}/ ({len(grids)}: {grids[0].name} ... {grids[-1].name})")
+    if written:
+        lines.append(f"  report           {', '.join(shown(path) for path in written)}")
+    lines.append("next:")
+    if last.is_file():
+        lines.append(f"  gan-sample ckpt={shown(last)} scale=4 out=grid.png      # 64 new images")
+    lines.append(f"  gan-report run={shown(run.root)}      # the figures again, e.g. after a resume")
+    # Logged, not printed: gan-train shows it (and keeps it in RUN_DIR/train.log); a script calling train() decides.
+    log.info("%s", "\n".join(lines))
+
+
+def shown(path: Path) -> str:
+    """A path as short as it can be and still be pasted: relative to the working directory when under it."""
+    path = Path(os.path.abspath(path))
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return shlex.quote(str(path))
 
 
 def _logged_step(line: str) -> Optional[int]:

@@ -16,6 +16,8 @@ over random subsets (unbiased, so it compares across counts). Neither is impleme
 The reference features are the slow part (Inception runs at ~15 images/s on two CPU cores), so
 torch-fidelity caches them on disk under a name built from data set, split, image size, count, a hash
 of the very images and a hash of the weights: the second evaluation against a data set skips them.
+gan-eval shows a bar with an ETA for the features of each side, and on a CPU, when the rate measured on
+the first batch means more than LONG_CPU_EVAL_S of work, it says how long first.
 
 Every result is stamped with its protocol, printed as a table and written as JSON.
 """
@@ -23,14 +25,16 @@ Every result is stamped with its protocol, printed as a table and written as JSO
 from __future__ import annotations
 
 import datetime
+import glob
 import hashlib
 import json
 import logging
 import math
 import re
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -46,6 +50,7 @@ from dcgan.data import DatasetConfig
 from dcgan.errors import UserError, at_least, check_seeds, one_of
 from dcgan.images import generate, latents, to_uint8
 from dcgan.layout import RunFolder
+from dcgan.log import duration
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +151,7 @@ FEATURE_EXTRACTOR = "inception-v3-compat"
 CHANNELS_LAST_EXTRACTOR = "inception-v3-compat-channels-last"
 FEATURE_LAYER = "2048"
 GENERATE_CHUNK = 1000  # latents drawn and images kept as uint8 per chunk, so n=50000 needs little memory
+LONG_CPU_EVAL_S = 120  # on a CPU, an evaluation expected to take longer is announced with its duration
 
 
 # ---------------------------------------------------------------- image sets
@@ -391,9 +397,13 @@ def register_extractor() -> None:
 
 
 def measure(
-    generated: ImageSource, reference: ImageSource, settings: MetricsConfig | DictConfig, device: torch.device
+    generated: ImageSource,
+    reference: ImageSource,
+    settings: MetricsConfig | DictConfig,
+    device: torch.device,
+    show_progress: bool = False,
 ) -> List[Dict[str, Any]]:
-    """FID and/or KID between the two sets, one stamped result per metric."""
+    """FID and/or KID between the two sets, one stamped result per metric; `show_progress`: bars and an ETA."""
     register_extractor()
     weights = resolve_weights(settings.inception_weights)
     count_1, count_2 = len(generated.images), len(reference.images)
@@ -406,6 +416,8 @@ def measure(
     cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else data.user_cache_dir() / "fidelity"
     reads_before = reference.images.reads
     started = time.perf_counter()
+    if show_progress:
+        generated, reference = with_progress(generated, reference, settings.batch_size, device, cache_dir, cache_name)
     scores = fidelity_scores(generated, reference, settings, device, weights, kid_subset_size, cache_dir, cache_name)
     seconds = time.perf_counter() - started
     cached = reference.images.reads == reads_before and cache_name is not None  # no image read: the cache served all
@@ -428,6 +440,75 @@ def measure(
             }
         )
     return results
+
+
+def with_progress(
+    generated: ImageSource,
+    reference: ImageSource,
+    batch_size: int,
+    device: torch.device,
+    cache_dir: Path,
+    cache_name: Optional[str],
+) -> Tuple[ImageSource, ImageSource]:
+    """Both sides with a bar over their feature extraction, and on a CPU a duration warning after the first batch."""
+    cached = cache_name is not None and any(cache_dir.glob(glob.escape(cache_name) + "-*"))
+    to_extract = len(generated.images) + (0 if cached else len(reference.images))
+
+    def warn_if_long(images_per_s: float) -> None:
+        seconds = (to_extract - batch_size) / images_per_s
+        if device.type == "cpu" and seconds > LONG_CPU_EVAL_S:
+            log.warning(
+                "this takes about %s on the CPU: %d images through Inception at %.1f images/s (measured on the "
+                "first batch)%s; lower n and reference_n for a quicker, noisier score, or use a GPU",
+                duration(seconds),
+                to_extract,
+                images_per_s,
+                "" if cached else ", reference features included (cached for next time)",
+            )
+
+    return (
+        replace(generated, images=FeatureProgress(generated.images, "generated", batch_size, warn_if_long)),
+        replace(reference, images=FeatureProgress(reference.images, "reference", batch_size)),
+    )
+
+
+class FeatureProgress(Dataset):
+    """A side's images as torch-fidelity reads them (in order, batch by batch), counted by a bar with an ETA.
+
+    The bar appears at the first read, so a side whose features come from the cache shows none. After the
+    first batch, `on_first_batch` gets the measured rate in images/s.
+    """
+
+    def __init__(
+        self, images: Dataset, side: str, batch_size: int, on_first_batch: Optional[Callable[[float], None]] = None
+    ):
+        self.images, self.side, self.batch_size, self.on_first_batch = images, side, batch_size, on_first_batch
+        self.bar: Optional[Any] = None
+        self.started = 0.0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def reads(self) -> int:
+        return self.images.reads
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            # Into a file or a pipe, a line a minute at most: a redrawn bar would fill the log.
+            interval = 0.5 if sys.stderr.isatty() else 60
+            self.bar = tqdm(
+                total=len(self), desc=f"Inception features, {self.side}", unit="image", mininterval=interval
+            )
+            self.started = time.perf_counter()
+        if index == self.batch_size and self.on_first_batch is not None:
+            self.on_first_batch(self.batch_size / max(time.perf_counter() - self.started, 1e-9))
+        self.bar.update(1)
+        if self.bar.n == len(self):
+            self.bar.close()
+        return self.images[index]
 
 
 def fidelity_scores(

@@ -5,12 +5,14 @@ Hydra reads the whole command line itself (overrides in any spelling: quoted, in
 `on_run_start` / `on_multirun_start` before it makes the run folder and writes `.hydra/` and the log
 there. `PreCheck` (the first callback in configs/train.yaml) checks at that moment, on that very config:
 
-  a run      config.validate_train: every key is one the schema knows (`+trainer.max_step=3` is refused,
-             naming max_steps) and each module's checks; the run folder Hydra will use (rank 0's
-             under torchrun), its one owner and its one run (runfolder.take: the lock, resume or overwrite).
-  a sweep    the sweep folder can be made; a grid's jobs each compose, and the folders they will use
-             either hold nothing, or are continued (`trainer.resume=auto`), or are moved aside whole,
-             Hydra's record and log included (`trainer.overwrite=true`); otherwise nothing is touched.
+  a run      config.validate_train (every key is one the schema knows: `+trainer.max_step=3` is
+             refused, naming max_steps; then each module's checks); the data is there
+             (data.check_available); the run folder Hydra will use (rank 0's under torchrun), its one
+             owner and its one run (runfolder.take: the lock, resume or overwrite).
+  a sweep    the sweep folder can be made; a grid's jobs each compose, their data is there, and the
+             folders they will use either hold nothing, or are continued (`trainer.resume=auto`), or
+             are moved aside whole, Hydra's record and log included (`trainer.overwrite=true`);
+             otherwise nothing is touched.
 
 A refusal is one line on stderr and exit code 2 (cli.py turns Hydra's own composition errors into the
 same line). No argument is read here: only what Hydra composed.
@@ -28,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from dcgan import config, distributed, runcard, runfolder
+from dcgan import config, data, distributed, runcard, runfolder
 from dcgan.errors import UserError, exit_with
 from dcgan.layout import RunFolder
 
@@ -72,6 +74,7 @@ def check_run(hydra_config: DictConfig) -> None:
     HydraConfig.instance().set_config(hydra_config)  # so ${hydra:...} in a user's config resolves, as in the run
     task = task_config(hydra_config)
     config.validate_train(task)
+    data.check_available(task.dataset)  # missing data is refused (or downloaded) before any run folder exists
     if distributed.world().enabled:  # under torchrun: join the job, and write into rank 0's run folder
         distributed.setup(task.trainer.device, task.trainer.dist_timeout_s)
         share_run_dir(hydra_config)
@@ -100,6 +103,8 @@ def check_sweep(hydra_config: DictConfig) -> None:
     sweep_dir = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
     runcard.check_run_dir(str(sweep_dir))
     jobs = grid_jobs(hydra_config)
+    for dataset in {OmegaConf.to_yaml(task.dataset): task.dataset for _, task in jobs}.values():
+        data.check_available(dataset)  # each data set the grid trains on, before any job begins
     claimed = [folder_and_config for folder_and_config in jobs if RunFolder(folder_and_config[0]).holds_a_run()]
     refused = []
     for folder, task in claimed:

@@ -2,12 +2,13 @@
 sweep (`gan-report sweep=DIR`: sweep_report.py).
 
   loss_curves.png   losses, D(x) and D(G(z)), D's accuracy, FID/KID when measured, learning rates
-                    and speed against the step, from metrics.jsonl (needs matplotlib)
-  progress.gif      the fixed-noise grids of samples/ in step order: the same 64 latents as
-                    training goes on (Pillow)
+                    and speed against the step, from metrics.jsonl (matplotlib)
+  progress.gif      the fixed-noise grids of samples/ in step order, from step 0 (the untrained G):
+                    the same 64 latents as training goes on (Pillow)
 
-matplotlib is an optional package: without it the figure is skipped with one log line, and the
-movie is still written. Both files are replaced atomically, so a viewer never sees half a file.
+matplotlib is a base dependency: a chart with axes, ticks and legends is what it is for, and drawing one
+by hand would be a second, poorer plotting library to keep. Both files are replaced atomically, so a
+viewer never sees half a file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
@@ -70,23 +71,19 @@ def write_report(run_dir: Path, fps: int = ReportConfig.fps, max_frames: int = R
     written = []
     rows = read_metrics(run.metrics) if run.metrics.is_file() else []
     if rows:
-        figure = plot_metrics(rows, run.loss_figure)
-        if figure is not None:
-            written.append(figure)
+        written.append(plot_metrics(rows, run.loss_figure))
     grids = run.grids()
     if grids:
         written.append(write_progress_movie(grids, run.progress_movie, fps, max_frames))
     return written
 
 
-def plot_metrics(rows: List[Dict[str, float]], path: Path) -> Optional[Path]:
-    """One chart per panel that has data, three to a row; None when matplotlib is not installed."""
-    try:
-        # The object-oriented API, not pyplot: no GUI backend and no global figure state.
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.info("matplotlib is not installed, so %s is skipped (pip install 'dcgan[report]')", path.name)
-        return None
+def plot_metrics(rows: List[Dict[str, float]], path: Path) -> Path:
+    """One chart per panel that has data, three to a row."""
+    # The object-oriented API, not pyplot: no GUI backend and no global figure state. Imported here, as it
+    # costs a few tenths of a second that commands other than reports need not pay.
+    from matplotlib.figure import Figure
+
     panels = [(title, [key for key in keys if any(key in row for row in rows)]) for title, keys in PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
     columns = min(3, len(panels))

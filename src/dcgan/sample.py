@@ -7,7 +7,8 @@
                safetensors with a JSON that rebuilds it (portable.py), which ckpt= also takes back
 
 Image i of a grid with `seed=s` comes from seed s+i (images.latents), so an image depends on its seed
-only. `truncation=t` trades variety for fidelity in every mode (see `images.latents`).
+only. `truncation=t` trades variety for fidelity in every mode (see `images.latents`). `scale=K` writes
+every image and movie K times larger, each pixel a KxK block (nearest neighbour: sharp, no invented detail).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from dcgan import checkpoint, config, data, files, models, portable
 from dcgan.distributed import resolve_device, validate_device
 from dcgan.errors import UserError, check_output_file, check_seeds, check_writable_folder
-from dcgan.images import generate, latents, save_atomically, save_gif, save_grid, to_pil, to_uint8
+from dcgan.images import enlarge, generate, latents, save_atomically, save_gif, save_grid, to_pil, to_uint8
 from dcgan.state import CONFIG_YAML, STEP, sampling_weights
 
 
@@ -49,6 +50,7 @@ class SampleConfig:
     k: int = 5  # mode=neighbors: nearest training images shown beside each sample
     dataset_root: Optional[str] = None  # mode=neighbors: the training data, if not at the checkpoint's dataset.root
     format: str = "torchscript"  # mode=export: torchscript | onnx | safetensors
+    scale: int = 1  # images and movies: each pixel becomes a scale x scale block (nearest neighbour), 1 to 16
 
 
 config.register_schema("sample_schema", SampleConfig)
@@ -76,6 +78,8 @@ def slerp_legs(key_z: torch.Tensor, frames: int, closed: bool) -> torch.Tensor:
     )
 
 
+# The largest scale=: 28 px digits become 448 px, a 64 px face 1024 px.
+MAX_SCALE = 16
 # Images one command makes at most: a typo such as seeds=0-99999999999 fails at once, not after filling memory.
 MAX_IMAGES = 1_000_000
 
@@ -162,7 +166,7 @@ class Studio:
 
 def write_grid(studio: Studio) -> List[Path]:
     cfg, out = studio.cfg, studio.out()
-    save_grid(generate(studio.G, studio.latents(list(range(cfg.seed, cfg.seed + cfg.n)))), out, cfg.nrow)
+    save_grid(generate(studio.G, studio.latents(list(range(cfg.seed, cfg.seed + cfg.n)))), out, cfg.nrow, cfg.scale)
     return [out]
 
 
@@ -171,7 +175,7 @@ def write_seeds(studio: Studio) -> List[Path]:
     images = to_uint8(generate(studio.G, studio.latents(seeds)))
     paths = [folder / f"seed{seed:04d}.png" for seed in seeds]
     for image, path in zip(images, paths, strict=False):
-        save_atomically(to_pil(image), path)
+        save_atomically(enlarge(to_pil(image), studio.cfg.scale), path)
     return paths
 
 
@@ -189,9 +193,9 @@ def write_interpolation(studio: Studio) -> List[Path]:
     path_z = slerp_legs(studio.latents(keys, device="cpu"), cfg.frames, closed=not as_grid)
     images = to_uint8(generate(studio.G, path_z.flatten(0, 1).to(studio.device)))
     if as_grid:
-        save_grid(images, out, nrow=path_z.shape[1])
+        save_grid(images, out, nrow=path_z.shape[1], scale=cfg.scale)
         return [out]
-    save_gif([to_pil(image) for image in images], out, round(1000 / cfg.fps))
+    save_gif([enlarge(to_pil(image), cfg.scale) for image in images], out, round(1000 / cfg.fps))
     return [out]
 
 
@@ -212,7 +216,7 @@ def write_neighbors(studio: Studio) -> List[Path]:
     distances, indices = nearest_neighbors(samples, training, cfg.k, studio.device)
     neighbors = training[indices.flatten()].view(*indices.shape, *samples.shape[1:])
     panel = torch.cat([samples.unsqueeze(1), neighbors], dim=1)  # [n, 1 + k, C, S, S]
-    save_grid(panel.flatten(0, 1), out, nrow=panel.shape[1])
+    save_grid(panel.flatten(0, 1), out, nrow=panel.shape[1], scale=cfg.scale)
     table = out.with_suffix(".json")
     rows = [
         {"seed": seed, "nearest": row_indices.tolist(), "l2": [round(d, 3) for d in row_distances.tolist()]}
@@ -358,6 +362,10 @@ def check_sample_config(cfg: SampleConfig) -> None:
         raise UserError(f"k must be >= 1, got {cfg.k}")
     if cfg.format not in EXPORT_FORMATS:
         raise UserError(f"format={cfg.format!r} is not an export format; choose one of {', '.join(EXPORT_FORMATS)}")
+    if not 1 <= cfg.scale <= MAX_SCALE:
+        raise UserError(f"scale must be a whole number from 1 to {MAX_SCALE} (pixels per pixel), got {cfg.scale}")
+    if cfg.mode == "export" and cfg.scale != 1:
+        raise UserError("scale enlarges images; mode=export writes the generator itself, so leave scale out")
     if cfg.n > MAX_IMAGES:
         raise UserError(
             f"n={cfg.n:,} is more images than gan-sample makes in one command ({MAX_IMAGES:,}); split the job by seed"

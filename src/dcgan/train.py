@@ -26,7 +26,7 @@ from dcgan.errors import SAME_SIGNAL_S, STOP_SIGNALS, Interrupted, UserError, at
 from dcgan.guard import Guard, HealthConfig
 from dcgan.images import generate, latents, save_grid
 from dcgan.layout import RunFolder
-from dcgan.log import MetricsLog, last_training_row
+from dcgan.log import MetricsLog, last_training_row, log_summary
 from dcgan.losses import build_loss
 from dcgan.metrics import TrainingEvaluator
 from dcgan.optim import EMA, build_optimizer
@@ -48,7 +48,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     d_steps: int = 1  # discriminator updates per generator update
-    sample_every: int = 500  # steps between fixed-noise grids in samples/
+    sample_every: int = 500  # steps between fixed-noise grids in samples/ (a fresh run also draws one at step 0)
     ckpt_every: int = 1000  # steps between step_NNNNNN.pt checkpoints (last.pt is written with them)
     log_every: int = 50  # steps between metrics.jsonl rows (the only GPU syncs of the loop)
     resume: Optional[str] = None  # a checkpoint path, or "auto" for checkpoints/last.pt of the run dir
@@ -73,7 +73,7 @@ class TrainerConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     deterministic: bool = False  # PyTorch's deterministic algorithms (a warning where an op has none)
     grid_size: int = 64  # images in each progress grid
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # a bar with its ETA in a terminal; elsewhere (a file, a pipe) a log line per metrics row
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
     dist_timeout_s: float = 1800.0  # under torchrun: a collective waiting longer than this ends the job
     eval_every: int = 0  # steps between FID/KID evaluations of the sampling generator (see `eval`); 0 = never
@@ -145,13 +145,15 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     )
     row: Dict[str, Any] = {}
     stopping = False
+    draw_first_grid(state, grid_z, run, metrics)  # a fresh run's step-0 grid: the progress movie starts there
     while state.step < total_steps and not stopping and state.guard.fault is None:
         clock.set_learning_rates(state.step)  # trainer.lr_decay
         metrics.add(train_step())  # d_steps D updates, one G update, the EMA; the losses stay on the device
         step = state.step
 
         # Evaluation, logging, grids and checkpoints; the metrics write is the only GPU sync.
-        out_of_time, timed_checkpoint, timed_eval = clock.read_clock() if step % t.log_every == 0 else NOT_DUE
+        reading = step % t.log_every == 0 or step == total_steps  # the last row's minutes are current
+        out_of_time, timed_checkpoint, timed_eval = clock.read_clock() if reading else NOT_DUE
         stopping = stop.agreed(step) or out_of_time
         last = step == total_steps or stopping
         # FID/KID (rank 0) go into this step's metrics row, and a checkpoint beside its stamp; best.pt follows the
@@ -168,10 +170,11 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
             save_checkpoint(state, run.checkpoints, t.keep_last)
     metrics.close()
     row = row or last_training_row(run.metrics)  # nothing left to train: the run's last row stands
-    if world.is_main:
-        report.write_report(run_dir)  # loss_curves.png and progress.gif
+    written = report.write_report(run_dir) if world.is_main else []  # loss_curves.png and progress.gif
     stop.restore()
     runcard.finish(run_dir, state.step, stop.signal, state.guard, out_of_time=clock.out_of_time)
+    if world.is_main and stop.signal is None and state.guard.fault is None:
+        log_summary(run_dir, state.step, clock.minutes, written)  # where everything is, what to run next
     if clock.out_of_time and stop.signal is None:
         log.info("trainer.max_minutes=%g reached at step %d; continue with trainer.resume=auto", t.max_minutes, step)
     if stop.signal is not None:
@@ -392,6 +395,19 @@ def draw_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, metric
     grid = generate(state.sampling_generator(), grid_z)
     state.guard.check_grid(state.step, grid)
     metrics.add_grid(save_grid(grid, run.grid(state.step), nrow=8), state.step)
+
+
+def draw_first_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, metrics: MetricsLog) -> None:
+    """samples/step_000000.png from the untrained G, on rank 0 of a run at step 0. Not shown to the guard (a fresh
+    G may well draw near-uniform images), and drawn under a forked RNG: the run's random stream stays as it was.
+
+    Drawn by G itself: the EMA is G's copy at step 0, and calibrating its BatchNorm statistics (~2,048 latents)
+    would cost a fresh run, and each restart of one, far more than this one batch of 64."""
+    if state.step != 0 or not distributed.world().is_main:
+        return
+    with torch.random.fork_rng(devices=[state.noise.device] if state.noise.device.type == "cuda" else []):
+        grid = generate(state.G, grid_z)
+    metrics.add_grid(save_grid(grid, run.grid(0), nrow=8), 0)
 
 
 def save_checkpoint(state: TrainingState, checkpoints: Path, keep_last: int) -> None:
