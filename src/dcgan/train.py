@@ -172,11 +172,21 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     row = row or last_training_row(run.metrics)  # nothing left to train: the run's last row stands
     written = report.write_report(run_dir) if world.is_main else []  # loss_curves.png and progress.gif
     stop.restore()
+    end_run(run_dir, state, stop, clock, written, t.max_minutes)
+    return row
+
+
+def end_run(
+    run_dir: Path, state: TrainingState, stop: StopRequest, clock: Schedule, written: List[Path], max_minutes: float
+) -> None:
+    """The run card's last word and the closing block; then Stopped on a signal, or the divergence if one came."""
     runcard.finish(run_dir, state.step, stop.signal, state.guard, out_of_time=clock.out_of_time)
-    if world.is_main and stop.signal is None and state.guard.fault is None:
+    if distributed.world().is_main and stop.signal is None and state.guard.fault is None:
         log_summary(run_dir, state.step, clock.minutes, written)  # where everything is, what to run next
     if clock.out_of_time and stop.signal is None:
-        log.info("trainer.max_minutes=%g reached at step %d; continue with trainer.resume=auto", t.max_minutes, step)
+        log.info(
+            "trainer.max_minutes=%g reached at step %d; continue with trainer.resume=auto", max_minutes, state.step
+        )
     if stop.signal is not None:
         log.warning(
             "stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto",
@@ -185,7 +195,6 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         )
         raise Stopped(stop.signal)
     state.guard.raise_if_diverged()  # supervise.py stops or rolls back (trainer.on_divergence)
-    return row
 
 
 NOT_DUE = (False, False, False)  # Schedule.read_clock between log rows, where the clock is not read
