@@ -110,6 +110,11 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Image.Image:
     return image
 
 
+# GIF frame delays are whole 1/100 s, and browsers play delays under 2/100 s at 1/10 s: a faster frame rate
+# than this makes a movie slower, not faster.
+MAX_GIF_FPS = 50
+
+
 def save_gif(frames: Sequence[Image.Image], path: Path, duration_ms: int | List[int]) -> None:
     """An endlessly looping GIF; `duration_ms` for every frame, or one per frame."""
     frames = [frame.convert("P" if frame.mode == "L" else "RGB") for frame in frames]
