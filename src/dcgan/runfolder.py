@@ -16,6 +16,7 @@ Rules (README, "Reliability"):
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
@@ -75,10 +76,11 @@ def claim(folder: Path) -> bool:
             f"{folder} is in use by another gan-train (pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, "
             f"since {owner.get('since', '?')}); wait for it to end, stop it, or pick another hydra.run.dir"
         ) from None
-    record = json.dumps({"pid": os.getpid(), "host": platform.node(), "since": _now()}) + "\n"
+    record = (json.dumps({"pid": os.getpid(), "host": platform.node(), "since": _now()}) + "\n").encode()
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode(), 0)
+        if os.pwrite(fd, record, 0) < len(record):  # a disk with a little room left writes part, and says so only so
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     except OSError as error:  # a full disk: the lock holds without its record, but the run would not get far
         os.close(fd)
         raise files.not_written(RunFolder(folder).lock, error.strerror or str(error), LOCK_ADVICE) from None

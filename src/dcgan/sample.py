@@ -12,6 +12,7 @@ only. `truncation=t` trades variety for fidelity in every mode (see `images.late
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -301,7 +302,11 @@ def export_torchscript(G: nn.Module, example: torch.Tensor, about: Dict[str, obj
     with warnings.catch_warnings():
         # torch.jit is deprecated in favour of torch.export, but TorchScript is what torch.jit.load and libtorch read.
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.trace(G, example), str(path), _extra_files={"dcgan.json": json.dumps(about)})
+        # Saved to memory, then written: torch.jit.save to a path aborts the whole process on a full disk (its
+        # writer fails in a C++ destructor), where a Python write raises an OSError we can report.
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.trace(G, example), buffer, _extra_files={"dcgan.json": json.dumps(about)})
+    path.write_bytes(buffer.getvalue())
 
 
 def export_onnx(G: nn.Module, example: torch.Tensor, about: Dict[str, object], path: Path) -> None:
@@ -392,7 +397,7 @@ SETTINGS_READ = {
 def check_settings_used(cfg: SampleConfig) -> None:
     """A setting the mode never reads (truncation on export, seeds for a grid) is refused, not ignored."""
     read = set(SETTINGS_READ[cfg.mode])
-    if cfg.seeds:  # seeds= names every seed, so seed= and n= have nothing left to say
+    if cfg.seeds and "seeds" in read:  # seeds= names every seed, so seed= and n= have nothing left to say
         read -= {"seed", "n"}
     if cfg.mode == "interpolate" and output_path(cfg).suffix.lower() in GRID_SUFFIXES:
         read.discard("fps")  # a still grid has no frame rate
