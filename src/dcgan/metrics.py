@@ -29,11 +29,11 @@ import logging
 import math
 import re
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -449,7 +449,7 @@ def fidelity_scores(
     import torch_fidelity
 
     cuda = device.type == "cuda"
-    with torch.cuda.device(device) if cuda else nullcontext():
+    with torch.cuda.device(device) if cuda else nullcontext(), cache_write_errors(cache_dir, cache_name):
         return torch_fidelity.calculate_metrics(
             input1=generated.images,
             input2=reference.images,
@@ -469,6 +469,29 @@ def fidelity_scores(
             save_cpu_ram=True,  # no DataLoader worker processes: the images are in memory already
             verbose=False,
         )
+
+
+@contextmanager
+def cache_write_errors(cache_dir: Path, cache_name: Optional[str]) -> Iterator[None]:
+    """torch-fidelity saving reference features on a full disk: one line naming the cache, not a traceback.
+
+    torch.save reports a failed write as a RuntimeError from its zip writer, told apart here by its
+    source file; any other RuntimeError is a bug and keeps its traceback. torch-fidelity removes its
+    temporary file itself.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        written = str(getattr(error, "filename", None) or cache_dir).startswith(str(cache_dir))
+        if cache_name is None or not written or not (isinstance(error, OSError) or "inline_container" in str(error)):
+            raise
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write was cut short"
+        raise files.not_written(
+            cache_dir / cache_name,
+            reason,
+            "free some disk space, or set cache_dir= to a folder on another disk",
+            what="the reference-feature cache ",
+        ) from None
 
 
 def measurement_protocol(weights: Weights, cached: bool, cache: Optional[Path]) -> Dict[str, Any]:
