@@ -141,6 +141,7 @@ def test_the_reference_feature_cache_on_a_full_disk(tmp_path: Path, monkeypatch,
     assert exit.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
     assert (
         err[0].startswith(f"gan-eval: error: could not write the reference-feature cache {cache}/")
+        and "(the write was cut short;" in err[0]
         and "cache_dir=" in err[0]
     )
     assert not list(cache.iterdir()) and not (tmp_path / "e.json").exists()
