@@ -7,7 +7,8 @@
                safetensors with a JSON that rebuilds it (portable.py), which ckpt= also takes back
 
 Image i of a grid with `seed=s` comes from seed s+i (images.latents), so an image depends on its seed
-only. `truncation=t` trades variety for fidelity in every mode (see `images.latents`).
+only. `truncation=t` trades variety for fidelity in every mode that draws images (see `images.latents`).
+A setting the chosen mode does not read (truncation on export, seeds= for a grid) is refused, not ignored.
 """
 
 from __future__ import annotations
