@@ -79,7 +79,7 @@ def claim(folder: Path) -> bool:
     record = (json.dumps({"pid": os.getpid(), "host": platform.node(), "since": _now()}) + "\n").encode()
     try:
         os.ftruncate(fd, 0)
-        if os.pwrite(fd, record, 0) < len(record):  # a disk with a little room left writes part, and says so only so
+        if os.pwrite(fd, record, 0) < len(record):  # a nearly full disk writes part of it and reports no error
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     except OSError as error:  # a full disk: the lock holds without its record, but the run would not get far
         os.close(fd)
