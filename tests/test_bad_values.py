@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, List
+from typing import List
 
 import numpy as np
 import pytest
@@ -19,19 +19,9 @@ from PIL import Image
 
 from dcgan import cli
 
-from conftest import FAST, REPO, WEIGHTS, run_cli
+from conftest import FAST, REPO, WEIGHTS, assert_refused, run_cli
 
 CHECKPOINT = REPO / "tests" / "fixtures" / "checkpoint_format1.pt"  # 4 steps, 28 px, z_dim 16
-
-
-def assert_refused(main: Callable[[List[str]], None], program: str, args: List[str], expected: str, capsys) -> None:
-    with pytest.raises(SystemExit) as exit:
-        main(args)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert exit.value.code == 2, (args, err)
-    assert len(lines) == 1 and lines[0].startswith(f"{program}: error: ") and expected in lines[0], (args, lines)
-    assert "Traceback" not in err
 
 
 def assert_refused_in_a_real_process(program: str, args: List[str], expected: str, cwd: Path) -> None:
