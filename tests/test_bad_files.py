@@ -1,6 +1,6 @@
 """A full disk and odd file-system states are one line naming the path, exit code 2, and no temporary file.
 
-The full disk is real: the command runs as a process whose files may not grow past a few hundred bytes
+The full disk is real: the command runs as a process whose files may not grow past a few bytes or kilobytes
 (RLIMIT_FSIZE, with SIGXFSZ ignored, so a write fails with EFBIG as it would with ENOSPC on a full file
 system). The odd states are made on disk (a folder or a symbolic link where the lock file goes). A run
 folder owned by another user can only be made by a user who is not root, so that case runs for real
