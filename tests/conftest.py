@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Callable, List
 
 import numpy as np
 import pytest
@@ -115,3 +115,14 @@ def assert_same_training(a: dict, b: dict) -> None:
                     name,
                 )
     assert a["data"] == b["data"] and torch.equal(a["rng"]["noise"], b["rng"]["noise"])
+
+
+def assert_refused(main: Callable[[List[str]], None], program: str, args: List[str], expected: str, capsys) -> None:
+    """`main(args)` (a command's entry point, in-process) exits 2 with one line on stderr holding `expected`."""
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit.value.code == 2, (args, err)
+    assert len(lines) == 1 and lines[0].startswith(f"{program}: error: ") and expected in lines[0], (args, lines)
+    assert "Traceback" not in err

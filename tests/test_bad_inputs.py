@@ -13,7 +13,7 @@ import logging
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ from dcgan import cli, data
 from dcgan.data import DatasetConfig
 from dcgan.layout import RunFolder
 
-from conftest import BIN, FAST, run_cli
+from conftest import BIN, FAST, assert_refused, run_cli
 
 HUGE_SEED = 2**64 - 1  # the largest seed torch takes: any seed after it overflows
 NOT_WRITABLE = Path("/proc/dcgan-test/out")  # nothing can be made in /proc, not even by root
@@ -78,16 +78,6 @@ def snapshot(folder: Path) -> Dict[str, str]:
         str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
         for path in sorted(folder.rglob("*"))
     }
-
-
-def assert_refused(main: Callable[[List[str]], None], program: str, args: List[str], expected: str, capsys) -> None:
-    with pytest.raises(SystemExit) as exit:
-        main(args)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert exit.value.code == 2, (args, err)
-    assert len(lines) == 1 and lines[0].startswith(f"{program}: error: ") and expected in lines[0], (args, lines)
-    assert "Traceback" not in err
 
 
 def with_checkpoint(args: List[str], run: Path) -> List[str]:

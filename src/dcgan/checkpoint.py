@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -66,14 +65,11 @@ def _write(state: Dict[str, Any], path: Path, also_as: Optional[Path] = None) ->
 def _write_error(path: Path, error: Exception) -> UserError:
     """One line naming the file that could not be written, why, and the space left on its disk."""
     reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())[:160]
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
-    except OSError:
-        free = "free space unknown"
-    return UserError(
-        f"could not write checkpoint {path} ({reason}; {free}); free some disk space or point hydra.run.dir at a "
-        "writable folder, then continue with trainer.resume=auto (earlier checkpoints are untouched)"
+    advice = (
+        "free some disk space or point hydra.run.dir at a writable folder, then continue with trainer.resume=auto "
+        "(earlier checkpoints are untouched)"
     )
+    return files.not_written(path, reason, advice, what="checkpoint ")
 
 
 def _prune(directory: Path, keep_last: int, keep_step: Optional[int]) -> None:

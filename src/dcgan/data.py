@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from dcgan import files
-from dcgan.errors import UserError, at_least, one_of
+from dcgan.errors import UserError, at_least, at_most, one_of
 
 
 @dataclass
@@ -93,6 +93,10 @@ def validate_dataset(d: DatasetConfig | DictConfig) -> None:
     at_least("dataset.image_size", d.image_size, 8)
     at_least("dataset.max_images", d.max_images, 0)
     at_least("dataset.crop", d.crop, 0)
+    at_least("dataset.num_workers", d.num_workers, 0)
+    at_most(
+        "dataset.num_workers", d.num_workers, MAX_WORKERS, "each worker is a process decoding images (0 = one per core)"
+    )
     one_of("dataset.on_bad_file", d.on_bad_file, ("skip", "error"))
     # Any split some data set has passes here (data sets without splits ignore it); then the chosen one's own.
     one_of("dataset.split", d.split, tuple(dict.fromkeys(s for spec in DATASETS.values() for s in spec.splits)))
@@ -101,6 +105,7 @@ def validate_dataset(d: DatasetConfig | DictConfig) -> None:
 
 log = logging.getLogger(__name__)
 
+MAX_WORKERS = 256  # decode processes: more than the cores of any one machine we know of
 MNIST_TINY = Path(__file__).parent / "assets" / "mnist_tiny.npz"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # Bump when decoding changes (filter, colour handling), so caches made by older code are not used.

@@ -7,6 +7,7 @@ USAGE_EXIT. Tracebacks are for bugs. This module imports nothing from the packag
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import tempfile
@@ -88,6 +89,23 @@ def one_of(key: str, value: Any, allowed: tuple) -> None:
 def at_least(key: str, value: int, minimum: int) -> None:
     if value < minimum:
         raise UserError(f"{key} must be >= {minimum}, got {value}")
+
+
+def finite(key: str, value: float) -> None:
+    """NaN passes every `not x < bound` test and inf every `x > 0` one: checked first, with its own line."""
+    if not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number, got {value}")
+
+
+def at_most(key: str, value: float, maximum: float, cost: str) -> None:
+    """A size a typo can make huge is bounded; `cost` says what the value would take (memory, time, files)."""
+    if value > maximum:
+        raise UserError(f"{key}={value:,} is more than the {maximum:,} allowed: {cost}")
+
+
+def unused(key: str, value: Any, why: str, fix: str) -> None:
+    """A value that would have no effect is refused rather than silently ignored: `why` it does nothing, `fix`."""
+    raise UserError(f"{key}={value} would have no effect: {why}; {fix}")
 
 
 # The seeds torch.manual_seed and torch.Generator.manual_seed take: any 64-bit integer, signed or unsigned.

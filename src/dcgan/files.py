@@ -12,8 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Callable, Optional
+from typing import IO, Callable, Iterator, Optional
+
+from dcgan.errors import UserError
 
 
 def temporary_path(path: Path) -> Path:
@@ -73,6 +76,11 @@ def _rename_into_place(
             except OSError:  # file systems without hard links
                 shutil.copyfile(temporary, also_as)
         os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.filename is None:  # a write() that failed (a full disk) names no file: name the one being written
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+        raise
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -93,3 +101,23 @@ def fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def not_written(path: Path | str, reason: str, advice: str, what: str = "") -> UserError:
+    """One line naming the file (`what`: e.g. "checkpoint ") that could not be written, why, the space left on
+    its disk, and what to do."""
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return UserError(f"could not write {what}{path} ({reason}; {free}); {advice}")
+
+
+@contextmanager
+def write_errors_as_user_errors(advice: str) -> Iterator[None]:
+    """A command's writes: an OSError (a full disk, a file over the size limit, a vanished or read-only folder)
+    becomes one line naming the path, with `advice`; the atomic writers have removed their temporary files."""
+    try:
+        yield
+    except OSError as error:
+        raise not_written(error.filename or "an output file", error.strerror or str(error), advice) from None

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from dcgan import distributed
-from dcgan.errors import UserError, at_least
+from dcgan.errors import UserError, at_least, finite, unused
 
 
 @dataclass
@@ -52,12 +52,24 @@ class HealthConfig:
 def validate_health(cfg: HealthConfig, on_divergence: str) -> None:
     if on_divergence not in ("stop", "rollback"):
         raise UserError(f"trainer.on_divergence must be one of stop, rollback; got {on_divergence!r}")
+    for key in ("collapse_d_accuracy", "collapse_loss_g", "min_diversity", "rollback_lr_factor"):
+        finite(f"trainer.health.{key}", cfg[key])
     at_least("trainer.health.collapse_steps", cfg.collapse_steps, 0)
     at_least("trainer.health.max_rollbacks", cfg.max_rollbacks, 0)
     if not 0.0 < cfg.rollback_lr_factor < 1.0:
         raise UserError(f"trainer.health.rollback_lr_factor must be in (0, 1), got {cfg.rollback_lr_factor}")
     if not 0.0 <= cfg.collapse_d_accuracy <= 1.0 or cfg.min_diversity < 0:
         raise UserError("trainer.health.collapse_d_accuracy must be in [0, 1] and trainer.health.min_diversity >= 0")
+    if on_divergence == "stop":  # the rollback settings are read by a rollback only
+        defaults = HealthConfig()
+        for key in ("max_rollbacks", "rollback_lr_factor"):
+            if cfg[key] != getattr(defaults, key):
+                unused(
+                    f"trainer.health.{key}",
+                    cfg[key],
+                    "trainer.on_divergence=stop never rolls back",
+                    "add trainer.on_divergence=rollback",
+                )
 
 
 REFERENCE_IMAGES = 64  # real images whose diversity the grids are measured against

@@ -128,6 +128,11 @@ def enlarge(image: Image.Image, scale: int) -> Image.Image:
     return image.resize((width, height), Image.NEAREST)
 
 
+# GIF frame delays are whole 1/100 s, and browsers play delays under 2/100 s at 1/10 s: a faster frame rate
+# than this makes a movie slower, not faster.
+MAX_GIF_FPS = 50
+
+
 def save_gif(frames: Sequence[Image.Image], path: Path, duration_ms: int | List[int]) -> None:
     """An endlessly looping GIF; `duration_ms` for every frame, or one per frame."""
     frames = [frame.convert("P" if frame.mode == "L" else "RGB") for frame in frames]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgan.errors import UserError, at_least, one_of
+from dcgan.errors import UserError, at_least, finite, one_of, unused
 
 
 @dataclass
@@ -38,6 +38,9 @@ class GANLoss:
     decision_threshold = 0.0
     # True when the loss itself differentiates a gradient (create_graph=True), as WGAN-GP's penalty does.
     double_backward = False
+    # The LossConfig settings of its own that the loss reads (R1's are every loss's); validate_loss refuses the
+    # others when they are changed, as they would do nothing. A loss registered elsewhere may read any.
+    reads: Tuple[str, ...] = ("real_label", "gp_weight")
 
     def __init__(self, cfg: LossConfig):
         self.real_label = cfg.real_label
@@ -116,6 +119,8 @@ def loss(name: str):
 class NonSaturating(GANLoss):
     """Goodfellow et al.'s non-saturating loss: binary cross-entropy on logits."""
 
+    reads = ("real_label",)
+
     def d_terms(self, real_logits, fake_logits):
         # -real_label*log(sigmoid(r)) - (1-real_label)*log(1-sigmoid(r)) - log(1 - sigmoid(f));
         # real_label < 1 is one-sided label smoothing (Salimans et al. 2016).
@@ -134,6 +139,8 @@ class NonSaturating(GANLoss):
 class Hinge(GANLoss):
     """Hinge loss (Lim & Ye 2017; SAGAN, BigGAN)."""
 
+    reads = ()
+
     def d_terms(self, real_logits, fake_logits):
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
 
@@ -146,6 +153,7 @@ class LeastSquares(GANLoss):
     """LSGAN (Mao et al. 2017) with targets a=0 (fake), b=real_label (real), c=1 (G's target)."""
 
     decision_threshold = 0.5
+    reads = ("real_label",)
 
     def d_terms(self, real_logits, fake_logits):
         return 0.5 * ((real_logits - self.real_label) ** 2).mean() + 0.5 * (fake_logits**2).mean()
@@ -159,6 +167,7 @@ class WassersteinGP(GANLoss):
     """WGAN-GP (Gulrajani et al. 2017): critic E[D(fake)] - E[D(real)] + gp_weight * E[(|grad D(x_hat)| - 1)^2]."""
 
     double_backward = True
+    reads = ("gp_weight",)
 
     def d_terms(self, real_logits, fake_logits):
         return fake_logits.mean() - real_logits.mean()
@@ -184,6 +193,8 @@ def build_loss(cfg: LossConfig) -> GANLoss:
 
 def validate_loss(cfg: LossConfig) -> None:
     one_of("loss.name", cfg.name, tuple(LOSSES))
+    for key in ("real_label", "gp_weight", "r1_weight"):
+        finite(f"loss.{key}", cfg[key])
     if not 0.0 < cfg.real_label <= 1.0:
         raise UserError(f"loss.real_label must be in (0, 1], got {cfg.real_label}")
     if cfg.gp_weight < 0:
@@ -191,3 +202,17 @@ def validate_loss(cfg: LossConfig) -> None:
     if cfg.r1_weight < 0:
         raise UserError(f"loss.r1_weight must be >= 0 (0 turns R1 off), got {cfg.r1_weight}")
     at_least("loss.r1_every", cfg.r1_every, 1)
+    check_settings_used(cfg)
+
+
+def check_settings_used(cfg: LossConfig) -> None:
+    """A loss setting changed for a loss that never reads it (loss=hinge loss.real_label=0.9) is refused."""
+    defaults = LossConfig()
+    for key in ("real_label", "gp_weight"):
+        if cfg[key] != getattr(defaults, key) and key not in LOSSES[cfg.name].reads:
+            readers = [name for name, cls in LOSSES.items() if key in cls.reads]
+            unused(
+                f"loss.{key}", cfg[key], f"loss={cfg.name} does not use it", f"use it with loss={' or '.join(readers)}"
+            )
+    if cfg.r1_every != defaults.r1_every and cfg.r1_weight == 0:
+        unused("loss.r1_every", cfg.r1_every, "R1 is off (loss.r1_weight=0)", "set loss.r1_weight > 0 too, e.g. 10")

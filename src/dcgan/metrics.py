@@ -33,11 +33,11 @@ import math
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from dcgan import checkpoint, data, files
 from dcgan.data import DatasetConfig
-from dcgan.errors import UserError, at_least, check_seeds, one_of
+from dcgan.errors import UserError, at_least, at_most, check_seeds, one_of, unused
 from dcgan.images import generate, latents, to_uint8
 from dcgan.layout import RunFolder
 from dcgan.log import duration
@@ -119,6 +119,7 @@ def validate_metrics(prefix: str, m: MetricsConfig | DictConfig) -> None:
     at_least(f"{prefix}batch_size", m.batch_size, 1)
     at_least(f"{prefix}kid_subsets", m.kid_subsets, 1)
     at_least(f"{prefix}kid_subset_size", m.kid_subset_size, 2)
+    check_metric_sizes(prefix, m)
     check_seeds(f"{prefix}seed", m.seed, m.seed + m.n - 1)  # generated image i comes from seed + i
     if m.inception_weights and not Path(m.inception_weights).expanduser().is_file():
         raise UserError(
@@ -127,6 +128,38 @@ def validate_metrics(prefix: str, m: MetricsConfig | DictConfig) -> None:
             "file (e.g. inception-2015-12-05-fidelity.pth), or leave it unset to let torch-fidelity download its own "
             "copy"
         )
+
+
+# Bounds on the sizes a typo can make huge. FID's published protocols use 10,000 or 50,000 images.
+MAX_METRIC_IMAGES = 200_000
+MAX_METRIC_BATCH = 4096
+MAX_KID_SUBSETS = 10_000
+# Inception's float32 activations per image in one forward pass, a lower bound (its 299x299 input alone is 1 MiB).
+INCEPTION_BYTES_PER_IMAGE = 3 * 299 * 299 * 4
+
+
+def check_metric_sizes(prefix: str, m: MetricsConfig | DictConfig) -> None:
+    """Counts with a cost in time or memory are bounded; KID's settings are refused when KID is not measured."""
+    for key in ("n", "reference_n"):
+        at_most(
+            f"{prefix}{key}",
+            m[key],
+            MAX_METRIC_IMAGES,
+            "every image runs through Inception at 299x299 px (FID's usual protocols use 10,000 or 50,000)",
+        )
+    batch_gib = m.batch_size * INCEPTION_BYTES_PER_IMAGE / 2**30
+    at_most(
+        f"{prefix}batch_size",
+        m.batch_size,
+        MAX_METRIC_BATCH,
+        f"one Inception pass over {m.batch_size:,} images needs more than {batch_gib:,.0f} GiB for its input alone",
+    )
+    at_most(f"{prefix}kid_subsets", m.kid_subsets, MAX_KID_SUBSETS, "KID's cost grows with each subset (default 100)")
+    if "kid" not in m.metrics:
+        defaults = MetricsConfig()
+        for key in ("kid_subsets", "kid_subset_size"):
+            if m[key] != getattr(defaults, key):
+                unused(f"{prefix}{key}", m[key], "KID is not measured", f"add kid: {prefix}metrics=[fid,kid]")
 
 
 def require_inception_weights(
@@ -525,7 +558,7 @@ def fidelity_scores(
     import torch_fidelity
 
     cuda = device.type == "cuda"
-    with torch.cuda.device(device) if cuda else nullcontext():
+    with torch.cuda.device(device) if cuda else nullcontext(), cache_write_errors(cache_dir, cache_name):
         return torch_fidelity.calculate_metrics(
             input1=generated.images,
             input2=reference.images,
@@ -545,6 +578,29 @@ def fidelity_scores(
             save_cpu_ram=True,  # no DataLoader worker processes: the images are in memory already
             verbose=False,
         )
+
+
+@contextmanager
+def cache_write_errors(cache_dir: Path, cache_name: Optional[str]) -> Iterator[None]:
+    """torch-fidelity saving reference features on a full disk: one line naming the cache, not a traceback.
+
+    torch.save reports a failed write as a RuntimeError from its zip writer, told apart here by its
+    source file; any other RuntimeError is a bug and keeps its traceback. torch-fidelity removes its
+    temporary file itself.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        written = str(getattr(error, "filename", None) or cache_dir).startswith(str(cache_dir))
+        if cache_name is None or not written or not (isinstance(error, OSError) or "inline_container" in str(error)):
+            raise
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write was cut short"
+        raise files.not_written(
+            cache_dir / cache_name,
+            reason,
+            "free some disk space, or set cache_dir= to a folder on another disk",
+            what="the reference-feature cache ",
+        ) from None
 
 
 def measurement_protocol(weights: Weights, cached: bool, cache: Optional[Path]) -> Dict[str, Any]:

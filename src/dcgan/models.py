@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dcgan import distributed
-from dcgan.errors import UserError, at_least, one_of
+from dcgan.errors import UserError, at_least, finite, one_of, unused
 
 
 @dataclass
@@ -388,6 +388,7 @@ def check_shapes(cfg) -> None:
     """Build both networks on the meta device and prove G makes [N, C, S, S] and D returns [N] logits."""
     size, channels = cfg.dataset.image_size, cfg.dataset.channels
     G, D = build_generator(cfg, "meta"), build_discriminator(cfg, "meta")
+    check_dropout_used(cfg, G, D)
     z = torch.empty(2, cfg.generator.z_dim, device="meta")
     try:
         images = G(z)
@@ -406,6 +407,19 @@ def check_shapes(cfg) -> None:
         raise UserError(
             f"discriminator {cfg.discriminator.arch} returned shape {tuple(logits.shape)}, not one logit per image"
         )
+
+
+def check_dropout_used(cfg, G: nn.Module, D: nn.Module) -> None:
+    """A dropout rate for an architecture that has no dropout layer would do nothing: refused, naming those that do."""
+    for part, model in (("generator", G), ("discriminator", D)):
+        section = cfg[part]
+        if section.dropout > 0 and not any(isinstance(m, nn.Dropout) for m in model.modules()):
+            unused(
+                f"{part}.dropout",
+                section.dropout,
+                f"{part}.arch={section.arch} has no dropout layer",
+                f"remove it, or pick an architecture with dropout (e.g. {part}.arch=dcgan)",
+            )
 
 
 def training_bytes_lower_bound(cfg, batch_size: int) -> int:
@@ -441,6 +455,7 @@ def validate_networks(cfg) -> None:
     one_of("generator.z_distribution", cfg.generator.z_distribution, ("normal", "uniform"))
     for part in ("generator", "discriminator"):
         section = cfg[part]
+        finite(f"{part}.width", section.width)  # a huge finite width is bounded by check_memory, in GiB
         if not section.width > 0:
             raise UserError(f"{part}.width must be > 0, got {section.width}")
         if not 0.0 <= section.dropout < 1.0:
@@ -458,7 +473,7 @@ def check_memory(cfg) -> None:
     """
     batch_per_rank = max(1, cfg.trainer.batch_size // distributed.world().size)
     needed = training_bytes_lower_bound(cfg, batch_per_rank)
-    where, available = _device_memory(cfg.trainer.device)
+    where, available = device_memory(cfg.trainer.device)
     if available and needed > available:
         raise UserError(
             f"this config needs at least {needed / 2**30:,.0f} GiB to train "
@@ -469,7 +484,7 @@ def check_memory(cfg) -> None:
         )
 
 
-def _device_memory(device: str) -> tuple:
+def device_memory(device: str) -> tuple:
     """(what, bytes) of memory on the device trainer.device names; (None, 0) when it cannot be known here."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return "this machine's RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

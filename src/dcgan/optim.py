@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch import nn
 
-from dcgan.errors import UserError
+from dcgan.errors import UserError, finite, unused
 
 
 @dataclass
@@ -77,6 +77,8 @@ def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> Non
 def validate_optimizers(cfg: OptimizerConfig) -> None:
     for part in ("generator", "discriminator"):
         settings = cfg[part]
+        finite(f"optimizer.{part}.lr", settings.lr)
+        finite(f"optimizer.{part}.weight_decay", settings.weight_decay)
         if not settings.lr > 0:
             raise UserError(f"optimizer.{part}.lr must be > 0, got {settings.lr}")
         if len(settings.betas) != 2 or not all(0.0 <= b < 1.0 for b in settings.betas):
@@ -84,6 +86,24 @@ def validate_optimizers(cfg: OptimizerConfig) -> None:
         if settings.weight_decay < 0:
             raise UserError(f"optimizer.{part}.weight_decay must be >= 0, got {settings.weight_decay}")
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], settings, f"optimizer.{part}")  # name and arguments exist
+        check_betas_used(settings, f"optimizer.{part}")
+
+
+def check_betas_used(settings: OptimizerSettings, key: str) -> None:
+    """Betas other than the default given to an optimizer without them (RMSprop, SGD) would be dropped silently.
+
+    The default pair stays accepted: the optimizer files set it, and `optimizer.generator.name=SGD` over
+    adam.yaml must not be refused for betas the user never typed.
+    """
+    if list(settings.betas) == OptimizerSettings().betas:
+        return
+    if "betas" not in inspect.signature(getattr(torch.optim, settings.name)).parameters:
+        unused(
+            f"{key}.betas",
+            list(settings.betas),
+            f"torch.optim.{settings.name} has no betas",
+            f"remove it, or pick an optimizer that has them ({key}.name=Adam or AdamW)",
+        )
 
 
 class EMA:

@@ -21,8 +21,8 @@ from typing import Dict, List, Sequence, Tuple
 from PIL import Image, ImageDraw
 
 from dcgan import files, sweep_report
-from dcgan.errors import UserError, check_writable_folder
-from dcgan.images import save_gif
+from dcgan.errors import UserError, at_most, check_writable_folder
+from dcgan.images import MAX_GIF_FPS, save_gif
 from dcgan.layout import RunFolder, grid_step
 from dcgan.log import read_metrics
 
@@ -160,13 +160,15 @@ def run(cfg: ReportConfig) -> List[Path]:
         )
     if cfg.fps < 1 or cfg.max_frames < 1:
         raise UserError(f"fps and max_frames must be >= 1, got fps={cfg.fps} max_frames={cfg.max_frames}")
+    at_most("fps", cfg.fps, MAX_GIF_FPS, "a GIF plays frames at most 50 a second (browsers slow faster ones to 10)")
     run = RunFolder(cfg.run)
     if not run.metrics.is_file() and not run.grids():
         raise UserError(
             f"{run.root} has no {run.metrics.name} and no {run.samples.name}/step_*.png: is it a gan-train run folder?"
         )
     check_writable_folder("run", run.root)  # the figures go into the run folder
-    return write_report(run.root, cfg.fps, cfg.max_frames)
+    with files.write_errors_as_user_errors("free some disk space on the run's disk (the figures go into the run)"):
+        return write_report(run.root, cfg.fps, cfg.max_frames)
 
 
 def sweep_page(cfg: ReportConfig) -> List[Path]:

@@ -16,6 +16,7 @@ Rules (README, "Reliability"):
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Dict, Iterable, List, Optional
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from dcgan import checkpoint, config, distributed, runcard
+from dcgan import checkpoint, config, distributed, files, runcard
 from dcgan.errors import UserError
 from dcgan.layout import RunFolder
 from dcgan.state import CONFIG_YAML, STEP
@@ -65,8 +66,7 @@ def claim(folder: Path) -> bool:
     if fcntl is None:
         _held[folder] = -1
         return True
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(RunFolder(folder).lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(RunFolder(folder).lock)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -76,11 +76,37 @@ def claim(folder: Path) -> bool:
             f"{folder} is in use by another gan-train (pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, "
             f"since {owner.get('since', '?')}); wait for it to end, stop it, or pick another hydra.run.dir"
         ) from None
-    record = json.dumps({"pid": os.getpid(), "host": platform.node(), "since": _now()}) + "\n"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, record.encode(), 0)
+    record = (json.dumps({"pid": os.getpid(), "host": platform.node(), "since": _now()}) + "\n").encode()
+    try:
+        os.ftruncate(fd, 0)
+        if os.pwrite(fd, record, 0) < len(record):  # a nearly full disk writes part of it and reports no error
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError as error:  # a full disk: the lock holds without its record, but the run would not get far
+        os.close(fd)
+        raise files.not_written(RunFolder(folder).lock, error.strerror or str(error), LOCK_ADVICE) from None
     _held[folder] = fd
     return True
+
+
+LOCK_ADVICE = "free some disk space or pick another hydra.run.dir"
+
+
+def _open_lock(lock: Path) -> int:
+    """The lock file's descriptor, made if missing; what is in its way (a folder, a symbolic link, a folder
+    we may not write) is one line naming it. A link is never followed: the lock belongs to this folder."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if lock.is_symlink():
+            found = f"a symbolic link (to {os.readlink(lock)}), not gan-train's lock file"
+        elif lock.is_dir():
+            found = "a folder, not gan-train's lock file"
+        else:
+            raise files.not_written(lock, error.strerror or str(error), LOCK_ADVICE) from None
+        raise UserError(
+            f"{lock} is {found}; remove it (gan-train makes the file itself) or pick another hydra.run.dir"
+        ) from None
 
 
 def take(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:

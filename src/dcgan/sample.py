@@ -7,12 +7,15 @@
                safetensors with a JSON that rebuilds it (portable.py), which ckpt= also takes back
 
 Image i of a grid with `seed=s` comes from seed s+i (images.latents), so an image depends on its seed
-only. `truncation=t` trades variety for fidelity in every mode (see `images.latents`). `scale=K` writes
-every image and movie K times larger, each pixel a KxK block (nearest neighbour: sharp, no invented detail).
+only. `truncation=t` trades variety for fidelity in every mode that draws images (see `images.latents`).
+`scale=K` writes every image and movie K times larger, each pixel a KxK block (nearest neighbour: sharp, no
+invented detail). A setting the chosen mode does not read (truncation on export, seeds= for a grid) is
+refused, not ignored.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -25,8 +28,18 @@ from torch import nn
 
 from dcgan import checkpoint, config, data, files, models, portable
 from dcgan.distributed import resolve_device, validate_device
-from dcgan.errors import UserError, check_output_file, check_seeds, check_writable_folder
-from dcgan.images import enlarge, generate, latents, save_atomically, save_gif, save_grid, to_pil, to_uint8
+from dcgan.errors import UserError, at_most, check_output_file, check_seeds, check_writable_folder, finite, unused
+from dcgan.images import (
+    MAX_GIF_FPS,
+    enlarge,
+    generate,
+    latents,
+    save_atomically,
+    save_gif,
+    save_grid,
+    to_pil,
+    to_uint8,
+)
 from dcgan.state import CONFIG_YAML, STEP, sampling_weights
 
 
@@ -305,7 +318,11 @@ def export_torchscript(G: nn.Module, example: torch.Tensor, about: Dict[str, obj
     with warnings.catch_warnings():
         # torch.jit is deprecated in favour of torch.export, but TorchScript is what torch.jit.load and libtorch read.
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.trace(G, example), str(path), _extra_files={"dcgan.json": json.dumps(about)})
+        # Saved to memory, then written: torch.jit.save to a path aborts the whole process on a full disk (its
+        # writer fails in a C++ destructor), where a Python write raises an OSError we can report.
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.trace(G, example), buffer, _extra_files={"dcgan.json": json.dumps(about)})
+    path.write_bytes(buffer.getvalue())
 
 
 def export_onnx(G: nn.Module, example: torch.Tensor, about: Dict[str, object], path: Path) -> None:
@@ -356,6 +373,8 @@ def check_sample_config(cfg: SampleConfig) -> None:
         raise UserError("no checkpoint given: pass ckpt=PATH (e.g. ckpt=outputs/RUN/checkpoints/last.pt)")
     if cfg.n < 1 or cfg.nrow < 1:
         raise UserError(f"n and nrow must be >= 1, got n={cfg.n} nrow={cfg.nrow}")
+    if cfg.truncation is not None:
+        finite("truncation", cfg.truncation)  # inf truncates nothing: leave truncation unset for that
     if cfg.truncation is not None and not cfg.truncation > 0:
         raise UserError(f"truncation must be > 0 (or null for none), got {cfg.truncation}")
     if cfg.k < 1:
@@ -370,8 +389,74 @@ def check_sample_config(cfg: SampleConfig) -> None:
         raise UserError(
             f"n={cfg.n:,} is more images than gan-sample makes in one command ({MAX_IMAGES:,}); split the job by seed"
         )
+    at_most("k", cfg.k, MAX_NEIGHBORS, f"the panel would hold {cfg.k + 1:,} images in each sample's row")
+    at_most("fps", cfg.fps, MAX_GIF_FPS, "a GIF plays frames at most 50 a second (browsers slow faster ones to 10)")
     check_request_seeds(cfg)
+    check_settings_used(cfg)
+    count = images_requested(cfg)
+    if count > MAX_IMAGES:
+        raise UserError(
+            f"mode={cfg.mode} would make {count:,} images, more than the {MAX_IMAGES:,} gan-sample makes in one "
+            "command; ask for fewer (n, seeds, frames) or split the job by seed"
+        )
     check_output(cfg)
+
+
+MAX_NEIGHBORS = 100  # mode=neighbors: training images shown beside each sample
+
+# The settings each mode reads (ckpt, mode, out, device and ema: all of them); another one changed is refused.
+SETTINGS_READ = {
+    "grid": ("n", "nrow", "seed", "truncation"),
+    "seeds": ("seeds", "n", "seed", "truncation"),
+    "interpolate": ("seeds", "seed", "frames", "fps", "truncation"),
+    "neighbors": ("seeds", "n", "seed", "k", "dataset_root", "truncation"),
+    "export": ("format",),
+}
+
+
+def check_settings_used(cfg: SampleConfig) -> None:
+    """A setting the mode never reads (truncation on export, seeds for a grid) is refused, not ignored."""
+    read = set(SETTINGS_READ[cfg.mode])
+    if cfg.seeds and "seeds" in read:  # seeds= names every seed, so seed= and n= have nothing left to say
+        read -= {"seed", "n"}
+    if cfg.mode == "interpolate" and output_path(cfg).suffix.lower() in GRID_SUFFIXES:
+        read.discard("fps")  # a still grid has no frame rate
+    defaults = SampleConfig()
+    for key in ("seeds", "seed", "n", "nrow", "frames", "fps", "truncation", "k", "dataset_root", "format"):
+        value = getattr(cfg, key)
+        if key not in read and value != getattr(defaults, key):
+            given = f" with seeds={cfg.seeds}" if cfg.seeds and key in ("seed", "n") else ""
+            unused(
+                key,
+                value,
+                f"mode={cfg.mode}{given} does not use it",
+                f"remove {key}= (mode={cfg.mode} reads {', '.join(sorted(read)) or 'no other setting'})",
+            )
+
+
+def images_requested(cfg: SampleConfig) -> int:
+    """How many images the mode generates (each held as float32 until written)."""
+    if cfg.mode == "export":
+        return 0
+    if cfg.mode == "interpolate":
+        keys = len(interpolation_keys(cfg))
+        closed = output_path(cfg).suffix.lower() not in GRID_SUFFIXES  # a movie loops back to its first key
+        return (keys if closed else keys - 1) * (cfg.frames if closed else cfg.frames + 1)
+    if cfg.mode == "grid" or not cfg.seeds:
+        return cfg.n
+    return len(parse_seeds(cfg.seeds))
+
+
+def check_memory(cfg: SampleConfig, train_cfg: DictConfig) -> None:
+    """The images asked for fit in memory as float32, known once the checkpoint gives their size."""
+    pixels = train_cfg.dataset.channels * train_cfg.dataset.image_size**2
+    needed = images_requested(cfg) * pixels * 4
+    where, available = models.device_memory("cpu")
+    if needed > available:
+        raise UserError(
+            f"{images_requested(cfg):,} images of {train_cfg.dataset.image_size}px need {needed / 2**30:,.0f} GiB "
+            f"as float32, more than the {available / 2**30:,.0f} GiB of {where}; ask for fewer (n, seeds, frames)"
+        )
 
 
 def check_request_seeds(cfg: SampleConfig) -> None:
@@ -429,5 +514,8 @@ def run(cfg: SampleConfig) -> List[Path]:
         raise UserError(
             f"truncation scales this checkpoint's uniform latents, so it must be in (0, 1]; got {cfg.truncation}"
         )
+    check_memory(cfg, train_cfg)
     weights = sampling_weights(saved, cfg.ema)[1]
-    return MODES[cfg.mode](Studio(G, train_cfg, cfg, device, weights, int(saved[STEP])))
+    studio = Studio(G, train_cfg, cfg, device, weights, int(saved[STEP]))
+    with files.write_errors_as_user_errors("free some disk space, or write elsewhere with out=PATH"):
+        return MODES[cfg.mode](studio)

@@ -22,7 +22,18 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dcgan import augment, checkpoint, data, distributed, models, report, runcard, speed
-from dcgan.errors import SAME_SIGNAL_S, STOP_SIGNALS, Interrupted, UserError, at_least, check_seeds, exit_with
+from dcgan.errors import (
+    SAME_SIGNAL_S,
+    STOP_SIGNALS,
+    Interrupted,
+    UserError,
+    at_least,
+    at_most,
+    check_seeds,
+    exit_with,
+    finite,
+    unused,
+)
 from dcgan.guard import Guard, HealthConfig
 from dcgan.images import generate, latents, save_grid
 from dcgan.layout import RunFolder
@@ -107,6 +118,8 @@ def validate_trainer(t: TrainerConfig) -> None:
     at_least("trainer.ema_start", t.ema_start, 0)
     if not 0.0 <= t.lr_decay <= 1.0:
         raise UserError(f"trainer.lr_decay is a fraction of the run in [0, 1] (0 turns it off), got {t.lr_decay}")
+    for key in ("max_minutes", "ckpt_every_minutes", "eval_every_minutes", "dist_timeout_s"):
+        finite(f"trainer.{key}", t[key])  # inf: 0 is how "no limit" is spelt
     for key in ("max_minutes", "ckpt_every_minutes", "eval_every_minutes"):
         if not t[key] >= 0:
             raise UserError(f"trainer.{key} must be >= 0 minutes (0 turns it off), got {t[key]}")
@@ -121,6 +134,47 @@ def validate_trainer(t: TrainerConfig) -> None:
             "trainer.lr_decay changes the learning rates every step, which a CUDA graph can't follow: "
             "set trainer.cuda_graphs=false or trainer.lr_decay=0"
         )
+    check_trainer_sizes(t)
+    check_trainer_settings_used(t)
+
+
+# Bounds on the counts a typo can make huge (an extra 0 or two): far beyond any real run, yet short of a hang.
+MAX_STEPS = 10**9
+MAX_EPOCHS = 100_000
+MAX_D_STEPS = 100
+MAX_GRID_SIZE = 1024
+
+
+def check_trainer_sizes(t: TrainerConfig) -> None:
+    """Sizes whose cost grows with the value: refused before any work, with what they would cost.
+    (batch_size is bounded by models.check_memory, in GiB, with the image size and widths.)"""
+    days = t.max_steps / 1000 / 86400
+    at_most("trainer.max_steps", t.max_steps, MAX_STEPS, f"even at 1,000 steps/s that is {days:,.0f} days of training")
+    at_most(
+        "trainer.epochs",
+        t.epochs,
+        MAX_EPOCHS,
+        "each epoch is a full pass over the data set; for a long run count generator updates in trainer.max_steps",
+    )
+    at_most(
+        "trainer.d_steps",
+        t.d_steps,
+        MAX_D_STEPS,
+        f"each step would take about {t.d_steps + 1:,} times as long as one D and one G update (WGAN uses 5)",
+    )
+    at_most(
+        "trainer.grid_size",
+        t.grid_size,
+        MAX_GRID_SIZE,
+        f"every progress grid would be one PNG of {t.grid_size:,} images, drawn every trainer.sample_every steps",
+    )
+
+
+def check_trainer_settings_used(t: TrainerConfig) -> None:
+    """Settings that another one switches off are refused when changed, rather than silently ignored."""
+    # (trainer.epochs beside max_steps is not refused: presets set epochs, and max_steps documentedly wins.)
+    if t.ema == 0 and t.ema_start != TrainerConfig().ema_start:
+        unused("trainer.ema_start", t.ema_start, "the EMA is off (trainer.ema=0)", "set trainer.ema, e.g. 0.999, too")
 
 
 def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
