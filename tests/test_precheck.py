@@ -51,6 +51,7 @@ CASES = [
     ("misspelt key", ["trainer.max_step=3", "hydra.run.dir=NEW"], "did you mean trainer.max_steps?"),
     ("wrong type", ["-cn", "train", "trainer.batch_size=abc", "hydra.run.dir=NEW"], "trainer.batch_size=abc"),
     ("unknown option", ["loss=hinje", "hydra.run.dir=NEW"], "hinge"),
+    ("sweep under a file", ["-m", "loss=ns", "hydra.sweep.dir=ROOT/mnist_tiny/run_card.json/sweep"], "is a file"),
     ("sweep into a run", ["-m", "loss=ns", "hydra.sweep.dir=ROOT", "hydra.sweep.subdir=mnist_tiny"], "already hold"),
 ]
 

@@ -10,6 +10,7 @@ How a run ends (finished, stopped by a signal, diverged) becomes its exit code h
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -145,6 +146,10 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         if precheck.checked or wants_traceback:  # raised by the run, not by the command line: a bug
             raise
         exit_with(UserError(sweep.missing_plugin(error) or describe_config_error(error)), "gan-train")
+    except OSError as error:  # e.g. Hydra's own record (.hydra/, the log) on a full or read-only disk
+        if error.errno not in USER_FILE_ERRORS:
+            raise
+        exit_with(UserError(f"could not write {error.filename or 'a file'}: {error.strerror}"), "gan-train")
     except Exception:
         if sweep.stopping is None:
             raise
@@ -159,6 +164,9 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         else:
             os.environ["HYDRA_FULL_ERROR"] = earlier
 
+
+# What a file system can do to any write: full, over quota, too large, read-only, not ours.
+USER_FILE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 STOPPED_HOW = (
     "; every file written is whole, and a run that had begun training is checkpointed: continue it (or the "

@@ -101,7 +101,7 @@ HYDRA_CONF = Path(sys.modules["hydra"].__file__).parent / "conf"
 
 def check_sweep(hydra_config: DictConfig) -> None:
     sweep_dir = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
-    runcard.check_run_dir(str(sweep_dir))
+    runcard.check_run_dir(str(sweep_dir), "hydra.sweep.dir")
     jobs = grid_jobs(hydra_config)
     for dataset in {OmegaConf.to_yaml(task.dataset): task.dataset for _, task in jobs}.values():
         data.check_available(dataset)  # each data set the grid trains on, before any job begins

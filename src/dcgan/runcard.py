@@ -183,19 +183,14 @@ def git_revision(folder: Path) -> Optional[Dict[str, Any]]:
 # ---------------------------------------------------------------- before and during training
 
 
-def check_run_dir(run_dir: str) -> None:
-    """Fail with one line, before Hydra tries, when hydra.run.dir can't be created or written."""
+def check_run_dir(run_dir: str, key: str = "hydra.run.dir") -> None:
+    """Fail with one line, before Hydra tries, when the folder `key` names can't be created or written."""
     path = Path(run_dir).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise UserError(
-            f"hydra.run.dir={run_dir} can't be created: {existing} is a file, not a folder; pick another hydra.run.dir"
-        )
+        raise UserError(f"{key}={run_dir} can't be created: {existing} is a file, not a folder; pick another {key}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(
-            f"hydra.run.dir={run_dir} can't be created or written: {existing} is not writable; pick "
-            "another hydra.run.dir"
-        )
+        raise UserError(f"{key}={run_dir} can't be created or written: {existing} is not writable; pick another {key}")
 
 
 def use_deterministic_algorithms(enabled: bool) -> None:
