@@ -219,7 +219,7 @@ def sample_main(argv: List[str] | None = None) -> None:
 def eval_main(argv: Optional[List[str]] = None) -> None:
     """`gan-eval ckpt=PATH [dataset=NAME] [n=10000] [metrics=[fid,kid]] [inception_weights=PATH]`,
     or `gan-eval input1=FOLDER input2=FOLDER`, or `gan-eval fp16_copy=OUT.pth inception_weights=PATH`."""
-    logging.basicConfig(level=logging.INFO, format="gan-eval: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="gan-eval: %(message)s", force=True)
     args = sys.argv[1:] if argv is None else argv
     exit_with_help(eval_main.__doc__, evaluate.__doc__, "eval", args)
     try:
@@ -245,7 +245,7 @@ def report_main(argv: Optional[List[str]] = None) -> None:
     """`gan-report run=DIR [fps=4] [max_frames=100]`, or `gan-report sweep=DIR [out=PAGE.md] [title=...]`."""
     args = sys.argv[1:] if argv is None else argv
     exit_with_help(report_main.__doc__, report.__doc__, "report", args)
-    logging.basicConfig(level=logging.INFO, format="gan-report: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="gan-report: %(message)s", force=True)
     try:
         written = report.run(OmegaConf.to_object(compose("report", args)))
     except UserError as error:

@@ -38,6 +38,9 @@ class ReportConfig:
 
 
 log = logging.getLogger(__name__)
+# matplotlib notes on the log when it can't keep its font cache (a full or read-only home): its business, not
+# the user's; the chart is drawn either way.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 FINAL_FRAME_MS = 2000  # the last grid stays up a while before the movie loops
 CAPTION_PX = 14  # height of the "step N" band under each frame
