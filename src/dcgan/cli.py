@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dcgan import distributed, evaluate, report, runcard, runfolder, sample, supervise, sweep, train
-from dcgan.config import compose, config_dir, validate_train
+from dcgan.config import compose, config_dir, validate_train, with_config_dir
 from dcgan.errors import DIVERGED_EXIT, USAGE_EXIT, UserError, exit_with, signal_exit
 
 
@@ -105,6 +105,10 @@ Completes config groups, their options and keys (gan-train dataset=<TAB>):
 def train_main(argv: Optional[List[str]] = None) -> None:
     """`gan-train [overrides]`: check the config, then let Hydra make the run folder and call train()."""
     args = sys.argv[1:] if argv is None else argv
+    try:  # the user's config folder as Hydra's search path, so the checks below compose what Hydra will
+        args = with_config_dir(args)
+    except UserError as error:
+        exit_with(error, "gan-train")
     if "--hydra-help" in args:
         try:
             print(HYDRA_HELP, flush=True)

@@ -11,6 +11,7 @@ Schemas: train_schema and report_schema here; gan-sample's and gan-eval's regist
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List
@@ -81,13 +82,19 @@ register_schema("report_schema", ReportConfig)
 
 
 def compose(config_name: str, overrides: List[str]) -> DictConfig:
-    """Compose `configs/<config_name>.yaml` with command-line style overrides, as Hydra would."""
+    """Compose `configs/<config_name>.yaml` with command-line style overrides, as Hydra would.
+
+    The user's own config folders (`--config-dir DIR`, `hydra.searchpath=[file://DIR]`) are searched after the
+    package's, so their files add options to a group (a data set, a network, a preset) next to the shipped ones.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    # Keep only config overrides; Hydra's own settings (hydra.run.dir=...) don't change the config.
-    config_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.") and not o.startswith("-")]
+    # Keep only config overrides and the search path; Hydra's other settings (hydra.run.dir=...) don't change it.
+    config_overrides = [
+        o for o in with_config_dir(overrides) if is_search_path(o) or not o.lstrip("+~").startswith(("hydra.", "-"))
+    ]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -95,12 +102,47 @@ def compose(config_name: str, overrides: List[str]) -> DictConfig:
     except UserError:
         raise
     except Exception as error:  # Hydra and OmegaConf report bad overrides with their own exception types
-        raise UserError(describe_config_error(error)) from None
+        raise UserError(describe_config_error(error, f"gan-{config_name}")) from None
     finally:
         GlobalHydra.instance().clear()
 
 
-def describe_config_error(error: Exception) -> str:
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+
+
+def is_search_path(override: str) -> bool:
+    return override.startswith("hydra.searchpath=")
+
+
+def with_config_dir(args: List[str]) -> List[str]:
+    """`--config-dir DIR` (`-cd DIR`, `--config-dir=DIR`) as the override Hydra would apply for it,
+    `hydra.searchpath=[file:///abs/DIR]`: then every command and every pre-check composes the same config,
+    and the arguments left are overrides only. Several folders, or one given both ways, are searched in order."""
+    folders: List[str] = []
+    rest: List[str] = []
+    args = iter(args)
+    for arg in args:
+        flag, equals, value = arg.partition("=")
+        if flag in CONFIG_DIR_FLAGS:
+            folder = Path(value if equals else next(args, "")).expanduser().resolve()
+            if not folder.is_dir():
+                raise UserError(f"{flag} {folder}: no such folder; give a folder that holds your config groups")
+            folders.append(f"file://{folder}")
+        else:
+            rest.append(arg)
+    if not folders:
+        return rest
+    given = [a for a in rest if is_search_path(a)]
+    if given:  # hydra.searchpath=[a,b] given as well: one list, the --config-dir folders first
+        inner = given[0].split("=", 1)[1].strip().strip("[]")
+        folders += [inner] if inner else []
+    rest = [a for a in rest if not is_search_path(a)]
+    # Beside the other overrides: Hydra's parser takes them as one run of words (`... --cfg job` after them).
+    first = next((i for i, a in enumerate(rest) if "=" in a and not a.startswith("-")), len(rest))
+    return [*rest[:first], f"hydra.searchpath=[{','.join(folders)}]", *rest[first:]]
+
+
+def describe_config_error(error: Exception, command: str = "gan-train") -> str:
     """One readable sentence from a Hydra/OmegaConf composition error, with what to do about it."""
     messages = []
     while error is not None:
@@ -109,11 +151,18 @@ def describe_config_error(error: Exception) -> str:
         error = error.__cause__ or error.__context__
     # Outer first; OmegaConf repeats itself with "$VALUE" templates further down the chain.
     message = ": ".join(list(dict.fromkeys(m for m in messages if m and "$VALUE" not in m))[:2])
+    # Point at what a user of the installed command has: its --help, and Hydra's --cfg job (gan-train only).
+    shown = f"`{command} --help` lists every key with its default" + (
+        "; add `--cfg job` to your command to print the config it composes" if command == "gan-train" else ""
+    )
     if "Could not override" in message or "not in" in message:
         key = message.split("'")[1] if "'" in message else "?"
-        return f"unknown config key {key}: check its spelling; the valid keys are in configs/ and src/dcgan/config.py"
+        return f"unknown config key {key}: check its spelling; {shown}"
     if "Could not find" in message:
-        return f"{message.replace('In ' + repr('train') + ': ', '')}; pick one of those"
+        return (
+            f"{re.sub(r'In .[a-z_]+.: ', '', message)}; pick one of those, or add your own file "
+            "in a folder of your own and pass --config-dir FOLDER (docs/extending.md)"
+        )
     return f"bad configuration: {message}"
 
 

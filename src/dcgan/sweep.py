@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dcgan import distributed, evaluate, files, metrics, runcard, runfolder, supervise, train
-from dcgan.config import compose, validate_train
+from dcgan.config import compose, is_search_path, validate_train
 from dcgan.errors import USAGE_EXIT, UserError
 from dcgan.layout import RunFolder
 
@@ -173,7 +173,7 @@ def check_jobs_compose(overrides: List[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        parsed = OverridesParser.create().parse_overrides([a for a in overrides if not a.startswith("hydra")])
+        parsed = OverridesParser.create().parse_overrides([a for a in overrides if is_search_path(a) or not a.startswith("hydra")])
         batches = BasicSweeper.split_arguments(parsed, None)
     except Exception as error:  # Hydra's own parse errors: reported by Hydra itself when it runs
         log.debug("sweep not pre-checked: %s", error)
