@@ -173,7 +173,8 @@ def check_jobs_compose(overrides: List[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        parsed = OverridesParser.create().parse_overrides([a for a in overrides if is_search_path(a) or not a.startswith("hydra")])
+        job_overrides = [a for a in overrides if is_search_path(a) or not a.startswith("hydra")]
+        parsed = OverridesParser.create().parse_overrides(job_overrides)
         batches = BasicSweeper.split_arguments(parsed, None)
     except Exception as error:  # Hydra's own parse errors: reported by Hydra itself when it runs
         log.debug("sweep not pre-checked: %s", error)
