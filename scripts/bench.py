@@ -257,13 +257,14 @@ def our_images_per_s(args: argparse.Namespace, data_overrides: List[str], extra:
     return args.batch_size / seconds_per_step(run_dir, args.warmup, args.batch_size)
 
 
-def seconds_per_step(run_dir: Path, warmup: int, batch_size: int) -> float:
+def seconds_per_step(run_dir: Path, warmup: int, images_per_step: int) -> float:
     """A finished run's training seconds per step after its first `warmup` steps, from its metrics rows
-    (logged every `warmup` steps): start-up, data loading and the last checkpoint are not in them."""
+    (logged every `warmup` steps; images_per_s is rounded to 0.1): start-up, data loading and the last
+    checkpoint are not in them. `images_per_step`: batch size x d_steps, as the rows count images."""
     rows = [row for row in read_metrics(RunFolder(run_dir).metrics) if row["step"] > warmup]
     seconds, previous = 0.0, warmup
     for row in rows:  # each row's images_per_s covers the steps since the row before
-        seconds += (row["step"] - previous) * batch_size / row["images_per_s"]
+        seconds += (row["step"] - previous) * images_per_step / row["images_per_s"]
         previous = row["step"]
     return seconds / (previous - warmup)
 

@@ -89,7 +89,8 @@ def measure(preset: str, args: argparse.Namespace, folder: Path) -> Dict[str, An
         "data_needed": DATA_NEEDED[own.dataset.name],
         "image_shape": shape,
         "batch_size": own.trainer.batch_size,
-        "seconds_per_step": seconds_per_step(run_dir, args.warmup, own.trainer.batch_size),
+        # A metrics row's images_per_s counts the real images of every D update of its steps.
+        "seconds_per_step": seconds_per_step(run_dir, args.warmup, own.trainer.batch_size * own.trainer.d_steps),
     }
 
 
@@ -125,7 +126,7 @@ def markdown(report: Dict[str, Any]) -> str:
     for r in report["results"]:
         lines.append(
             f"| `{r['preset']}` | {r['data_needed']} | {r['image_shape']} | {r['batch_size']} | "
-            f"{r['seconds_per_step']:.2f} |"
+            f"{r['seconds_per_step']:.3g} |"
         )
     return "\n".join(lines)
 

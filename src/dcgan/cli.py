@@ -94,7 +94,7 @@ Completes config groups, their options and keys (gan-train dataset=<TAB>):
   zsh:   autoload -Uz bashcompinit && bashcompinit && eval "$(gan-train -sc install=bash)"    (in ~/.zshrc)
   fish:  gan-train -sc install=fish | source        (in ~/.config/fish/config.fish)
 
-== Sweeps and clusters (README, "Sweeps") ==
+== Sweeps and clusters (docs/sweeps.md) ==
   gan-train -m loss=ns,hinge                    a grid, one job after another; each returns sweep.objective
   gan-train -m hparams_search=fashion_optuna    an Optuna search (pip install ".[sweep]")
   gan-train -m hydra/launcher=slurm_gpu ...     each job a SLURM job; slurm_ddp: one DDP process per task
