@@ -51,6 +51,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (and the metrics-row interval)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per preset")
+    parser.add_argument(
+        "--overrides", default="", help='gan-train overrides for every preset, e.g. "trainer.amp=true"'
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if min(args.steps, args.warmup) < 1:
@@ -59,7 +62,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def preset_config(preset: str, args: argparse.Namespace, steps: int):
-    """The preset, trained on the shipped digits at its own image shape and batch size."""
+    """The preset as published (for its data), and as trained here: on the shipped digits at its own image
+    shape and batch size, with --overrides on top."""
     own = compose("train", [f"preset={preset}"])
     return own, compose(
         "train",
@@ -74,6 +78,7 @@ def preset_config(preset: str, args: argparse.Namespace, steps: int):
             "trainer.sample_every=1000000000",
             "trainer.ckpt_every=1000000000",
             "trainer.progress=false",
+            *shlex.split(args.overrides),
         ],
     )
 
@@ -82,15 +87,15 @@ def measure(preset: str, args: argparse.Namespace, folder: Path) -> Dict[str, An
     own, cfg = preset_config(preset, args, args.warmup + args.steps)
     run_dir = folder / preset
     train(cfg, run_dir)
-    shape = f"{own.dataset.image_size}x{own.dataset.image_size}x{own.dataset.channels}"
+    shape = f"{cfg.dataset.image_size}x{cfg.dataset.image_size}x{cfg.dataset.channels}"
     return {
         "preset": preset,
         "dataset": own.dataset.name,
         "data_needed": DATA_NEEDED[own.dataset.name],
         "image_shape": shape,
-        "batch_size": own.trainer.batch_size,
+        "batch_size": cfg.trainer.batch_size,
         # A metrics row's images_per_s counts the real images of every D update of its steps.
-        "seconds_per_step": seconds_per_step(run_dir, args.warmup, own.trainer.batch_size * own.trainer.d_steps),
+        "seconds_per_step": seconds_per_step(run_dir, args.warmup, cfg.trainer.batch_size * cfg.trainer.d_steps),
     }
 
 

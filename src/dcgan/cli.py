@@ -105,8 +105,8 @@ Completes config groups, their options and keys (gan-train dataset=<TAB>):
 def train_main(argv: Optional[List[str]] = None) -> None:
     """`gan-train [overrides]`: check the config, then let Hydra make the run folder and call train()."""
     args = sys.argv[1:] if argv is None else argv
-    try:  # the user's config folder as Hydra's search path, so the checks below compose what Hydra will
-        args = with_config_dir(args)
+    try:  # --config-dir as the search path it adds, so the checks below compose what Hydra will
+        overrides = with_config_dir(args)
     except UserError as error:
         exit_with(error, "gan-train")
     if "--hydra-help" in args:
@@ -116,14 +116,14 @@ def train_main(argv: Optional[List[str]] = None) -> None:
             reader_has_enough()
             return
     # Flags (--help, --cfg job, --multirun) are Hydra's business; plain overrides are checked here first.
-    if any(arg in ("-m", "--multirun") for arg in args):
+    if any(arg in ("-m", "--multirun") for arg in overrides):
         try:  # each job is checked when it runs; what would end the sweep halfway is checked now
-            sweep.check_sweep(args)
+            sweep.check_sweep(overrides)
         except UserError as error:
             exit_with(error, "gan-train")
-    elif not any(arg.startswith("-") for arg in args):
+    elif not any(arg.startswith("-") for arg in overrides):
         try:
-            cfg = compose("train", args)
+            cfg = compose("train", overrides)
             validate_train(cfg)
             runcard.check_run_dir(run_dir_from(args))  # Hydra would fail on it with a traceback
             if distributed.world().enabled:  # under torchrun: join the job, use rank 0's run folder

@@ -115,9 +115,10 @@ def is_search_path(override: str) -> bool:
 
 
 def with_config_dir(args: List[str]) -> List[str]:
-    """`--config-dir DIR` (`-cd DIR`, `--config-dir=DIR`) as the override Hydra would apply for it,
-    `hydra.searchpath=[file:///abs/DIR]`: then every command and every pre-check composes the same config,
-    and the arguments left are overrides only. Several folders, or one given both ways, are searched in order."""
+    """`--config-dir DIR` (`-cd DIR`, `--config-dir=DIR`) as the override that adds the same folder to the
+    search path, `hydra.searchpath=[file:///abs/DIR]`, so a composition outside Hydra's own command line (the
+    checks before gan-train starts, gan-sample, gan-eval) finds what Hydra will; the arguments left are
+    overrides only. Several folders, or folders given both ways, are searched in order."""
     folders: List[str] = []
     rest: List[str] = []
     args = iter(args)
@@ -156,7 +157,11 @@ def describe_config_error(error: Exception, command: str = "gan-train") -> str:
         "; add `--cfg job` to your command to print the config it composes" if command == "gan-train" else ""
     )
     if "Could not override" in message or "not in" in message:
+        # "Could not override 'trainer.x'" (the command line), or "In 'generator/mine': ... Key 'x' not in" (a file)
         key = message.split("'")[1] if "'" in message else "?"
+        in_file = re.match(r"In '([^']+)': .*Key '([^']+)' not in", message)
+        if in_file:
+            key = f"{in_file.group(2)} in {in_file.group(1)}.yaml"
         return f"unknown config key {key}: check its spelling; {shown}"
     if "Could not find" in message:
         return (
