@@ -254,12 +254,19 @@ def our_images_per_s(args: argparse.Namespace, data_overrides: List[str], extra:
     """Run gan-train's train() for warmup + steps; images/s over the metrics rows after the warm-up."""
     run_dir = folder / f"run_{len(list(folder.glob('run_*')))}"
     train(our_config(args, data_overrides, extra, args.warmup + args.steps, args.warmup), run_dir)
-    rows = [row for row in read_metrics(RunFolder(run_dir).metrics) if row["step"] > args.warmup]
-    seconds, previous = 0.0, args.warmup
+    return args.batch_size / seconds_per_step(run_dir, args.warmup, args.batch_size)
+
+
+def seconds_per_step(run_dir: Path, warmup: int, images_per_step: int) -> float:
+    """A finished run's training seconds per step after its first `warmup` steps, from its metrics rows
+    (logged every `warmup` steps; images_per_s is rounded to 0.1): start-up, data loading and the last
+    checkpoint are not in them. `images_per_step`: batch size x d_steps, as the rows count images."""
+    rows = [row for row in read_metrics(RunFolder(run_dir).metrics) if row["step"] > warmup]
+    seconds, previous = 0.0, warmup
     for row in rows:  # each row's images_per_s covers the steps since the row before
-        seconds += (row["step"] - previous) * args.batch_size / row["images_per_s"]
+        seconds += (row["step"] - previous) * images_per_step / row["images_per_s"]
         previous = row["step"]
-    return args.steps * args.batch_size / seconds
+    return seconds / (previous - warmup)
 
 
 def our_flops_per_image(args: argparse.Namespace, data_overrides: List[str], extra: List[str], folder: Path) -> float:

@@ -1,4 +1,4 @@
-"""A data set, a loss and a generator/discriminator pair added through the public registries (README, "Extending"),
+"""A data set, a loss and a generator/discriminator pair added through the public registries (docs/extending.md),
 selected by name in the real config, validated, and trained for a few steps in-process."""
 
 from __future__ import annotations
@@ -8,11 +8,14 @@ from typing import Dict
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from dcgan import checkpoint, config, data, losses, models
+from dcgan import checkpoint, cli, config, data, losses, models
 from dcgan.errors import UserError
 from dcgan.train import train
+
+from conftest import run_cli
 
 TOY = "toy"
 TOY_IMAGES = 48
@@ -127,3 +130,59 @@ def test_double_backward_is_the_losses_own_answer():
     needs = {name: losses.build_loss(losses.LossConfig(name=name)).needs_double_backward for name in losses.LOSSES}
     assert needs == {"ns": False, "hinge": False, "lsgan": False, "wgan_gp": True}
     assert losses.build_loss(losses.LossConfig(name="hinge", r1_weight=1.0)).needs_double_backward
+
+
+# ---------------------------------------------------------------- a config folder of the user's own
+
+
+def write_user_configs(folder: Path) -> Path:
+    """A data set, a generator and a preset in a folder outside the package (docs/extending.md)."""
+    for group in ("dataset", "generator", "preset"):
+        (folder / group).mkdir(parents=True)
+    (folder / "dataset" / "digits_100.yaml").write_text("defaults:\n  - mnist_tiny\n  - _self_\nmax_images: 100\n")
+    (folder / "generator" / "dcgan_third.yaml").write_text("defaults:\n  - dcgan\n  - _self_\nwidth: 0.33\n")
+    (folder / "preset" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /dataset: digits_100\n  - override /generator: dcgan_third\n"
+        "  - override /loss: hinge\ntrainer:\n  batch_size: 24\n"
+    )
+    return folder
+
+
+def test_config_dir_adds_a_dataset_a_network_and_a_preset(tmp_path: Path):
+    """The installed gan-train composes the user's files beside the shipped ones, command line still winning."""
+    folder = write_user_configs(tmp_path / "my_configs")
+    result = run_cli("gan-train", ["--config-dir", str(folder), "preset=mine", "trainer.seed=7", "--cfg", "job"],
+                     cwd=tmp_path)
+    composed = OmegaConf.create(result.stdout)
+    assert (composed.dataset.name, composed.dataset.max_images) == ("mnist_tiny", 100)
+    assert (composed.generator.arch, composed.generator.width) == ("dcgan", 0.33)
+    assert (composed.loss.name, composed.trainer.batch_size, composed.trainer.seed) == ("hinge", 24, 7)
+    assert not (tmp_path / "outputs").exists()  # --cfg job only prints
+
+
+@pytest.mark.parametrize("spelling", ["--config-dir", "-cd", "--config-dir=", "hydra.searchpath"])
+def test_every_spelling_of_the_config_folder_composes_the_same(tmp_path: Path, spelling: str):
+    folder = write_user_configs(tmp_path / "my_configs")
+    if spelling == "hydra.searchpath":
+        args = [f"hydra.searchpath=[file://{folder}]", "preset=mine"]
+    elif spelling.endswith("="):
+        args = [f"{spelling}{folder}", "preset=mine"]
+    else:
+        args = [spelling, str(folder), "preset=mine"]
+    cfg = config.compose("train", args)
+    config.validate_train(cfg)
+    assert (cfg.dataset.max_images, cfg.generator.width, cfg.loss.name) == (100, 0.33, "hinge")
+
+
+def test_a_bad_key_in_a_user_file_is_one_line_pointing_at_help(tmp_path: Path, capsys):
+    folder = write_user_configs(tmp_path / "my_configs")
+    (folder / "generator" / "typo.yaml").write_text("defaults:\n  - dcgan\n  - _self_\nwidht: 0.5\n")
+    with pytest.raises(SystemExit) as exit:
+        cli.train_main(["--config-dir", str(folder), "generator=typo", f"hydra.run.dir={tmp_path / 'run'}"])
+    error = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and len(error.splitlines()) == 1, error
+    assert "widht" in error and "gan-train --help" in error and "--cfg job" in error
+    assert "src/dcgan" not in error and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit:
+        cli.train_main(["-cd", str(tmp_path / "nowhere"), "dataset=digits_100"])
+    assert exit.value.code == 2 and "no such folder" in capsys.readouterr().err

@@ -164,7 +164,7 @@ def find_latest(directory: Path) -> Tuple[Optional[Path], List[str]]:
 
 # ---------------------------------------------------------------- resuming
 
-# What a resume may change (README, "Reliability"). Refused: the settings that the saved tensors' shapes or
+# What a resume may change (docs/reliability.md). Refused: the settings that the saved tensors' shapes or
 # the optimizers' state layout depend on. Not reported: how the run is driven, shown and stored. Any other
 # change is allowed, logged as `key: old -> new` before training and recorded in the run card.
 REFUSED_ON_RESUME = (

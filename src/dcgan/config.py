@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List
@@ -83,13 +84,19 @@ register_schema("report_schema", ReportConfig)
 
 
 def compose(config_name: str, overrides: List[str]) -> DictConfig:
-    """Compose `configs/<config_name>.yaml` with command-line style overrides, as Hydra would."""
+    """Compose `configs/<config_name>.yaml` with command-line style overrides, as Hydra would.
+
+    The user's own config folders (`--config-dir DIR`, `hydra.searchpath=[file://DIR]`) are searched after the
+    package's, so their files add options to a group (a data set, a network, a preset) next to the shipped ones.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    # Keep only config overrides; Hydra's own settings (hydra.run.dir=...) don't change the config.
-    config_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.") and not o.startswith("-")]
+    # Keep only config overrides and the search path; Hydra's other settings (hydra.run.dir=...) don't change it.
+    config_overrides = [
+        o for o in with_config_dir(overrides) if is_search_path(o) or not o.lstrip("+~").startswith(("hydra.", "-"))
+    ]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -102,6 +109,42 @@ def compose(config_name: str, overrides: List[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+
+
+def is_search_path(override: str) -> bool:
+    return override.startswith("hydra.searchpath=")
+
+
+def with_config_dir(args: List[str]) -> List[str]:
+    """`--config-dir DIR` (`-cd DIR`, `--config-dir=DIR`) as the override that adds the same folder to the
+    search path, `hydra.searchpath=[file:///abs/DIR]`, so a composition outside Hydra's own command line (the
+    checks before gan-train starts, gan-sample, gan-eval) finds what Hydra will; the arguments left are
+    overrides only. Several folders, or folders given both ways, are searched in order."""
+    folders: List[str] = []
+    rest: List[str] = []
+    args = iter(args)
+    for arg in args:
+        flag, equals, value = arg.partition("=")
+        if flag in CONFIG_DIR_FLAGS:
+            folder = Path(value if equals else next(args, "")).expanduser().resolve()
+            if not folder.is_dir():
+                raise UserError(f"{flag} {folder}: no such folder; give a folder that holds your config groups")
+            folders.append(f"file://{folder}")
+        else:
+            rest.append(arg)
+    if not folders:
+        return rest
+    given = [a for a in rest if is_search_path(a)]
+    if given:  # hydra.searchpath=[a,b] given as well: one list, the --config-dir folders first
+        inner = given[0].split("=", 1)[1].strip().strip("[]")
+        folders += [inner] if inner else []
+    rest = [a for a in rest if not is_search_path(a)]
+    # Beside the other overrides: Hydra's parser takes them as one run of words (`... --cfg job` after them).
+    first = next((i for i, a in enumerate(rest) if "=" in a and not a.startswith("-")), len(rest))
+    return [*rest[:first], f"hydra.searchpath=[{','.join(folders)}]", *rest[first:]]
+
+
 def describe_config_error(error: Exception, config_name: str = "train") -> str:
     """One readable sentence from a Hydra/OmegaConf composition error of `config_name`, with what to do about it."""
     messages = []
@@ -111,11 +154,19 @@ def describe_config_error(error: Exception, config_name: str = "train") -> str:
         error = error.__cause__ or error.__context__
     # Outer first; OmegaConf repeats itself with "$VALUE" templates further down the chain.
     message = ": ".join(list(dict.fromkeys(m for m in messages if m and "$VALUE" not in m))[:2])
+    shown = where_keys_are(config_name)
     if "Could not override" in message or "not in" in message:
+        # "Could not override 'trainer.x'" (the command line), or "In 'generator/mine': ... Key 'x' not in" (a file)
         key = message.split("'")[1] if "'" in message else "?"
+        in_file = re.match(r"In '([^']+)': .*Key '([^']+)' not in", message)
+        if in_file:
+            return f"unknown config key {in_file.group(2)} in {in_file.group(1)}.yaml: check its spelling; {shown}"
         return unknown_key_message(key, config_name)
     if "Could not find" in message:
-        return f"{message.replace('In ' + repr('train') + ': ', '')}; pick one of those"
+        return (
+            f"{re.sub(r'In .[a-z_]+.: ', '', message)}; pick one of those, or add your own file "
+            "in a folder of your own and pass --config-dir FOLDER (docs/extending.md)"
+        )
     return f"bad configuration: {message}"
 
 
@@ -143,8 +194,15 @@ def unknown_key_message(key: str, config_name: str = "train") -> str:
     """'unknown config key K: did you mean K2?': the nearest key of the command's schema, and where keys are listed."""
     nearest = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
     hint = f"did you mean {nearest[0]}? " if nearest else "check its spelling; "
-    program = {"train": "gan-train", "sample": "gan-sample", "eval": "gan-eval", "report": "gan-report"}[config_name]
-    return f"unknown config key {key}: {hint}`{program} --help` lists every key"
+    return f"unknown config key {key}: {hint}{where_keys_are(config_name)}"
+
+
+def where_keys_are(config_name: str) -> str:
+    """What a user of the installed command has: its --help, and Hydra's --cfg job (gan-train only)."""
+    command = f"gan-{config_name}"
+    return f"`{command} --help` lists every key with its default" + (
+        "; add `--cfg job` to your command to print the config it composes" if command == "gan-train" else ""
+    )
 
 
 def known_keys(config_name: str) -> List[str]:

@@ -169,7 +169,7 @@ def _first(images: torch.Tensor, max_images: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The shipped data sets: one registered loader each (README.md, "Extending", adds another)
+# The shipped data sets: one registered loader each (docs/extending.md adds another)
 
 
 @dataset("mnist", splits=("train", "test"))

@@ -1,6 +1,6 @@
 """The run folder: where a run's files live, who owns it, and what a new invocation may do in it.
 
-Rules (README, "Reliability"):
+Rules (docs/reliability.md):
   one owner    A gan-train process holds an exclusive lock on RUN_DIR/.lock (flock) for its whole life;
                under torchrun, rank 0 holds it for the job. A second process exits 2 naming the
                owner's pid and host. The kernel drops the lock when its holder dies, SIGKILL included,
