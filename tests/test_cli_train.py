@@ -158,7 +158,7 @@ def test_epochs_bound_and_d_steps(tmp_path: Path):
     )
     state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert state["step"] == 12
-    assert state["data"] == {"epoch": 2, "position": 0}
+    assert state["data"] == {"epoch": 2, "position": 0, "batch_size": 16}
 
 
 def test_every_loss_trains(tmp_path: Path):

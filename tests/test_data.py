@@ -571,7 +571,7 @@ def test_resuming_from_state_dict_continues_exactly():
     for _ in range(8):  # into the second epoch
         first.next()
     state = first.state_dict()
-    assert state == {"epoch": 1, "position": 2} and all(type(v) is int for v in state.values())
+    assert state == {"epoch": 1, "position": 2, "batch_size": 8} and all(type(v) is int for v in state.values())
     resumed = ImageBatches(images, batch_size=8, device=torch.device("cpu"), seed=7)
     resumed.load_state_dict(state)
     assert [indices_of(resumed.next()) for _ in range(9)] == expected[8:]

@@ -679,8 +679,7 @@ def test_an_unwritable_output_is_one_clear_line(tmp_path: Path, capsys):
     # A write that fails mid-run (here: a file where the samples folder goes) names the path, and the
     # checkpoints written before it stay.
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "samples").write_text("in the way")
-    with pytest.raises(UserError, match=r"File exists: .*samples; check that path .*trainer.resume=auto"):
+    (run / "samples" / "step_000010.png").mkdir(parents=True)  # in the way of the step-10 grid
+    with pytest.raises(UserError, match=r"step_000010\.png.*; check that path .*trainer.resume=auto"):
         train_in_process([*FAST, "trainer.max_steps=10", "trainer.ckpt_every=5"], run)
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 5

@@ -33,7 +33,7 @@ def test_batches_follow_each_epochs_seeded_permutation(rank: int, world_size: in
         global_batches = permutation[: per_epoch * batch_size * world_size].view(per_epoch, world_size, batch_size)
         for expected in global_batches[:, rank]:
             assert image_ids(batches.next()) == sorted(expected.tolist())
-    assert batches.state_dict() == {"epoch": 3, "position": 0}
+    assert batches.state_dict() == {"epoch": 3, "position": 0, "batch_size": batch_size * world_size}
 
 
 def test_a_resumed_position_continues_the_same_order():

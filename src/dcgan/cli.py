@@ -177,6 +177,29 @@ STOPPED_HOW = (
 # ---------------------------------------------------------------- gan-sample, gan-eval, gan-report
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when it writes (the terminal, or a caller's capture)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def log_to_stderr(program: str) -> None:
+    """The command's progress lines, `program: message`, on stderr (one handler, however often it is called)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _Stderr)]:
+        root.removeHandler(handler)
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter(f"{program}: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def stops_cleanly(program: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """A command that a stop signal ends with one line and exit 128 + N (its files are written whole)."""
 
@@ -219,7 +242,7 @@ def sample_main(argv: List[str] | None = None) -> None:
 def eval_main(argv: Optional[List[str]] = None) -> None:
     """`gan-eval ckpt=PATH [dataset=NAME] [n=10000] [metrics=[fid,kid]] [inception_weights=PATH]`,
     or `gan-eval input1=FOLDER input2=FOLDER`, or `gan-eval fp16_copy=OUT.pth inception_weights=PATH`."""
-    logging.basicConfig(level=logging.INFO, format="gan-eval: %(message)s", force=True)
+    log_to_stderr("gan-eval")
     args = sys.argv[1:] if argv is None else argv
     exit_with_help(eval_main.__doc__, evaluate.__doc__, "eval", args)
     try:
@@ -245,7 +268,7 @@ def report_main(argv: Optional[List[str]] = None) -> None:
     """`gan-report run=DIR [fps=4] [max_frames=100]`, or `gan-report sweep=DIR [out=PAGE.md] [title=...]`."""
     args = sys.argv[1:] if argv is None else argv
     exit_with_help(report_main.__doc__, report.__doc__, "report", args)
-    logging.basicConfig(level=logging.INFO, format="gan-report: %(message)s", force=True)
+    log_to_stderr("gan-report")
     try:
         written = report.run(OmegaConf.to_object(compose("report", args)))
     except UserError as error:

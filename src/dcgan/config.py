@@ -155,6 +155,9 @@ def describe_config_error(error: Exception, config_name: str = "train") -> str:
     # Outer first; OmegaConf repeats itself with "$VALUE" templates further down the chain.
     message = ": ".join(list(dict.fromkeys(m for m in messages if m and "$VALUE" not in m))[:2])
     shown = where_keys_are(config_name)
+    missing_folder = re.search(r"Additional config directory '([^']+)' not found", message)
+    if missing_folder:  # --config-dir or hydra.searchpath
+        return f"--config-dir {missing_folder[1]}: no such folder; give a folder that holds your config groups"
     if "Could not override" in message or "not in" in message:
         # "Could not override 'trainer.x'" (the command line), or "In 'generator/mine': ... Key 'x' not in" (a file)
         key = message.split("'")[1] if "'" in message else "?"

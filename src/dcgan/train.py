@@ -464,12 +464,15 @@ def draw_first_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, 
     """samples/step_000000.png from the untrained G, on rank 0 of a run at step 0. Not shown to the guard (a fresh
     G may well draw near-uniform images), and drawn under a forked RNG: the run's random stream stays as it was.
 
-    Drawn by G itself: the EMA is G's copy at step 0, and calibrating its BatchNorm statistics (~2,048 latents)
-    would cost a fresh run, and each restart of one, far more than this one batch of 64."""
+    Drawn by the EMA's copy of G as it stands (G's weights and statistics at step 0), not calibrated: measuring
+    its BatchNorm statistics (~2,048 latents) would cost a fresh run, and each restart of one, far more than this
+    one batch of 64. Not by G itself, which trainer.compile may have compiled for training: a grid in eval mode
+    would compile it once more."""
     if state.step != 0 or not distributed.world().is_main:
         return
+    untrained = state.G_ema.model if state.G_ema is not None else state.G
     with torch.random.fork_rng(devices=[state.noise.device] if state.noise.device.type == "cuda" else []):
-        grid = generate(state.G, grid_z)
+        grid = generate(untrained, grid_z)
     metrics.add_grid(save_grid(grid, run.grid(0), nrow=8), 0)
 
 
