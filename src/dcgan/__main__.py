@@ -9,6 +9,7 @@ the command runs, cli.py owns the signals.
 
 import os
 import signal
+from typing import Callable
 
 
 def _stop_while_starting(program: str) -> None:
@@ -21,32 +22,23 @@ def _stop_while_starting(program: str) -> None:
         signal.signal(signum, stop)
 
 
-def gan_train() -> None:
-    _stop_while_starting("gan-train")
-    from dcgan.cli import train_main
+def _command(program: str, main: str) -> Callable[[], None]:
+    """The entry point of `program`: signals owned while importing, then cli's `main`."""
 
-    train_main()
+    def run() -> None:
+        _stop_while_starting(program)
+        from dcgan import cli
 
+        getattr(cli, main)()
 
-def gan_sample() -> None:
-    _stop_while_starting("gan-sample")
-    from dcgan.cli import sample_main
-
-    sample_main()
-
-
-def gan_eval() -> None:
-    _stop_while_starting("gan-eval")
-    from dcgan.cli import eval_main
-
-    eval_main()
+    run.__name__ = program.replace("-", "_")
+    return run
 
 
-def gan_report() -> None:
-    _stop_while_starting("gan-report")
-    from dcgan.cli import report_main
-
-    report_main()
+gan_train = _command("gan-train", "train_main")
+gan_sample = _command("gan-sample", "sample_main")
+gan_eval = _command("gan-eval", "eval_main")
+gan_report = _command("gan-report", "report_main")
 
 
 if __name__ == "__main__":
