@@ -151,10 +151,10 @@ def train_main(argv: Optional[List[str]] = None) -> None:
             raise
         exit_with(UserError(f"could not write {error.filename or 'a file'}: {error.strerror}"), "gan-train")
     except Exception:
-        if sweep.stopping is None:
+        if sweep.stop_signal() is None:
             raise
         # A launcher whose jobs a signal ended (submitit) reports them as failed: the stop is the news.
-        interrupted_exit(Interrupted(sweep.stopping), "gan-train", STOPPED_HOW)
+        interrupted_exit(Interrupted(sweep.stop_signal()), "gan-train", STOPPED_HOW)
     finally:
         runfolder.release_all()
         distributed.shutdown()

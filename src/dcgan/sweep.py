@@ -146,9 +146,8 @@ class SweepStop:
     """The sweep's process, under a launcher whose jobs run in other processes (joblib, submitit_local): a stop
     signal is passed on to those processes as SIGTERM, which every job takes as a stop (it checkpoints) and
     submitit's local controller forwards to its tasks, and the launcher is left to collect the jobs; a second
-    signal (after SAME_SIGNAL_S) raises Interrupted at once. (A Ctrl-C also reaches submitit's local
-    controller itself, which kills its tasks a second later: under submitit_local, stop a sweep with
-    `kill PID`, SIGTERM, to give every job the time its checkpoint takes.)"""
+    signal (after SAME_SIGNAL_S) raises Interrupted at once. Under submitit_local, the terminal's signals are
+    ignored here instead (TERMINAL_SIGNALS): the jobs take them."""
 
     def __init__(self, sweep_dir: Path):
         self.sweep_dir, self.first_s = sweep_dir, None
@@ -168,6 +167,18 @@ class SweepStop:
 
 
 stopping: Optional[int] = None  # the signal that is stopping this process's sweep (a launcher may then fail)
+this_sweep: Optional[Path] = None  # the folder of this process's sweep, once it has begun
+# What a terminal sends the whole foreground group (Ctrl-C, a closed window). submitit's local controller
+# answers SIGINT by killing its tasks a second later, checkpointed or not. Ignored by the sweep's process
+# before the launcher starts, they stay ignored in the controller it starts (an ignored signal is inherited),
+# while each job takes them itself (run_job installs its own handlers): every job checkpoints, and the sweep
+# ends when they have, as under joblib.
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP)
+
+
+def stop_signal() -> Optional[int]:
+    """The signal that stopped this process's sweep, whether it reached this process or only its jobs."""
+    return stopping if stopping is not None else stopped_by(this_sweep) if this_sweep is not None else None
 
 
 def child_processes(pid: int) -> List[int]:
@@ -312,9 +323,15 @@ class SweepSummary(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / JOBS / STOPPED).unlink(missing_ok=True)  # an earlier, stopped sweep: this one goes on
         os.environ[SWEEP_PROCESS] = str(os.getpid())
-        if not str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
+        global this_sweep
+        this_sweep = sweep_dir
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        if not launcher.endswith("BasicLauncher"):
             for signum in STOP_SIGNALS:
                 signal.signal(signum, SweepStop(sweep_dir))
+        if launcher.endswith("LocalLauncher"):  # submitit_local: see SweepStop
+            for signum in TERMINAL_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
