@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,19 @@ needs_weights = pytest.mark.skipif(
     "never download)",
 )
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was():
+    """A command run in-process configures logging for its one run: Hydra's job logging binds the root logger
+    to the streams of that moment, which pytest captures and closes after the test. Put the root logger back,
+    so a later test's log lines don't go to a closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session", autouse=True)

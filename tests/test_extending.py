@@ -151,8 +151,9 @@ def write_user_configs(folder: Path) -> Path:
 def test_config_dir_adds_a_dataset_a_network_and_a_preset(tmp_path: Path):
     """The installed gan-train composes the user's files beside the shipped ones, command line still winning."""
     folder = write_user_configs(tmp_path / "my_configs")
-    result = run_cli("gan-train", ["--config-dir", str(folder), "preset=mine", "trainer.seed=7", "--cfg", "job"],
-                     cwd=tmp_path)
+    result = run_cli(
+        "gan-train", ["--config-dir", str(folder), "preset=mine", "trainer.seed=7", "--cfg", "job"], cwd=tmp_path
+    )
     composed = OmegaConf.create(result.stdout)
     assert (composed.dataset.name, composed.dataset.max_images) == ("mnist_tiny", 100)
     assert (composed.generator.arch, composed.generator.width) == ("dcgan", 0.33)
