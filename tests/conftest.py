@@ -28,6 +28,24 @@ needs_weights = pytest.mark.skipif(
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_test_process():
+    """Under `-n 2` two test processes share the two cores: a torch in each with a thread per core (and every
+    gan-train it starts) would oversubscribe them, each waiting on threads the other has pushed off a core."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    threads, before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the commands the tests start inherit it
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if before is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = before
+
+
 @pytest.fixture(autouse=True)
 def logging_as_it_was():
     """A command run in-process configures logging for its one run: Hydra's job logging binds the root logger
