@@ -10,6 +10,7 @@ the message, by making os.access answer as it would for such a folder.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -24,7 +25,7 @@ from PIL import Image
 
 from dcgan import cli
 
-from conftest import BIN, FAST, REPO
+from conftest import BIN, FAST, REPO, run_cli
 
 CHECKPOINT = REPO / "tests" / "fixtures" / "checkpoint_format1.pt"  # 4 steps, 28 px
 
@@ -196,3 +197,23 @@ def test_a_run_folder_we_may_not_write_is_named(tmp_path: Path, monkeypatch, cap
     monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == run else real_access(path, mode))
     refused_run(tmp_path, f"{run} is not writable; pick another hydra.run.dir", capsys)
     assert not any(run.iterdir())
+
+
+def test_a_sweep_record_that_cannot_be_written_fails_the_sweep(tmp_path: Path):
+    """The job runs in a joblib worker; the sweep's process learns of the lost record from the folder alone."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install '.[sweep]'")
+    (tmp_path / "sweep_jobs" / "0.json").mkdir(parents=True)  # where job 0's record goes: a write there fails
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "loss=ns,hinge", "sweep.objective=loss_g"]
+    result = run_cli(
+        "gan-train", [*args, *FAST, "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}"], tmp_path, 600, check=False
+    )
+    said = [line for line in result.stderr.splitlines() if line.startswith("gan-train:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert said[0].startswith(
+        f"gan-train: job 0: could not write its sweep record {tmp_path / 'sweep_jobs' / '0.json'}"
+    )
+    assert said[-1].startswith(
+        f"gan-train: error: 1 job(s) of this sweep left no record in {tmp_path / 'sweep_jobs'} (0)"
+    )
+    assert (tmp_path / "0" / "checkpoints" / "last.pt").is_file()  # the job's own result is kept
+    assert [r["job"] for r in json.loads((tmp_path / "sweep_summary.json").read_text())] == ["1"]

@@ -243,7 +243,11 @@ def final_score(cfg: DictConfig, run: RunFolder, name: str) -> Tuple[float, str]
 
 def write_record(sweep_dir: Path, record: Dict[str, Any]) -> None:
     """SWEEP_DIR/sweep_jobs/<job folder>.json; a refusal never replaces the record of a job that ran (it is kept
-    beside it as <job folder>.<n>.json), so a sweep run again into its folder loses no score."""
+    beside it as <job folder>.<n>.json), so a sweep run again into its folder loses no score.
+
+    A record that can't be written (a full disk) is one line here; the sweep's process, which may be another
+    process (joblib, submitit), finds the job without a record when the sweep ends (unrecorded_jobs) and
+    exits 2. The job's own folder still holds its checkpoint and score."""
     folder = sweep_dir / JOBS
     path = folder / f"{Path(record['folder']).name}.json"
     try:
@@ -251,8 +255,8 @@ def write_record(sweep_dir: Path, record: Dict[str, Any]) -> None:
         if record.get("status") == "failed" and _ran(path):
             path = next(p for n in itertools.count(1) if not (p := path.with_suffix(f".{n}.json")).exists())
         files.atomic_write_text(path, json.dumps({**record, "ended": time.time()}, indent=2) + "\n")
-    except OSError as error:  # the job's own files hold its result; the summary will lack this one
-        log.warning("could not write the sweep record %s: %s", path, error)
+    except OSError as error:
+        print(f"gan-train: job {record['job']}: could not write its sweep record {path}: {error}", file=sys.stderr)
 
 
 def _ran(path: Path) -> bool:
@@ -343,8 +347,28 @@ class SweepSummary(Callback):
         signum = stopped_by(sweep_dir)
         if signum is not None:  # every job that had begun is checkpointed; the rest did not begin
             raise Interrupted(signum)
-        if any(r.get("status") == "failed" and r.get("ended", 0) >= self.started for r in records):
+        unrecorded = unrecorded_jobs(sweep_dir, records, self.started)
+        if unrecorded:
+            print(
+                f"gan-train: error: {len(unrecorded)} job(s) of this sweep left no record in {sweep_dir / JOBS} "
+                f"({', '.join(unrecorded)}): free space there, then run the sweep again with trainer.resume=auto",
+                file=sys.stderr,
+                flush=True,
+            )
+        if unrecorded or any(r.get("status") == "failed" and r.get("ended", 0) >= self.started for r in records):
             raise SystemExit(USAGE_EXIT)
+
+
+def unrecorded_jobs(sweep_dir: Path, records: List[Dict[str, Any]], started: float) -> List[str]:
+    """The folders of this sweep's jobs (Hydra wrote their .hydra/ since `started`) that have no record since."""
+    recorded = {Path(r.get("folder", "")).resolve() for r in records if r.get("ended", 0) >= started}
+    missing = []
+    for hydra_record in sorted(sweep_dir.glob("**/.hydra/config.yaml")):
+        folder = hydra_record.parent.parent
+        with contextlib.suppress(OSError):
+            if hydra_record.stat().st_mtime >= started and folder.resolve() not in recorded:
+                missing.append(str(folder.relative_to(sweep_dir)))
+    return missing
 
 
 def read_records(sweep_dir: Path) -> List[Dict[str, Any]]:
