@@ -525,7 +525,7 @@ def test_batches_are_float_in_range_with_the_right_shape():
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     images[0, 0, 0, 0], images[1, 0, 0, 0] = 0, 255
     batches = ImageBatches(images, batch_size=40, device=torch.device("cpu"), seed=0)
-    batch = batches.next()
+    batch = batches.next()[0]
     assert batch.dtype == torch.float32 and batch.shape == (40, 3, 8, 8) and batch.device.type == "cpu"
     assert batch.min() == -1 and batch.max() == 1
     originals = images[torch.tensor(sorted(range(40)))]
@@ -538,7 +538,7 @@ def test_every_image_once_per_epoch_and_epochs_differ():
     epochs = []
     for _ in range(3):
         assert batches.position == 0
-        seen = [index for _ in range(6) for index in indices_of(batches.next())]
+        seen = [index for _ in range(6) for index in indices_of(batches.next()[0])]
         assert sorted(seen) == list(range(48))
         epochs.append(seen)
     assert batches.epoch == 3
@@ -548,7 +548,7 @@ def test_every_image_once_per_epoch_and_epochs_differ():
 def test_incomplete_last_batch_is_dropped():
     batches = ImageBatches(numbered_images(50), batch_size=8, device=torch.device("cpu"), seed=0)
     assert batches.batches_per_epoch == 6
-    seen = [index for _ in range(6) for index in indices_of(batches.next())]
+    seen = [index for _ in range(6) for index in indices_of(batches.next()[0])]
     assert len(set(seen)) == 48
     assert (batches.epoch, batches.position) == (1, 0)
 
@@ -556,7 +556,7 @@ def test_incomplete_last_batch_is_dropped():
 def test_same_seed_same_batches_other_seed_other_batches():
     def draw(seed: int) -> list:
         batches = ImageBatches(numbered_images(48), batch_size=8, device=torch.device("cpu"), seed=seed)
-        return [indices_of(batches.next()) for _ in range(9)]
+        return [indices_of(batches.next()[0]) for _ in range(9)]
 
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
@@ -565,7 +565,7 @@ def test_same_seed_same_batches_other_seed_other_batches():
 def test_resuming_from_state_dict_continues_exactly():
     images = numbered_images(50)
     uninterrupted = ImageBatches(images, batch_size=8, device=torch.device("cpu"), seed=7)
-    expected = [indices_of(uninterrupted.next()) for _ in range(17)]
+    expected = [indices_of(uninterrupted.next()[0]) for _ in range(17)]
 
     first = ImageBatches(images, batch_size=8, device=torch.device("cpu"), seed=7)
     for _ in range(8):  # into the second epoch
@@ -574,7 +574,7 @@ def test_resuming_from_state_dict_continues_exactly():
     assert state == {"epoch": 1, "position": 2, "batch_size": 8} and all(type(v) is int for v in state.values())
     resumed = ImageBatches(images, batch_size=8, device=torch.device("cpu"), seed=7)
     resumed.load_state_dict(state)
-    assert [indices_of(resumed.next()) for _ in range(9)] == expected[8:]
+    assert [indices_of(resumed.next()[0]) for _ in range(9)] == expected[8:]
 
 
 def test_damaged_state_is_a_user_error():
@@ -590,7 +590,7 @@ def test_two_ranks_split_each_epoch_between_them():
     ]
     assert [r.batches_per_epoch for r in ranks] == [6, 6]
     for _ in range(2):
-        seen = [set(i for _ in range(6) for i in indices_of(rank.next())) for rank in ranks]
+        seen = [set(i for _ in range(6) for i in indices_of(rank.next()[0])) for rank in ranks]
         assert len(seen[0]) == len(seen[1]) == 24
         assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(48))
 

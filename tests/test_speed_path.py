@@ -32,19 +32,19 @@ def test_batches_follow_each_epochs_seeded_permutation(rank: int, world_size: in
         permutation = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         global_batches = permutation[: per_epoch * batch_size * world_size].view(per_epoch, world_size, batch_size)
         for expected in global_batches[:, rank]:
-            assert image_ids(batches.next()) == sorted(expected.tolist())
+            assert image_ids(batches.next()[0]) == sorted(expected.tolist())
     assert batches.state_dict() == {"epoch": 3, "position": 0, "batch_size": batch_size * world_size}
 
 
 def test_a_resumed_position_continues_the_same_order():
     images = numbered_images(40)
     straight = ImageBatches(images, 8, "cpu", seed=1)
-    expected = [image_ids(straight.next()) for _ in range(12)]
+    expected = [image_ids(straight.next()[0]) for _ in range(12)]
     first = ImageBatches(images, 8, "cpu", seed=1)
-    seen = [image_ids(first.next()) for _ in range(7)]
+    seen = [image_ids(first.next()[0]) for _ in range(7)]
     resumed = ImageBatches(images, 8, "cpu", seed=1)
     resumed.load_state_dict(first.state_dict())
-    seen += [image_ids(resumed.next()) for _ in range(5)]
+    seen += [image_ids(resumed.next()[0]) for _ in range(5)]
     assert seen == expected
 
 
@@ -59,10 +59,10 @@ def test_device_batches_equal_host_batches_without_a_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        batches = [device.next() for _ in range(6)]
+        batches = [device.next()[0] for _ in range(6)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert [image_ids(b.cpu()) for b in batches] == [image_ids(host.next()) for _ in range(6)]
+    assert [image_ids(b.cpu()) for b in batches] == [image_ids(host.next()[0]) for _ in range(6)]
 
 
 def test_the_graph_paths_step_function_trains_like_the_eager_one(tmp_path):

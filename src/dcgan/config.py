@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from dcgan import augment, data, guard, log, losses, metrics, models, optim, train
 from dcgan.augment import AugmentConfig
 from dcgan.data import DatasetConfig
-from dcgan.errors import UserError, one_of
+from dcgan.errors import UserError, one_of, unused
 from dcgan.losses import LossConfig
 from dcgan.metrics import TrainEvalConfig
 from dcgan.models import DiscriminatorConfig, GeneratorConfig
@@ -72,6 +72,10 @@ class TrainConfig:
     # Where metrics go: jsonl (metrics.jsonl, always) plus optional trackers, e.g. logger=[jsonl,tensorboard].
     logger: List[str] = field(default_factory=lambda: ["jsonl"])
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    # Class-conditional training: G draws the class it is asked for, D judges each image by its class. The
+    # labels come from the data set (data.load_labels); generator.condition and discriminator.condition say how
+    # the networks read them.
+    conditional: bool = False
 
 
 def register_schema(name: str, node: Any) -> None:
@@ -244,10 +248,34 @@ def validate_train(cfg: TrainConfig | DictConfig) -> None:
         metrics.require_inception_weights(cfg.eval)
     log.validate_loggers(cfg.logger)
     one_of("sweep.objective", cfg.sweep.objective, OBJECTIVES)
+    validate_conditioning(cfg)
     # Building the networks on the meta device costs no memory and proves the architecture can
     # make images of this size and channel count, and that they fit in memory.
     models.check_shapes(cfg)
     models.check_memory(cfg)
+
+
+def validate_conditioning(cfg: TrainConfig | DictConfig) -> None:
+    """How the networks read the class, and only where there is one (conditional=true)."""
+    one_of("generator.condition", cfg.generator.condition, models.GENERATOR_CONDITIONS)
+    one_of("discriminator.condition", cfg.discriminator.condition, models.DISCRIMINATOR_CONDITIONS)
+    if cfg.conditional:
+        if cfg.trainer.grid_size != train.TrainerConfig().grid_size:
+            unused(
+                "trainer.grid_size",
+                cfg.trainer.grid_size,
+                f"a conditional run's grids are one row of {train.GRID_COLUMNS} per class",
+                "remove it",
+            )
+        return
+    settings = [
+        ("generator.condition", cfg.generator.condition, models.GeneratorConfig().condition),
+        ("discriminator.condition", cfg.discriminator.condition, models.DiscriminatorConfig().condition),
+        ("dataset.attributes", list(cfg.dataset.get("attributes", [])), []),
+    ]
+    for key, value, default in settings:
+        if value != default:
+            unused(key, value, "the run is not conditional", "add conditional=true, or remove it")
 
 
 def train_config_from_yaml(text: str) -> DictConfig:

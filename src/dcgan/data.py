@@ -712,7 +712,8 @@ def _shrink_npy(path: Path, rows: int) -> None:
 
 
 class ImageBatches:
-    """Endless, shuffled batches of float images in [-1, 1] on `device`, drawn from uint8 data.
+    """Endless, shuffled batches of float images in [-1, 1] on `device`, drawn from uint8 data, with their class
+    labels when there are any (conditional=true).
 
     Epoch e visits the images in the order torch.randperm(N) under seed (seed * 1_000_003 + e), in
     global batches of batch_size * world_size; rank r takes the r-th slice of each global batch. So N
@@ -729,9 +730,12 @@ class ImageBatches:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        labels: Optional[torch.Tensor] = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels is not None and (labels.dtype != torch.int64 or tuple(labels.shape) != (len(images),)):
+            raise ValueError(f"expected int64 labels [{len(images)}], got {labels.dtype} {tuple(labels.shape)}")
         self.device = torch.device(device)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_images = len(images)
@@ -745,6 +749,7 @@ class ImageBatches:
         self.on_device = self.device.type == "cuda" and _fits_on_gpu(images, self.device)
         # Holding all images on the GPU makes a batch a single gather, with no host copy per step.
         self.images = images.to(self.device) if self.on_device else images
+        self.labels = labels.to(self.device) if labels is not None and self.on_device else labels
         self.epoch = 0
         self.position = 0
         self._order_epoch = -1
@@ -765,18 +770,22 @@ class ImageBatches:
         order = order.sort(dim=1).values  # sorted rows read a memory-mapped cache sequentially
         return order.to(self.images.device, non_blocking=True) if self.on_device else order
 
-    def next(self) -> torch.Tensor:
-        """The next batch: float32 [B, C, H, W] in [-1, 1] on the device."""
+    def next(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The next batch: float32 images [B, C, H, W] in [-1, 1] on the device, and their int64 labels [B] (None
+        without labels)."""
         if self._order_epoch != self.epoch:
             self._order, self._order_epoch = self.epoch_order(self.epoch), self.epoch
-        batch = self.images[self._order[self.position]]  # on the GPU: a slice and a gather, no sync
+        rows = self._order[self.position]
+        batch = self.images[rows]  # on the GPU: a slice and a gather, no sync
+        labels = self.labels[rows] if self.labels is not None else None
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         if not self.on_device and self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
+            labels = labels.pin_memory().to(self.device, non_blocking=True) if labels is not None else None
         # Converting on the device moves a quarter of the bytes a float batch would.
-        return batch.float().div_(127.5).sub_(1)
+        return batch.float().div_(127.5).sub_(1), labels
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": int(self.epoch), "position": int(self.position), "batch_size": self.global_batch}
@@ -812,3 +821,22 @@ def _fits_on_gpu(images: torch.Tensor, device: torch.device) -> bool:
     free, _total = torch.cuda.mem_get_info(device)
     # Half of what is free leaves room for the networks, their activations and optimizer state.
     return images.numel() * images.element_size() < free // 2
+
+
+# TEMP-STUB (removed at merge)
+@dataclass(frozen=True)
+class Labels:
+    indices: torch.Tensor
+    names: Tuple[str, ...]
+
+    def counts(self) -> List[int]:
+        return torch.bincount(self.indices, minlength=len(self.names)).tolist()
+
+    def describe(self) -> str:
+        return f"{len(self.names)} classes: " + ", ".join(f"{n} ({c})" for n, c in zip(self.names, self.counts()))
+
+
+def load_labels(cfg: DatasetConfig) -> Labels:
+    with np.load(MNIST_TINY) as archive:
+        labels = torch.from_numpy(archive["labels"]).long()
+    return Labels(_first(labels, cfg.max_images), tuple(str(i) for i in range(10)))

@@ -56,12 +56,18 @@ def redraw_beyond(z: torch.Tensor, threshold: float, generator: torch.Generator)
 
 
 @torch.no_grad()
-def generate(G: nn.Module, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Images in [-1, 1] from G in eval mode (BatchNorm uses its running statistics)."""
+def generate(
+    G: nn.Module, z: torch.Tensor, labels: Optional[torch.Tensor] = None, batch_size: int = 256
+) -> torch.Tensor:
+    """Images in [-1, 1] from G in eval mode (BatchNorm uses its running statistics); `labels`, the class of
+    each image for a conditional G (None: each class in turn, models.every_class)."""
     was_training = G.training
     G.eval()
     try:
-        return torch.cat([G(chunk).float() for chunk in z.split(batch_size)])
+        if labels is None:
+            return torch.cat([G(chunk).float() for chunk in z.split(batch_size)])
+        pairs = zip(z.split(batch_size), labels.to(z.device).split(batch_size), strict=True)
+        return torch.cat([G(chunk, classes).float() for chunk, classes in pairs])
     finally:
         G.train(was_training)
 

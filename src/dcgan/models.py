@@ -8,11 +8,13 @@ the number of upsampling (downsampling) stages to `dataset.image_size`, so every
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from dcgan import distributed
@@ -27,6 +29,10 @@ class GeneratorConfig:
     width: float = 1.0  # multiplies every hidden layer's channel count (1.0 = the published model)
     dropout: float = 0.0  # used by architectures that have dropout layers
     init: str = "dcgan"  # dcgan: N(0, 0.02) weights, BN N(1, 0.02) | default: PyTorch's own
+    # With conditional=true, how the class enters G. batchnorm: every BatchNorm scales and shifts by the class
+    # (conditional BatchNorm, Miyato & Koyama 2018); embed: a learned label embedding joined to z (Mirza &
+    # Osindero 2014); auto: batchnorm where the architecture has BatchNorm, else embed.
+    condition: str = "auto"
 
 
 @dataclass
@@ -37,6 +43,14 @@ class DiscriminatorConfig:
     norm: str = "batch"  # batch | none: normalization of the hidden conv layers
     init: str = "dcgan"
     spectral_norm: bool = False  # divide every conv/linear weight by its largest singular value (Miyato et al. 2018)
+    # With conditional=true, how D reads the class. projection: logit + <embedding of the class, D's last
+    # features> (Miyato & Koyama 2018); embed: a learned label plane joined to the image as one more channel.
+    condition: str = "projection"
+
+
+GENERATOR_CONDITIONS = ("auto", "batchnorm", "embed")
+DISCRIMINATOR_CONDITIONS = ("projection", "embed")
+LABEL_FEATURES = 50  # length of the label embedding joined to z (generator.condition=embed)
 
 
 GeneratorBuilder = Callable[[int, int, GeneratorConfig], nn.Module]
@@ -332,6 +346,135 @@ def mlp_discriminator(image_size: int, channels: int, cfg: DiscriminatorConfig) 
     return Logits(*layers, nn.Linear(in_features, 1))
 
 
+# ---------------------------------------------------------------- class-conditional networks (conditional=true)
+
+
+def every_class(count: int, classes: int, device: torch.device | str) -> torch.Tensor:
+    """Labels 0, 1, ..., classes-1, 0, 1, ...: what a conditional network uses when given no labels (grids,
+    BatchNorm calibration, evaluation), so every class is drawn equally often."""
+    return torch.arange(count, device=device) % classes
+
+
+def class_rows(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Row `label` of `table` [classes, features] for each label: a gather on the device (no host read)."""
+    return table.index_select(0, labels)
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm whose gain and bias belong to the class: the statistics are shared by all classes, the scale
+    and shift are each class's own (de Vries et al. 2017; the generator of Miyato & Koyama 2018)."""
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, classes: int):
+        super().__init__()
+        features = norm.num_features
+        self.norm = type(norm)(features, eps=norm.eps, momentum=norm.momentum, affine=False)
+        self.gain = nn.Parameter(torch.ones(classes, features))
+        self.bias = nn.Parameter(torch.zeros(classes, features))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], -1) + (1,) * (x.dim() - 2)  # [N, C] or [N, C, 1, 1]
+        gain, bias = class_rows(labels, self.gain).view(shape), class_rows(labels, self.bias).view(shape)
+        return self.norm(x) * gain.to(x.dtype) + bias.to(x.dtype)
+
+
+class ConditionalGenerator(nn.Module):
+    """G(z, labels): one of the registered generators, with its BatchNorms made conditional or a label
+    embedding joined to z (generator.condition). Labels are class indices, int64 [N]."""
+
+    def __init__(self, net: nn.Sequential, classes: int, embed: bool):
+        super().__init__()
+        self.classes = classes
+        self.embed = nn.Embedding(classes, LABEL_FEATURES) if embed else None
+        self.net = net
+
+    def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        labels = every_class(len(z), self.classes, z.device) if labels is None else labels
+        x = z if self.embed is None else torch.cat([z, self.embed(labels).to(z.dtype)], dim=1)
+        for layer in self.net:  # the architecture's own layers, in order; conditional BatchNorm also reads labels
+            x = layer(x, labels) if isinstance(layer, ConditionalBatchNorm) else layer(x)
+        return x
+
+
+def generator_condition(net: nn.Module, setting: str) -> str:
+    """generator.condition=auto: conditional BatchNorm where the architecture has BatchNorm, else embed."""
+    if setting != "auto":
+        return setting
+    has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.children())
+    return "batchnorm" if has_norm else "embed"
+
+
+def conditional_generator(builder, image_size: int, channels: int, cfg: GeneratorConfig, classes: int) -> nn.Module:
+    net = builder(image_size, channels, cfg)
+    norms = [i for i, layer in enumerate(net) if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+    condition = cfg.condition if cfg.condition != "auto" else "batchnorm" if norms else "embed"
+    if condition == "embed":  # the architecture as published, reading z and the label's embedding as one vector
+        net = builder(image_size, channels, with_z_dim(cfg, cfg.z_dim + LABEL_FEATURES))
+        return ConditionalGenerator(net, classes, embed=True)
+    if not norms:
+        raise UserError(
+            f"generator.arch={cfg.arch} has no BatchNorm for generator.condition=batchnorm to make conditional; "
+            "use generator.condition=embed (or auto)"
+        )
+    for i in norms:
+        net[i] = ConditionalBatchNorm(net[i], classes)
+    return ConditionalGenerator(net, classes, embed=False)
+
+
+def with_z_dim(cfg: GeneratorConfig | DictConfig, z_dim: int) -> GeneratorConfig | DictConfig:
+    if isinstance(cfg, DictConfig):
+        widened = cfg.copy()
+        widened.z_dim = z_dim
+        return widened
+    return dataclasses.replace(cfg, z_dim=z_dim)
+
+
+class ConditionalDiscriminator(nn.Module):
+    """D(x, labels) -> logits [N], from one of the registered discriminators.
+
+    projection (Miyato & Koyama 2018): D's last features h = phi(x) feed both its own output layer and an inner
+    product with the class's embedding: logit = head(h) + <embed(y), h>. embed: the class's learned plane is
+    joined to the image as one more input channel (the DCGAN-era cGAN)."""
+
+    def __init__(self, net: nn.Sequential, classes: int, condition: str, image_size: int):
+        super().__init__()
+        self.classes, self.condition, self.image_size = classes, condition, image_size
+        if condition == "projection":
+            self.features, self.head = nn.Sequential(*list(net)[:-1]), net[-1]
+            width = head_inputs(self.head)
+        else:
+            self.features, self.head = net, None
+            width = image_size * image_size
+        # A linear map used as a table, so spectral norm (discriminator.spectral_norm) bounds it as it bounds D.
+        self.embed = nn.Linear(classes, width, bias=False)
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        labels = every_class(len(x), self.classes, x.device) if labels is None else labels
+        embedded = class_rows(labels, self.embed.weight.t()).to(x.dtype)  # [N, width]
+        if self.head is None:
+            plane = embedded.view(len(x), 1, self.image_size, self.image_size)
+            return self.features(torch.cat([x, plane], dim=1)).reshape(len(x))
+        h = self.features(x)
+        return self.head(h).reshape(len(x)) + (embedded * h.reshape(len(x), -1)).sum(dim=1)
+
+
+def head_inputs(head: nn.Module) -> int:
+    """The number of features D's output layer reads: a linear layer's inputs, or a conv over the whole last map."""
+    if isinstance(head, nn.Linear):
+        return head.in_features
+    if isinstance(head, nn.Conv2d):
+        return head.in_channels * head.kernel_size[0] * head.kernel_size[1]
+    raise UserError(f"a {type(head).__name__} output layer can't be projected; use discriminator.condition=embed")
+
+
+def conditional_discriminator(
+    builder, image_size: int, channels: int, cfg: DiscriminatorConfig, classes: int
+) -> nn.Module:
+    net = builder(image_size, channels + (cfg.condition == "embed"), cfg)
+    if cfg.condition == "projection" and not isinstance(net, nn.Sequential):
+        raise UserError(f"discriminator.arch={cfg.arch} is not a layer sequence; use discriminator.condition=embed")
+    return ConditionalDiscriminator(net, classes, cfg.condition, image_size)
+
+
 # ---------------------------------------------------------------- building
 
 
@@ -342,28 +485,39 @@ def init_dcgan(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
             nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, ConditionalBatchNorm):  # each class's gain and bias, as BatchNorm's
+            nn.init.normal_(m.gain, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
 
-def build_generator(cfg, device: torch.device | str = "cpu") -> nn.Module:
-    """The generator for a full training config (uses dataset geometry and the generator section)."""
-    return _build(GENERATORS, "generator", cfg, device)
+def build_generator(cfg, device: torch.device | str = "cpu", classes: int = 0) -> nn.Module:
+    """The generator for a full training config (uses dataset geometry and the generator section).
+
+    `classes` > 0 (conditional=true) makes it a ConditionalGenerator: G(z, labels)."""
+    return _build(GENERATORS, "generator", cfg, device, classes)
 
 
-def build_discriminator(cfg, device: torch.device | str = "cpu") -> nn.Module:
-    model = _build(DISCRIMINATORS, "discriminator", cfg, device)
+def build_discriminator(cfg, device: torch.device | str = "cpu", classes: int = 0) -> nn.Module:
+    model = _build(DISCRIMINATORS, "discriminator", cfg, device, classes)
     if cfg.discriminator.spectral_norm:
         apply_spectral_norm(model)  # after init: it reparametrizes the initialized weights
     return model
 
 
-def _build(registry: dict, part: str, cfg, device: torch.device | str) -> nn.Module:
+def _build(registry: dict, part: str, cfg, device: torch.device | str, classes: int = 0) -> nn.Module:
     section = cfg[part]
     builder = _lookup(registry, f"{part}.arch", section.arch)
+    size, channels = cfg.dataset.image_size, cfg.dataset.channels
     with torch.device(device):
-        model = builder(cfg.dataset.image_size, cfg.dataset.channels, section)
+        if classes and part == "generator":
+            model = conditional_generator(builder, size, channels, section, classes)
+        elif classes:
+            model = conditional_discriminator(builder, size, channels, section, classes)
+        else:
+            model = builder(size, channels, section)
     if section.init == "dcgan" and str(device) != "meta":
         init_dcgan(model)
     return model
@@ -387,7 +541,7 @@ def _lookup(registry: dict, key: str, name: str):
 def check_shapes(cfg) -> None:
     """Build both networks on the meta device and prove G makes [N, C, S, S] and D returns [N] logits."""
     size, channels = cfg.dataset.image_size, cfg.dataset.channels
-    G, D = build_generator(cfg, "meta"), build_discriminator(cfg, "meta")
+    G, D = build_generator(cfg, "meta", checked_classes(cfg)), build_discriminator(cfg, "meta", checked_classes(cfg))
     check_dropout_used(cfg, G, D)
     z = torch.empty(2, cfg.generator.z_dim, device="meta")
     try:
@@ -409,6 +563,12 @@ def check_shapes(cfg) -> None:
         )
 
 
+def checked_classes(cfg) -> int:
+    """The classes the checks before training build with: the data's are not read yet, and any number >= 2 shows
+    whether a conditional architecture works (label tables are small next to the networks)."""
+    return 2 if getattr(cfg, "conditional", False) else 0
+
+
 def check_dropout_used(cfg, G: nn.Module, D: nn.Module) -> None:
     """A dropout rate for an architecture that has no dropout layer would do nothing: refused, naming those that do."""
     for part, model in (("generator", G), ("discriminator", D)):
@@ -428,7 +588,7 @@ def training_bytes_lower_bound(cfg, batch_size: int) -> int:
 
     Measured on the meta device (no memory), so it is safe to ask of any config, however large.
     """
-    G, D = build_generator(cfg, "meta"), build_discriminator(cfg, "meta")
+    G, D = build_generator(cfg, "meta", checked_classes(cfg)), build_discriminator(cfg, "meta", checked_classes(cfg))
     parameters = sum(p.numel() for model in (G, D) for p in model.parameters())
     kept_per_pair = []  # outputs for a batch of 2: BatchNorm in training mode needs more than one image
     layers = [

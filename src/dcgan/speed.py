@@ -266,8 +266,10 @@ class CapturedStep:
             self.counter = torch.tensor(float(self.state.step), device=self.step.device)
         reals = [self.state.batches.next() for _ in range(self.d_steps)]  # device slices and gathers: no sync
         if self.graph is not None:
-            for buffer, real in zip(self.reals, reals, strict=True):
-                buffer.copy_(real)
+            for buffers, real in zip(self.reals, reals, strict=True):  # images, and labels where there are any
+                for buffer, tensor in zip(buffers, real, strict=True):
+                    if buffer is not None:
+                        buffer.copy_(tensor)
             self.graph.replay()
             stats = self.stats
         elif self.warmed < self.WARMUP_STEPS:
@@ -299,7 +301,7 @@ class CapturedStep:
             log.warning("trainer.cuda_graphs: %s; training without CUDA graphs", reason)
             self.eager = True
             return self.step.update(reals, self.state.step)
-        self.reals = [real.clone() for real in reals]
+        self.reals = [tuple(t.clone() if t is not None else None for t in real) for real in reals]
         counters = self.counters()
         before = [float(counter) for counter, _ in counters]  # host reads, once: outside the capture
         graph = torch.cuda.CUDAGraph()

@@ -17,7 +17,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from dcgan.data import ImageBatches
+from dcgan.data import ImageBatches, Labels
+from dcgan.errors import UserError
 from dcgan.guard import Guard
 from dcgan.optim import BASE_LR, EMA
 from dcgan.speed import Precision
@@ -36,6 +37,7 @@ RNG = "rng"  # {"noise": the training latents' generator, "torch": the CPU strea
 CONFIG_YAML = "config_yaml"  # the resolved config: all gan-sample needs to rebuild G
 HEALTH = "health"  # the guard's memory (guard.Guard.state_dict)
 GRAD_SCALER = "grad_scaler"  # with trainer.amp=fp16: the loss scale (torch.amp.GradScaler.state_dict); else absent
+CLASSES = "classes"  # conditional=true: the class names, by label index (G's and D's label input); else absent
 REPLICA_CHECKSUMS = "replica_checksums"  # under torchrun: each rank's weight checksums, equal when in sync
 REQUIRED = (GENERATOR, DISCRIMINATOR, CONFIG_YAML, STEP)  # what a file must hold to be a checkpoint of this tool
 
@@ -55,7 +57,13 @@ class TrainingState:
     config_yaml: str  # this run's resolved config (checkpoint.config_yaml)
     precision: Optional[Precision] = None  # what trainer.amp resolved to on this device
     scaler: Optional[torch.amp.GradScaler] = None  # fp16's loss scale
+    labels: Optional[Labels] = None  # conditional=true: each image's class, and the class names
     step: int = 0  # generator updates done
+
+    @property
+    def classes(self) -> Tuple[str, ...]:
+        """The class names G and D take labels of; () for an unconditional run."""
+        return self.labels.names if self.labels is not None else ()
 
     def sampling_generator(self) -> nn.Module:
         """What grids, evaluations and gan-sample draw with: the EMA generator when there is one."""
@@ -76,10 +84,12 @@ class TrainingState:
             CONFIG_YAML: self.config_yaml,
             HEALTH: self.guard.state_dict(),
             **({GRAD_SCALER: self.scaler.state_dict()} if self.scaler is not None else {}),
+            **({CLASSES: list(self.classes)} if self.classes else {}),
         }
 
     def load_state_dict(self, saved: Dict[str, Any]) -> None:
         """Continue from a checkpoint: the same weights, moments, batches, random numbers and guard memory."""
+        check_same_classes(saved, self.classes)
         self.G.load_state_dict(saved[GENERATOR])
         self.D.load_state_dict(saved[DISCRIMINATOR])
         if self.G_ema is not None:
@@ -115,6 +125,21 @@ class TrainingState:
             if old != new:
                 log.info("%s is %g in this run, %g in the checkpoint: continuing with %g", key, new, old, new)
                 set_learning_rate(optimizer, new)
+
+
+def check_same_classes(saved: Dict[str, Any], classes: Tuple[str, ...]) -> None:
+    """A run continues only on the classes its networks learned: label i must still mean class i."""
+    before = tuple(saved.get(CLASSES) or ())
+    if before == classes:
+        return
+    if not before or not classes:
+        was, now = ("true", "false") if before else ("false", "true")
+        raise UserError(f"the checkpoint was trained with conditional={was}, not {now}; resume with conditional={was}")
+    raise UserError(
+        f"the checkpoint's {len(before)} classes ({', '.join(before[:6])}{', ...' if len(before) > 6 else ''}) are "
+        f"not this data's {len(classes)} ({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); resume on "
+        "the data set the run began with"
+    )
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> None:

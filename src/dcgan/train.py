@@ -190,7 +190,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     run.root.mkdir(parents=True, exist_ok=True)
     images_per_step = t.batch_size * t.d_steps
     evaluator, total_steps = start_run(cfg, state, images, device, run)  # resume, run card; FID/KID on rank 0
-    grid_z = latents(list(range(t.grid_size)), cfg.generator.z_dim, cfg.generator.z_distribution, device)  # seeds 0..
+    grid = grid_inputs(cfg, state.classes, device)  # the fixed latents (and classes) of every progress grid
     optimizers = {"g": state.opt_g, "d": state.opt_d}  # their learning rates go into every row
     metrics = MetricsLog(run.metrics, state.step, total_steps, images_per_step, t.progress, cfg.logger, optimizers)
     stop = StopRequest(check_every=t.log_every if world.enabled else 1, device=device)
@@ -199,7 +199,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     )
     row: Dict[str, Any] = {}
     stopping = False
-    draw_first_grid(state, grid_z, run, metrics)  # a fresh run's step-0 grid: the progress movie starts there
+    draw_first_grid(state, grid, run, metrics)  # a fresh run's step-0 grid: the progress movie starts there
     while state.step < total_steps and not stopping and state.guard.fault is None:
         clock.set_learning_rates(state.step)  # trainer.lr_decay
         metrics.add(train_step())  # d_steps D updates, one G update, the EMA; the losses stay on the device
@@ -218,7 +218,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
             row = metrics.write(step, state.batches.epoch, {**scores, "minutes": clock.minutes})
             state.guard.check_row(step, row)
         if world.is_main and (step % t.sample_every == 0 or last):
-            draw_grid(state, grid_z, run, metrics)
+            draw_grid(state, grid, run, metrics)
         checkpointing = step % t.ckpt_every == 0 or last or timed_checkpoint or evaluating
         if checkpointing and state.guard.healthy(step, state):  # a sync: no checkpoint of NaN
             save_checkpoint(state, run.checkpoints, t.keep_last)
@@ -289,6 +289,10 @@ def start_run(
     shape = tuple(images.shape[1:])
     message = "data: %d images %s; %d steps of batch %d on %s -> %s"
     log.info(message, len(images), shape, total_steps, t.batch_size, device, run.root)
+    if state.labels is not None:  # conditional=true: the classes and how many images each has
+        log.info("classes: %s", state.labels.describe())
+        counts = dict(zip(state.labels.names, state.labels.counts(), strict=True))
+        runcard.update(run.root, classes={"names": list(state.labels.names), "images": counts})
     if (t.eval_every or t.eval_every_minutes) and distributed.world().is_main:
         return TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0), total_steps
     return None, total_steps
@@ -320,9 +324,12 @@ def build(
     precision = speed.resolve_precision(t.amp, device, graphs)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     images = data.load_images(cfg.dataset)
+    labels = data.load_labels(cfg.dataset) if cfg.conditional else None  # one class per image, row for row
+    classes = len(labels.names) if labels is not None else 0
     local_batch = distributed.per_rank_batch(t.batch_size)  # batch_size is global: split over ranks
-    batches = data.ImageBatches(images, local_batch, device, t.seed, world.rank, world.size)
-    G, D = models.build_generator(cfg, device), models.build_discriminator(cfg, device)
+    label_rows = labels.indices if labels is not None else None
+    batches = data.ImageBatches(images, local_batch, device, t.seed, world.rank, world.size, label_rows)
+    G, D = models.build_generator(cfg, device, classes), models.build_discriminator(cfg, device, classes)
     speed.prepare_networks(cfg, G, D, local_batch, device, precision)  # layout, compile: before EMA and DDP copy them
     runcard.use_deterministic_algorithms(t.deterministic)  # after prepare_networks: it turns cuDNN's autotuner off
     # The EMA's BatchNorm statistics come from ~2,048 fixed latents in global-size batches: N ranks agree with one.
@@ -346,6 +353,7 @@ def build(
         config_yaml=checkpoint.config_yaml(cfg),
         precision=precision,
         scaler=torch.amp.GradScaler(device.type) if precision.loss_scaling else None,  # fp16's loss scale
+        labels=labels,
     )
     step = TrainStep(state, cfg, device, G_train, D_train, graphs)
     return state, speed.CapturedStep(step) if graphs else step, images
@@ -384,24 +392,31 @@ class TrainStep:
         self.state.step += 1
         return stats
 
-    def update(self, reals: List[torch.Tensor], ema_step: Any, set_to_none: bool = True) -> Dict[str, torch.Tensor]:
-        """The updates themselves, on given real batches (one per D update); `ema_step` sets the EMA's decay ramp.
+    def update(self, reals: List[Batch], ema_step: Any, set_to_none: bool = True) -> Dict[str, torch.Tensor]:
+        """The updates themselves, on given real batches (images and labels, one per D update); `ema_step` sets the
+        EMA's decay ramp.
 
         The step counter is the caller's: replaying a captured step (speed.py) advances it outside.
+        With conditional=true every network call also takes the labels: D judges each real image by its own
+        class and each fake by the class it was drawn for. The fakes take the classes of a real batch, so they
+        follow the data's class frequencies with no random number drawn (and the labels are the captured step's
+        static buffers).
         """
         s = self.state
         # D update(s): fakes come from a no-grad G forward, since D's step needs no gradient through G.
-        for i, real in enumerate(reals):
+        for i, (real, labels) in enumerate(reals):
             with torch.no_grad(), self.autocast:
-                fake = self.G_train(self.latents())
+                fake = self.G_train(self.latents(), *given(labels))
             with self.autocast:
-                loss_d, stats = self.loss.discriminator(self.D_train, real, fake, s.step * len(reals) + i)
+                D = judging(self.D_train, labels)
+                loss_d, stats = self.loss.discriminator(D, real, fake, s.step * len(reals) + i)
             s.opt_d.zero_grad(set_to_none=set_to_none)
             self.backward_and_step("D", loss_d, s.D, s.opt_d)
 
         # G update on fresh latents; D's weights need no gradient here, so the plain D (no DDP) is frozen.
+        labels = reals[-1][1]
         with self.autocast, frozen(s.D):
-            loss_g = self.loss.generator(self.D_judge, self.G_train(self.latents()))
+            loss_g = self.loss.generator(judging(self.D_judge, labels), self.G_train(self.latents(), *given(labels)))
         s.opt_g.zero_grad(set_to_none=set_to_none)
         self.backward_and_step("G", loss_g, s.G, s.opt_g)
         if s.G_ema is not None:
@@ -443,6 +458,35 @@ def latent_batch(
     return z if world is None else z.chunk(world.size)[world.rank]
 
 
+Batch = Tuple[torch.Tensor, Optional[torch.Tensor]]  # real images and their labels (None: unconditional)
+
+
+def given(labels: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """G's extra arguments: the labels of a conditional run, nothing otherwise."""
+    return () if labels is None else (labels,)
+
+
+def judging(D: nn.Module, labels: Optional[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """D as the losses call it, D(images): with conditional=true, D(images, labels) for these labels."""
+    return D if labels is None else functools.partial(D, labels=labels)
+
+
+GRID_COLUMNS = 8  # images per row of a progress grid
+GRID_ROWS = 32  # at most this many classes get a row of a conditional run's grid
+
+
+def grid_inputs(cfg: DictConfig, classes: Tuple[str, ...], device: torch.device) -> Batch:
+    """The fixed inputs of every progress grid: latents of seeds 0, 1, ...; with conditional=true, one row per
+    class (the first GRID_ROWS), the same GRID_COLUMNS latents in every row, so a column keeps its style and
+    the row changes the class."""
+    g = cfg.generator
+    if not classes:
+        return latents(list(range(cfg.trainer.grid_size)), g.z_dim, g.z_distribution, device), None
+    rows = min(len(classes), GRID_ROWS)
+    z = latents(list(range(GRID_COLUMNS)), g.z_dim, g.z_distribution, device).repeat(rows, 1)
+    return z, torch.arange(rows, device=device).repeat_interleave(GRID_COLUMNS)
+
+
 @contextmanager
 def frozen(model: torch.nn.Module):
     """No weight gradients for `model` inside the block (gradients still flow through it)."""
@@ -453,14 +497,14 @@ def frozen(model: torch.nn.Module):
         model.requires_grad_(True)
 
 
-def draw_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, metrics: MetricsLog) -> None:
+def draw_grid(state: TrainingState, inputs: Batch, run: RunFolder, metrics: MetricsLog) -> None:
     """The fixed-noise progress grid, samples/step_NNNNNN.png; the guard checks it for lost diversity."""
-    grid = generate(state.sampling_generator(), grid_z)
+    grid = generate(state.sampling_generator(), *inputs)
     state.guard.check_grid(state.step, grid)
-    metrics.add_grid(save_grid(grid, run.grid(state.step), nrow=8), state.step)
+    metrics.add_grid(save_grid(grid, run.grid(state.step), nrow=GRID_COLUMNS), state.step)
 
 
-def draw_first_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, metrics: MetricsLog) -> None:
+def draw_first_grid(state: TrainingState, inputs: Batch, run: RunFolder, metrics: MetricsLog) -> None:
     """samples/step_000000.png from the untrained G, on rank 0 of a run at step 0. Not shown to the guard (a fresh
     G may well draw near-uniform images), and drawn under a forked RNG: the run's random stream stays as it was.
 
@@ -472,8 +516,8 @@ def draw_first_grid(state: TrainingState, grid_z: torch.Tensor, run: RunFolder, 
         return
     untrained = state.G_ema.model if state.G_ema is not None else state.G
     with torch.random.fork_rng(devices=[state.noise.device] if state.noise.device.type == "cuda" else []):
-        grid = generate(untrained, grid_z)
-    metrics.add_grid(save_grid(grid, run.grid(0), nrow=8), 0)
+        grid = generate(untrained, *inputs)
+    metrics.add_grid(save_grid(grid, run.grid(0), nrow=GRID_COLUMNS), 0)
 
 
 def save_checkpoint(state: TrainingState, checkpoints: Path, keep_last: int) -> None:
