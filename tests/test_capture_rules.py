@@ -145,6 +145,19 @@ VARIANTS = {
         "optimizer=rmsprop",
     ],
     "wgan-gp": ["loss=wgan_gp", "discriminator.norm=none"],
+    "conditional: batchnorm G, projection D, DiffAugment, R1": [
+        "conditional=true",
+        "augment.policy=[translation]",
+        "loss.r1_weight=1.0",
+    ],
+    "conditional: embedded labels in G and D, wgan-gp, d_steps=2": [
+        "conditional=true",
+        "generator.condition=embed",
+        "discriminator.condition=embed",
+        "loss=wgan_gp",
+        "discriminator.norm=none",
+        "trainer.d_steps=2",
+    ],
     "lsgan, R1 every step, d_steps=2, fp32": [
         "loss=lsgan",
         "loss.r1_weight=1.0",

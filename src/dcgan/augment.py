@@ -124,8 +124,8 @@ class Augmented(nn.Module):
         super().__init__()
         self.D, self.policy = D, policy
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.D(diff_augment(images, self.policy))
+    def forward(self, images: torch.Tensor, **labels: torch.Tensor) -> torch.Tensor:
+        return self.D(diff_augment(images, self.policy), **labels)  # a conditional D's labels pass through unchanged
 
 
 def wrap(D: nn.Module, policy: Sequence[str]) -> nn.Module:

@@ -229,7 +229,7 @@ def sample_main(argv: List[str] | None = None) -> None:
     exit_with_help(sample_main.__doc__, sample.__doc__, "sample", args)
     try:
         cfg = compose("sample", args)
-        written = sample.run(OmegaConf.to_object(cfg))
+        written = sample.run(sample.request(cfg))
     except UserError as error:
         exit_with(error, "gan-sample")
     for path in written[:3]:

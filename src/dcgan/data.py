@@ -822,21 +822,3 @@ def _fits_on_gpu(images: torch.Tensor, device: torch.device) -> bool:
     # Half of what is free leaves room for the networks, their activations and optimizer state.
     return images.numel() * images.element_size() < free // 2
 
-
-# TEMP-STUB (removed at merge)
-@dataclass(frozen=True)
-class Labels:
-    indices: torch.Tensor
-    names: Tuple[str, ...]
-
-    def counts(self) -> List[int]:
-        return torch.bincount(self.indices, minlength=len(self.names)).tolist()
-
-    def describe(self) -> str:
-        return f"{len(self.names)} classes: " + ", ".join(f"{n} ({c})" for n, c in zip(self.names, self.counts()))
-
-
-def load_labels(cfg: DatasetConfig) -> Labels:
-    with np.load(MNIST_TINY) as archive:
-        labels = torch.from_numpy(archive["labels"]).long()
-    return Labels(_first(labels, cfg.max_images), tuple(str(i) for i in range(10)))

@@ -356,7 +356,12 @@ def every_class(count: int, classes: int, device: torch.device | str) -> torch.T
 
 
 def class_rows(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Row `label` of `table` [classes, features] for each label: a gather on the device (no host read)."""
+    """Row `label` of `table` [classes, features] for each label: a gather on the device (no host read).
+
+    Labels may also be weights over the classes, float [N, classes]: the rows mixed by them (gan-sample's walk
+    from one class to another at a fixed latent)."""
+    if labels.is_floating_point():
+        return labels.to(table.dtype) @ table
     return table.index_select(0, labels)
 
 
@@ -379,7 +384,8 @@ class ConditionalBatchNorm(nn.Module):
 
 class ConditionalGenerator(nn.Module):
     """G(z, labels): one of the registered generators, with its BatchNorms made conditional or a label
-    embedding joined to z (generator.condition). Labels are class indices, int64 [N]."""
+    embedding joined to z (generator.condition). Labels are class indices, int64 [N] (or weights over the
+    classes, float [N, classes]: see class_rows)."""
 
     def __init__(self, net: nn.Sequential, classes: int, embed: bool):
         super().__init__()
@@ -389,7 +395,7 @@ class ConditionalGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         labels = every_class(len(z), self.classes, z.device) if labels is None else labels
-        x = z if self.embed is None else torch.cat([z, self.embed(labels).to(z.dtype)], dim=1)
+        x = z if self.embed is None else torch.cat([z, class_rows(labels, self.embed.weight).to(z.dtype)], dim=1)
         for layer in self.net:  # the architecture's own layers, in order; conditional BatchNorm also reads labels
             x = layer(x, labels) if isinstance(layer, ConditionalBatchNorm) else layer(x)
         return x

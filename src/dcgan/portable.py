@@ -5,7 +5,8 @@ no pickled objects, so any safetensors reader opens it without running code) and
 both in the file's header metadata (under METADATA_KEY) and beside it as NAME.json for tools that
 don't read headers. The JSON holds what `models.build_generator` needs (the generator section, the
 image size and channels), which images the run trained on (so mode=neighbors finds them), the output
-range, whether the weights are the EMA's, and the training step.
+range, whether the weights are the EMA's, the training step, and for a class-conditional generator its
+class names (label i is classes[i]).
 
 `read` turns such a file back into the part of a checkpoint that sampling uses (the keys of state.py),
 so `gan-sample ckpt=G.safetensors` (and gan-eval) work as with a .pt checkpoint.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +24,7 @@ from torch import nn
 
 from dcgan import files
 from dcgan.errors import UserError
-from dcgan.state import CONFIG_YAML, GENERATOR, GENERATOR_EMA, STEP
+from dcgan.state import CLASSES, CONFIG_YAML, GENERATOR, GENERATOR_EMA, STEP
 
 FORMAT = "dcgan-generator"
 FORMAT_VERSION = 1  # bump when a reader of this version would misread the JSON; readers refuse newer versions
@@ -58,7 +59,7 @@ def sidecar(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def describe(train_cfg: DictConfig, weights: str, step: int) -> Dict[str, Any]:
+def describe(train_cfg: DictConfig, weights: str, step: int, classes: Sequence[str] = ()) -> Dict[str, Any]:
     """The JSON of an export: what rebuilds the generator, what it outputs, and where its weights come from."""
     dataset = OmegaConf.to_container(train_cfg.dataset, resolve=True)
     return {
@@ -69,6 +70,7 @@ def describe(train_cfg: DictConfig, weights: str, step: int) -> Dict[str, Any]:
         "output": OUTPUT,
         "ema": weights == "ema",
         "step": int(step),
+        **({"classes": list(classes)} if classes else {}),  # G(z, labels): label i draws classes[i]
     }
 
 
@@ -115,6 +117,7 @@ def read(path: Path, use_ema: bool = True) -> Dict[str, Any]:
         GENERATOR: tensors,
         GENERATOR_EMA: tensors if description["ema"] else None,
         STEP: description["step"],
+        **({CLASSES: description["classes"]} if description.get("classes") else {}),
     }
 
 
@@ -149,6 +152,9 @@ def parse_description(path: Path, metadata: Dict[str, str]) -> Dict[str, Any]:
     if missing or not isinstance(description.get("ema"), bool) or not isinstance(description.get("step"), int):
         lacks = ", ".join(missing) or "ema or step"
         raise UserError(f"{damaged} (it lacks {lacks}); export it again")
+    classes = description.get("classes", [])
+    if not isinstance(classes, list) or len(classes) == 1 or not all(isinstance(name, str) for name in classes):
+        raise UserError(f"{damaged} (its classes are not a list of two or more names); export it again")
     return description
 
 
@@ -159,4 +165,5 @@ def rebuild_yaml(description: Dict[str, Any]) -> str:
     the training images, refuses it (sample.training_images) instead of searching the schema's default data set.
     """
     dataset = {"name": "", **description["dataset"]}
-    return yaml.safe_dump({"generator": description["generator"], "dataset": dataset}, sort_keys=False)
+    sections = {"generator": description["generator"], "dataset": dataset}
+    return yaml.safe_dump({**sections, "conditional": bool(description.get("classes"))}, sort_keys=False)

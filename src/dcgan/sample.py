@@ -5,6 +5,13 @@
                as a looping GIF or a grid (.png)                  images (pixel L2): is G copying its data?
   export       the generator as TorchScript or ONNX, for use without this package; or its weights as
                safetensors with a JSON that rebuilds it (portable.py), which ckpt= also takes back
+  classes      a class-conditional checkpoint's classes, one row each, the same latents in every column
+               (so a column keeps its style while the class changes)
+
+A class-conditional checkpoint (gan-train conditional=true) draws the class `class=` names (its name or index)
+in grid, seeds, interpolate and neighbors, and every class in turn without it; `class=[Sneaker,Bag]` with
+mode=interpolate walks from class to class at the latent of `seed=`. Its exports take the labels as a second
+input.
 
 Image i of a grid with `seed=s` comes from seed s+i (images.latents), so an image depends on its seed
 only. `truncation=t` trades variety for fidelity in every mode that draws images (see `images.latents`).
@@ -20,10 +27,10 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
 from dcgan import checkpoint, config, data, files, models, portable
@@ -40,7 +47,7 @@ from dcgan.images import (
     to_pil,
     to_uint8,
 )
-from dcgan.state import CONFIG_YAML, STEP, sampling_weights
+from dcgan.state import CLASSES, CONFIG_YAML, STEP, sampling_weights
 
 
 @dataclass
@@ -64,9 +71,31 @@ class SampleConfig:
     dataset_root: Optional[str] = None  # mode=neighbors: the training data, if not at the checkpoint's dataset.root
     format: str = "torchscript"  # mode=export: torchscript | onnx | safetensors
     scale: int = 1  # images and movies: each pixel becomes a scale x scale block (nearest neighbour), 1 to 16
+    # `class=` on the command line (a Python keyword, so class_ here): a conditional checkpoint's class to draw,
+    # by name or index; mode=interpolate also takes a list (class=[Sneaker,Bag]). None = every class in turn.
+    class_: Any = None
 
 
-config.register_schema("sample_schema", SampleConfig)
+CLASS_KEY = "class"  # what users type for SampleConfig.class_
+
+
+def schema() -> DictConfig:
+    """SampleConfig as Hydra composes it: the same typed settings, with class_ spelled `class`."""
+    node = OmegaConf.structured(SampleConfig)
+    with open_dict(node):
+        node[CLASS_KEY] = None
+        del node["class_"]
+    return node
+
+
+def request(composed: DictConfig) -> SampleConfig:
+    """The composed gan-sample config as a SampleConfig."""
+    settings = OmegaConf.to_container(composed, resolve=True)
+    settings["class_"] = settings.pop(CLASS_KEY, None)
+    return SampleConfig(**settings)
+
+
+config.register_schema("sample_schema", schema())
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -141,7 +170,7 @@ def load_generator(path: str | Path, device: torch.device, use_ema: bool = True)
         cfg = config.train_config_from_yaml(saved[CONFIG_YAML])
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
-    G = models.build_generator(cfg, "cpu")
+    G = models.build_generator(cfg, "cpu", len(saved.get(CLASSES) or ()))
     weights, _ = sampling_weights(saved, use_ema)
     try:
         G.load_state_dict(weights)
@@ -163,10 +192,20 @@ class Studio:
     device: torch.device
     weights: str = "generator"  # which generator of the checkpoint G is: "ema" or "generator" (sampling_weights)
     step: int = 0  # the training step G's weights come from
+    classes: Tuple[str, ...] = ()  # a conditional G's class names, by label; () for an unconditional one
+    wanted: Tuple[int, ...] = ()  # the classes class= asks for, as indices
 
     def latents(self, seeds: List[int], device: Optional[torch.device | str] = None) -> torch.Tensor:
         g = self.train_cfg.generator
         return latents(seeds, g.z_dim, g.z_distribution, self.device if device is None else device, self.cfg.truncation)
+
+    def labels(self, count: int) -> Optional[torch.Tensor]:
+        """The class of each of `count` images: class= for all of them; None (every class in turn) without it."""
+        return torch.full((count,), self.wanted[0], device=self.device) if self.wanted else None
+
+    def draw(self, seeds: List[int]) -> torch.Tensor:
+        """Images in [-1, 1], one per seed, of the class asked for."""
+        return generate(self.G, self.latents(seeds), self.labels(len(seeds)))
 
     def seeds(self) -> List[int]:
         """`seeds=` when given, else n seeds from `seed=`."""
@@ -179,13 +218,26 @@ class Studio:
 
 def write_grid(studio: Studio) -> List[Path]:
     cfg, out = studio.cfg, studio.out()
-    save_grid(generate(studio.G, studio.latents(list(range(cfg.seed, cfg.seed + cfg.n)))), out, cfg.nrow, cfg.scale)
+    save_grid(studio.draw(list(range(cfg.seed, cfg.seed + cfg.n))), out, cfg.nrow, cfg.scale)
     return [out]
+
+
+def write_classes(studio: Studio) -> List[Path]:
+    """One row per class, `nrow` columns from seeds seed, seed + 1, ...: a column is one latent in every class."""
+    cfg, out, count = studio.cfg, studio.out(), len(studio.classes)
+    z = studio.latents(list(range(cfg.seed, cfg.seed + cfg.nrow))).repeat(count, 1)
+    labels = torch.arange(count, device=studio.device).repeat_interleave(cfg.nrow)
+    save_grid(generate(studio.G, z, labels), out, cfg.nrow, cfg.scale)
+    names = out.with_suffix(".json")  # which row is which class
+    files.atomic_write_text(
+        names, json.dumps({"rows": list(studio.classes), "seeds": [cfg.seed, cfg.seed + cfg.nrow - 1]}) + "\n"
+    )
+    return [out, names]
 
 
 def write_seeds(studio: Studio) -> List[Path]:
     seeds, folder = studio.seeds(), studio.out()
-    images = to_uint8(generate(studio.G, studio.latents(seeds)))
+    images = to_uint8(studio.draw(seeds))
     paths = [folder / f"seed{seed:04d}.png" for seed in seeds]
     for image, path in zip(images, paths, strict=False):
         save_atomically(enlarge(to_pil(image), studio.cfg.scale), path)
@@ -200,16 +252,34 @@ MOVIE_SUFFIX = ".gif"
 
 def write_interpolation(studio: Studio) -> List[Path]:
     cfg, out = studio.cfg, studio.out()
-    keys = interpolation_keys(cfg)
     as_grid = out.suffix.lower() in GRID_SUFFIXES
-    # The path is computed on the CPU from CPU latents, so it is the same on every device.
-    path_z = slerp_legs(studio.latents(keys, device="cpu"), cfg.frames, closed=not as_grid)
-    images = to_uint8(generate(studio.G, path_z.flatten(0, 1).to(studio.device)))
+    if len(studio.wanted) > 1:  # from class to class at one latent: the class weights move, z stays
+        one_hot = torch.eye(len(studio.classes))[list(studio.wanted)]
+        path_labels = lerp_legs(one_hot, cfg.frames, closed=not as_grid)
+        z = studio.latents([cfg.seed]).expand(path_labels.shape[0] * path_labels.shape[1], -1)
+        images = to_uint8(generate(studio.G, z, path_labels.flatten(0, 1).to(studio.device)))
+        legs = path_labels
+    else:
+        keys = interpolation_keys(cfg)
+        # The path is computed on the CPU from CPU latents, so it is the same on every device.
+        legs = slerp_legs(studio.latents(keys, device="cpu"), cfg.frames, closed=not as_grid)
+        z = legs.flatten(0, 1).to(studio.device)
+        images = to_uint8(generate(studio.G, z, studio.labels(len(z))))
+    path_z = legs
     if as_grid:
         save_grid(images, out, nrow=path_z.shape[1], scale=cfg.scale)
         return [out]
     save_gif([enlarge(to_pil(image), cfg.scale) for image in images], out, round(1000 / cfg.fps))
     return [out]
+
+
+def lerp_legs(keys: torch.Tensor, frames: int, closed: bool) -> torch.Tensor:
+    """Straight lines through the key vectors (class weights), laid out as slerp_legs lays out latents."""
+    pairs = [(i, i + 1) for i in range(len(keys) - 1)] + ([(len(keys) - 1, 0)] if closed else [])
+    points = frames if closed else frames + 1
+    return torch.stack(
+        [torch.stack([torch.lerp(keys[a], keys[b], step / frames) for step in range(points)]) for a, b in pairs]
+    )
 
 
 def interpolation_keys(cfg: SampleConfig) -> List[int]:
@@ -224,7 +294,7 @@ def write_neighbors(studio: Studio) -> List[Path]:
     """A panel with a row per sample: the sample, then its k nearest training images; and their distances as JSON."""
     cfg, out = studio.cfg, studio.out()
     seeds = studio.seeds()
-    samples = to_uint8(generate(studio.G, studio.latents(seeds)))
+    samples = to_uint8(studio.draw(seeds))
     training = training_images(studio.train_cfg, cfg.dataset_root)
     distances, indices = nearest_neighbors(samples, training, cfg.k, studio.device)
     neighbors = training[indices.flatten()].view(*indices.shape, *samples.shape[1:])
@@ -288,21 +358,26 @@ def write_export(studio: Studio) -> List[Path]:
     out = studio.out()
     if studio.cfg.format == "safetensors":
         # Weights and the recipe to rebuild G, not a traced program: nothing runs G here.
-        return portable.save(studio.G, portable.describe(studio.train_cfg, studio.weights, studio.step), out)
-    export_generator(studio.G, studio.train_cfg, studio.cfg.format, out)
+        description = portable.describe(studio.train_cfg, studio.weights, studio.step, studio.classes)
+        return portable.save(studio.G, description, out)
+    export_generator(studio.G, studio.train_cfg, studio.cfg.format, out, studio.classes)
     return [out]
 
 
-def export_generator(G: nn.Module, train_cfg: DictConfig, export_format: str, path: Path) -> None:
+def export_generator(
+    G: nn.Module, train_cfg: DictConfig, export_format: str, path: Path, classes: Sequence[str] = ()
+) -> None:
     """Save G (eval mode, on the CPU) as a file that runs without this package, for any batch size.
 
-    Input: latents `z` [batch, z_dim], drawn as in training (train_cfg.generator.z_distribution);
-    output: `images` [batch, C, S, S] in [-1, 1]. These facts travel inside the file: a
-    `dcgan.json` extra file in TorchScript, metadata properties in ONNX.
+    Input: latents `z` [batch, z_dim], drawn as in training (train_cfg.generator.z_distribution), and for a
+    conditional G `labels` [batch], int64 class indices into `classes`; output: `images` [batch, C, S, S] in
+    [-1, 1]. These facts travel inside the file: a `dcgan.json` extra file in TorchScript, metadata properties
+    in ONNX.
     """
     G = G.cpu().eval()
     g = train_cfg.generator
-    example = latents([0, 1], g.z_dim, g.z_distribution)
+    z = latents([0, 1], g.z_dim, g.z_distribution)
+    example = (z, torch.tensor([0, len(classes) - 1])) if classes else (z,)
     about = {
         "z_dim": g.z_dim,
         "z_distribution": g.z_distribution,
@@ -310,11 +385,12 @@ def export_generator(G: nn.Module, train_cfg: DictConfig, export_format: str, pa
         "channels": train_cfg.dataset.channels,
         "output": "images [batch, channels, image_size, image_size] in [-1, 1]",
         "config_yaml": checkpoint.config_yaml(train_cfg),
+        **({"inputs": "z [batch, z_dim], labels [batch] int64", "classes": list(classes)} if classes else {}),
     }
     files.atomic_create(path, lambda temporary: EXPORTERS[export_format](G, example, about, temporary))
 
 
-def export_torchscript(G: nn.Module, example: torch.Tensor, about: Dict[str, object], path: Path) -> None:
+def export_torchscript(G: nn.Module, example: Tuple[torch.Tensor, ...], about: Dict[str, object], path: Path) -> None:
     with warnings.catch_warnings():
         # torch.jit is deprecated in favour of torch.export, but TorchScript is what torch.jit.load and libtorch read.
         warnings.simplefilter("ignore", FutureWarning)
@@ -325,16 +401,17 @@ def export_torchscript(G: nn.Module, example: torch.Tensor, about: Dict[str, obj
     path.write_bytes(buffer.getvalue())
 
 
-def export_onnx(G: nn.Module, example: torch.Tensor, about: Dict[str, object], path: Path) -> None:
+def export_onnx(G: nn.Module, example: Tuple[torch.Tensor, ...], about: Dict[str, object], path: Path) -> None:
     onnx = import_onnx()
+    batch = torch.export.Dim("batch")
     torch.onnx.export(
         G,
-        (example,),
+        example,
         str(path),
         dynamo=True,
-        input_names=["z"],
+        input_names=["z", "labels"][: len(example)],
         output_names=["images"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamic_shapes=tuple({0: batch} for _ in example),
         external_data=False,
         verbose=False,
     )
@@ -361,6 +438,7 @@ MODES: Dict[str, Callable[[Studio], List[Path]]] = {
     "interpolate": write_interpolation,
     "neighbors": write_neighbors,
     "export": write_export,
+    "classes": write_classes,
 }
 
 
@@ -393,6 +471,7 @@ def check_sample_config(cfg: SampleConfig) -> None:
     at_most("fps", cfg.fps, MAX_GIF_FPS, "a GIF plays frames at most 50 a second (browsers slow faster ones to 10)")
     check_request_seeds(cfg)
     check_settings_used(cfg)
+    check_class_request(cfg)
     count = images_requested(cfg)
     if count > MAX_IMAGES:
         raise UserError(
@@ -411,7 +490,9 @@ SETTINGS_READ = {
     "interpolate": ("seeds", "seed", "frames", "fps", "truncation"),
     "neighbors": ("seeds", "n", "seed", "k", "dataset_root", "truncation"),
     "export": ("format",),
+    "classes": ("nrow", "seed", "truncation"),
 }
+TAKES_CLASS = ("grid", "seeds", "interpolate", "neighbors")  # the modes class= applies to
 
 
 def check_settings_used(cfg: SampleConfig) -> None:
@@ -434,12 +515,59 @@ def check_settings_used(cfg: SampleConfig) -> None:
             )
 
 
-def images_requested(cfg: SampleConfig) -> int:
-    """How many images the mode generates (each held as float32 until written)."""
+def asked_classes(cfg: SampleConfig) -> List[Any]:
+    """class= as a list: [] when not given, one entry, or several (mode=interpolate)."""
+    if cfg.class_ is None:
+        return []
+    return list(cfg.class_) if isinstance(cfg.class_, (list, tuple, ListConfig)) else [cfg.class_]
+
+
+def check_class_request(cfg: SampleConfig) -> None:
+    """class= where the mode draws a class: one class, or for mode=interpolate several to walk through."""
+    asked = asked_classes(cfg)
+    if not asked:
+        return
+    if cfg.mode not in TAKES_CLASS:
+        why = "it draws every class" if cfg.mode == "classes" else "the export takes the labels as an input"
+        unused(CLASS_KEY, cfg.class_, f"mode={cfg.mode} does not use it: {why}", f"remove {CLASS_KEY}=")
+    if len(asked) > 1 and cfg.mode != "interpolate":
+        raise UserError(
+            f"{CLASS_KEY}={cfg.class_} names {len(asked)} classes; mode={cfg.mode} draws one (e.g. {CLASS_KEY}="
+            f"{asked[0]}), and mode=interpolate walks through several"
+        )
+    if len(asked) > 1 and cfg.seeds:
+        unused(
+            "seeds",
+            cfg.seeds,
+            f"a walk through classes ({CLASS_KEY}={cfg.class_}) stays at the latent of seed=",
+            "give seed=N instead",
+        )
+
+
+def wanted_classes(cfg: SampleConfig, classes: Sequence[str]) -> Tuple[int, ...]:
+    """class= as label indices of this checkpoint's classes."""
+    asked = asked_classes(cfg)
+    if asked and not classes:
+        raise UserError(
+            f"{cfg.ckpt} was trained without classes (conditional=false), so there is no class {asked[0]} to "
+            f"draw; remove {CLASS_KEY}=, or sample a checkpoint trained with conditional=true"
+        )
+    if cfg.mode == "classes" and not classes:
+        raise UserError(
+            f"{cfg.ckpt} was trained without classes (conditional=false): mode=classes needs a checkpoint trained "
+            "with conditional=true"
+        )
+    return tuple(data.class_index(classes, str(name)) for name in asked)
+
+
+def images_requested(cfg: SampleConfig, classes: int = 1) -> int:
+    """How many images the mode generates (each held as float32 until written); `classes`: the checkpoint's."""
     if cfg.mode == "export":
         return 0
+    if cfg.mode == "classes":
+        return cfg.nrow * classes
     if cfg.mode == "interpolate":
-        keys = len(interpolation_keys(cfg))
+        keys = len(asked_classes(cfg)) if len(asked_classes(cfg)) > 1 else len(interpolation_keys(cfg))
         closed = output_path(cfg).suffix.lower() not in GRID_SUFFIXES  # a movie loops back to its first key
         return (keys if closed else keys - 1) * (cfg.frames if closed else cfg.frames + 1)
     if cfg.mode == "grid" or not cfg.seeds:
@@ -447,14 +575,15 @@ def images_requested(cfg: SampleConfig) -> int:
     return len(parse_seeds(cfg.seeds))
 
 
-def check_memory(cfg: SampleConfig, train_cfg: DictConfig) -> None:
+def check_memory(cfg: SampleConfig, train_cfg: DictConfig, classes: int = 1) -> None:
     """The images asked for fit in memory as float32, known once the checkpoint gives their size."""
     pixels = train_cfg.dataset.channels * train_cfg.dataset.image_size**2
-    needed = images_requested(cfg) * pixels * 4
+    count = images_requested(cfg, classes)
+    needed = count * pixels * 4
     where, available = models.device_memory("cpu")
     if needed > available:
         raise UserError(
-            f"{images_requested(cfg):,} images of {train_cfg.dataset.image_size}px need {needed / 2**30:,.0f} GiB "
+            f"{count:,} images of {train_cfg.dataset.image_size}px need {needed / 2**30:,.0f} GiB "
             f"as float32, more than the {available / 2**30:,.0f} GiB of {where}; ask for fewer (n, seeds, frames)"
         )
 
@@ -477,6 +606,7 @@ DEFAULT_OUTPUTS = {
     "seeds": "seeds",
     "interpolate": "interpolation.gif",
     "neighbors": "neighbors.png",
+    "classes": "classes.png",
 }
 
 
@@ -500,6 +630,7 @@ def check_output(cfg: SampleConfig) -> None:
         "grid": ("a grid", GRID_SUFFIXES),
         "interpolate": ("an interpolation (a movie, or a grid with a row per leg)", (MOVIE_SUFFIX, *GRID_SUFFIXES)),
         "neighbors": ("the neighbours panel", GRID_SUFFIXES),
+        "classes": ("the classes grid", GRID_SUFFIXES),
         "export": (f"a {cfg.format} export", EXPORT_SUFFIXES[cfg.format]),
     }[cfg.mode]
     check_output_file("out", out, suffixes, what)
@@ -514,8 +645,10 @@ def run(cfg: SampleConfig) -> List[Path]:
         raise UserError(
             f"truncation scales this checkpoint's uniform latents, so it must be in (0, 1]; got {cfg.truncation}"
         )
-    check_memory(cfg, train_cfg)
+    classes = tuple(saved.get(CLASSES) or ())
+    wanted = wanted_classes(cfg, classes)
+    check_memory(cfg, train_cfg, max(1, len(classes)))
     weights = sampling_weights(saved, cfg.ema)[1]
-    studio = Studio(G, train_cfg, cfg, device, weights, int(saved[STEP]))
+    studio = Studio(G, train_cfg, cfg, device, weights, int(saved[STEP]), classes, wanted)
     with files.write_errors_as_user_errors("free some disk space, or write elsewhere with out=PATH"):
         return MODES[cfg.mode](studio)
