@@ -61,6 +61,11 @@ TRAIN_CASES = {
     "a progress grid of a million images": ("trainer.grid_size=1000000", "one PNG of 1,000,000 images"),
     "a batch too large for memory": ("trainer.batch_size=100000000", "GiB to train"),
     "thousands of decode processes": ("dataset.num_workers=100000", "each worker is a process"),
+    "attributes of a data set without them": ("dataset.attributes=[Smiling]", "only CelebA has attributes"),
+    "more attribute classes than faces to fill them": (
+        "dataset=celeba dataset.attributes=[Male,Young,Smiling,Bald,Bangs,Blurry]",
+        "more than the 5 allowed: k attributes make 2^k classes",
+    ),
 }
 
 

@@ -11,6 +11,11 @@ read every subfolder of it as a class.
 `check_available(cfg)` finds the data (downloading it where a data set can) before gan-train makes a
 run folder, so a run refused for missing data leaves nothing behind.
 
+`load_labels(cfg)` gives the class of each of those images, row for row, for conditional training: MNIST's
+label files, mnist_tiny's labels, an image folder's sub-folders, CelebA's attributes (dataset.attributes);
+`check_labels_available(cfg)` is its check before the run folder. The Labels type, reading label files and
+matching class names live in labels.py.
+
 `ImageBatches` draws batches from that tensor. Its order is a pure function of (seed, epoch), so
 a checkpoint only needs {"epoch", "position"} to continue with exactly the batches an
 uninterrupted run would have seen.
@@ -32,7 +37,7 @@ import struct
 import sys
 import zipfile
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -43,7 +48,20 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from dcgan import files
-from dcgan.errors import UserError, at_least, at_most, one_of
+from dcgan.errors import UserError, at_least, at_most, one_of, unused
+from dcgan.labels import (
+    DIGIT_CLASSES,
+    FASHION_MNIST_CLASSES,
+    Labels,
+    check_attribute_list,
+    check_attributes_known,
+    combination_indices,
+    combination_names,
+    idx_count,
+    read_attributes,
+    read_idx_labels,
+)
+from dcgan.labels import class_index as class_index  # conditional training asks data for it, with load_labels
 
 
 @dataclass
@@ -59,9 +77,12 @@ class DatasetConfig:
     on_bad_file: str = "skip"  # folder/celeba: skip unreadable images with a warning, or error
     cache_dir: Optional[str] = None  # decoded-image cache; None = $XDG_CACHE_HOME/dcgan/decoded, else ~/.cache/...
     num_workers: int = 0  # processes for the one-time JPEG decode; 0 = one per core
+    # celeba with conditional=true: the attributes whose 2^k combinations are the classes, e.g. [Smiling,Male]
+    attributes: List[str] = field(default_factory=list)
 
 
 Loader = Callable[[DatasetConfig], torch.Tensor]
+LabelsLoader = Callable[[DatasetConfig], Labels]
 
 
 @dataclass(frozen=True)
@@ -71,6 +92,7 @@ class DatasetSpec:
     load: Loader  # cfg -> every image as uint8 [N, C, S, S]; see load_images
     splits: Tuple[str, ...] = ()  # its dataset.split values; () = it has none, and dataset.split is ignored
     origin: str = ""  # where describe() says the images come from; "" = dataset.root
+    labels: Optional[LabelsLoader] = None  # cfg -> the class of each image load() returns; None = no classes
 
 
 # Every data set by dataset.name, in registration order (the order error messages list them in).
@@ -83,6 +105,17 @@ def dataset(name: str, splits: Sequence[str] = (), origin: str = ""):
     def register(load: Loader) -> Loader:
         DATASETS[name] = DatasetSpec(load, tuple(splits), origin)
         return load
+
+    return register
+
+
+def labels_of(name: str):
+    """Register `labels(cfg) -> Labels` as the classes of the data set `name` (registered first with `dataset`):
+    one class per image `load` returns, in the same order, after the same dataset.max_images cut."""
+
+    def register(labels: LabelsLoader) -> LabelsLoader:
+        DATASETS[name] = replace(DATASETS[name], labels=labels)
+        return labels
 
     return register
 
@@ -101,6 +134,20 @@ def validate_dataset(d: DatasetConfig | DictConfig) -> None:
     # Any split some data set has passes here (data sets without splits ignore it); then the chosen one's own.
     one_of("dataset.split", d.split, tuple(dict.fromkeys(s for spec in DATASETS.values() for s in spec.splits)))
     _check_split(d)
+    attributes = _attributes(d)
+    if attributes and d.name != "celeba":
+        unused(
+            "dataset.attributes",
+            f"[{','.join(attributes)}]",
+            f"only CelebA has attributes, and dataset.name={d.name}",
+            "remove dataset.attributes (the classes of " + d.name + " come from its own labels)",
+        )
+    check_attribute_list(attributes)
+
+
+def _attributes(d: DatasetConfig | DictConfig) -> List[str]:
+    # getattr: a checkpoint's config written before dataset.attributes existed has no such key.
+    return [str(a) for a in getattr(d, "attributes", None) or []]
 
 
 log = logging.getLogger(__name__)
@@ -210,20 +257,23 @@ def _load_mnist_like(cfg: DatasetConfig) -> torch.Tensor:
     return _download_mnist_like(cfg)
 
 
-def _find_idx(cfg: DatasetConfig | DictConfig) -> Optional[Path]:
-    """The split's IDX image file under dataset.root (plain, torchvision's layout, or raw/), or None."""
-    root = Path(cfg.root).expanduser()
+def _find_idx(cfg: DatasetConfig | DictConfig, part: str = "images") -> Optional[Path]:
+    """The split's IDX file of `part` (images or labels) under dataset.root (plain, torchvision's layout, or
+    raw/), or None."""
+    root, stem = Path(cfg.root).expanduser(), _idx_stem(cfg, part)
     folder = "MNIST" if cfg.name == "mnist" else "FashionMNIST"
     for directory in (root, root / folder / "raw", root / "raw"):
         # The uncompressed file, when torchvision left both, skips a gunzip.
-        for path in (directory / _idx_stem(cfg), directory / f"{_idx_stem(cfg)}.gz"):
+        for path in (directory / stem, directory / f"{stem}.gz"):
             if path.is_file():
                 return path
     return None
 
 
-def _idx_stem(cfg: DatasetConfig | DictConfig) -> str:
-    return "train-images-idx3-ubyte" if cfg.split == "train" else "t10k-images-idx3-ubyte"
+def _idx_stem(cfg: DatasetConfig | DictConfig, part: str = "images") -> str:
+    """train-images-idx3-ubyte, t10k-labels-idx1-ubyte, ...: the names MNIST's files have everywhere."""
+    dimensions = 3 if part == "images" else 1
+    return f"{'train' if cfg.split == 'train' else 't10k'}-{part}-idx{dimensions}-ubyte"
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -254,21 +304,25 @@ def read_idx_images(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols).copy()
 
 
-def _download_mnist_like(cfg: DatasetConfig | DictConfig) -> torch.Tensor:
+def _download_mnist_like(cfg: DatasetConfig | DictConfig, part: str = "images") -> torch.Tensor:
+    """The split's images (uint8 [N, 28, 28]) or labels (int64 [N]) through torchvision, downloading them
+    into dataset.root when dataset.download allows."""
     from torchvision import datasets
 
-    root, stem = Path(cfg.root).expanduser(), _idx_stem(cfg)
+    root, stem = Path(cfg.root).expanduser(), _idx_stem(cfg, part)
     dataset_class, title = (
         (datasets.MNIST, "MNIST") if cfg.name == "mnist" else (datasets.FashionMNIST, "Fashion-MNIST")
     )
     try:
-        return dataset_class(str(root), train=cfg.split == "train", download=cfg.download).data
+        downloaded = dataset_class(str(root), train=cfg.split == "train", download=cfg.download)
     except Exception as error:  # offline downloads fail as URLError, RuntimeError, socket errors...
         reason = " ".join(str(error).split()) or type(error).__name__
+        what = f"{title}'s labels" if part == "labels" else title
         raise UserError(
-            f"could not find or download {title} under {root} ({reason}). With no internet, put the IDX image "
-            f"file {stem}.gz in {root}, or point dataset.root at a folder that holds it."
+            f"could not find or download {what} under {root} ({reason}). With no internet, put the IDX "
+            f"{part[:-1]} file {stem}.gz in {root}, or point dataset.root at a folder that holds it."
         ) from None
+    return downloaded.data if part == "images" else downloaded.targets.long()
 
 
 def _gray_to_config(gray: torch.Tensor, cfg: DatasetConfig) -> torch.Tensor:
@@ -433,14 +487,19 @@ def _try_torchvision_celeba(root: Path) -> str:
     return ""
 
 
-def _celeba_split(source: _Source, root: Path, split: str) -> _Source:
-    # The partition file sits beside the image folder or zip, or at the top of the root.
+def _celeba_list_folders(source: _Source, root: Path) -> Tuple[Path, ...]:
+    """Where CelebA's list files (list_eval_partition.txt, list_attr_celeba.txt) may be: beside the image folder
+    or zip, in root/celeba (torchvision's layout), or at the top of the root."""
     beside = source.location.parent if source.location != root else root
-    candidates = (beside, root / "celeba", root)
-    partition_file = next(
-        (folder / "list_eval_partition.txt" for folder in candidates if (folder / "list_eval_partition.txt").is_file()),
-        None,
-    )
+    return tuple(dict.fromkeys((beside, root / "celeba", root)))
+
+
+def _celeba_list_file(source: _Source, root: Path, name: str) -> Optional[Path]:
+    return next((folder / name for folder in _celeba_list_folders(source, root) if (folder / name).is_file()), None)
+
+
+def _celeba_split(source: _Source, root: Path, split: str) -> _Source:
+    partition_file = _celeba_list_file(source, root, "list_eval_partition.txt")
     if partition_file is None:
         log.info(
             "no list_eval_partition.txt beside the CelebA images: using all %d images for split=%s",
@@ -485,6 +544,160 @@ def _require_images(source: _Source) -> None:
             f"no images found in {source.location} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
             "point dataset.root at a folder that holds images"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Class labels, for conditional training
+
+
+def load_labels(cfg: DatasetConfig) -> Labels:
+    """The class of each image load_images(cfg) returns, row for row: the same split, the same dataset.max_images
+    cut, the same unreadable files skipped. UserError when the data set has no classes."""
+    _check_split(cfg)
+    spec = _spec(cfg.name)
+    if spec.labels is None:
+        raise _no_classes(cfg)
+    labels = spec.labels(cfg)
+    # Cut here as load_images cuts, so a registered labels loader may ignore dataset.max_images as its images may.
+    return Labels(_first(labels.indices, cfg.max_images), tuple(labels.names))
+
+
+def check_labels_available(cfg: DatasetConfig | DictConfig) -> None:
+    """Raise the UserError load_labels would for missing or absent labels, without decoding any image (a missing
+    MNIST label file is downloaded where dataset.download allows). gan-train calls it, as it calls
+    check_available, before the run folder exists. Data sets registered elsewhere are checked when they load."""
+    _check_split(cfg)
+    if _spec(cfg.name).labels is None:
+        raise _no_classes(cfg)
+    if cfg.name in ("mnist", "fashion_mnist"):
+        mnist_like_labels(cfg)  # a label file is 60 kB and the images' count is in their header: nothing decoded
+    elif cfg.name == "folder":
+        _folder_classes(_find_folder(cfg))
+    elif cfg.name == "celeba":
+        _celeba_attribute_file(cfg, _find_celeba(cfg))
+
+
+def _no_classes(cfg: DatasetConfig | DictConfig) -> UserError:
+    labelled = _either(tuple(name for name, spec in DATASETS.items() if spec.labels is not None))
+    return UserError(
+        f"dataset.name={cfg.name} has no class labels: conditional=true needs a data set with classes ({labelled}, "
+        "or one whose labels are registered with data.labels_of); or train with conditional=false"
+    )
+
+
+@labels_of("mnist")
+def mnist_like_labels(cfg: DatasetConfig) -> Labels:
+    """The split's label file (train-labels-idx1-ubyte[.gz], ...) found where the images are, else torchvision's."""
+    names = DIGIT_CLASSES if cfg.name == "mnist" else FASHION_MNIST_CLASSES
+    path = _find_idx(cfg, "labels")
+    if path is None:
+        indices = _download_mnist_like(cfg, "labels")
+        path = _find_idx(cfg, "labels") or Path(cfg.root) / _idx_stem(cfg, "labels")
+    else:
+        indices = torch.from_numpy(read_idx_labels(path, len(names))).long()
+    images = _find_idx(cfg)
+    if images is not None and idx_count(images) != len(indices):
+        raise UserError(
+            f"{path} has {len(indices)} labels but {images} has {idx_count(images)} images, so they cannot be paired: "
+            "one is damaged or from another split; delete both and download them again"
+        )
+    return Labels(_first(indices, cfg.max_images), names)
+
+
+labels_of("fashion_mnist")(mnist_like_labels)
+
+
+@labels_of("mnist_tiny")
+def mnist_tiny_labels(cfg: DatasetConfig) -> Labels:
+    with np.load(MNIST_TINY) as archive:
+        indices = torch.from_numpy(archive["labels"].astype(np.int64))
+    return Labels(_first(indices, cfg.max_images), DIGIT_CLASSES)
+
+
+@labels_of("folder")
+def folder_labels(cfg: DatasetConfig) -> Labels:
+    """torchvision's ImageFolder convention: each first-level sub-folder is a class, classes in sorted order; a
+    file deeper down belongs to its first-level folder."""
+    source = _find_folder(cfg)
+    names, classes = _folder_classes(source)
+    kept = _decoded(source, cfg)[1]  # which files the cache holds: unreadable ones were skipped
+    return Labels(torch.from_numpy(classes[: len(kept)][kept]), names)
+
+
+def _folder_classes(source: _Source) -> Tuple[Tuple[str, ...], np.ndarray]:
+    """(class names, the class index of each file of `source`), or the UserError saying why it has no classes.
+    The classes come from the whole folder, so a dataset.max_images cut never renumbers them."""
+    tops, folders = [], []
+    for name in source.names:
+        folder, slash, _ = name.partition("/")
+        (folders if slash else tops).append(folder)
+    where = f"dataset.name=folder at {printable(str(source.location.resolve()))}"
+    layout = "one sub-folder of images per class (the ImageFolder layout)"
+    if not folders:
+        raise UserError(f"{where} has no classes: conditional=true needs {layout}; or train with conditional=false")
+    if tops:
+        shown = ", ".join(printable(name) for name in tops[:3]) + (", ..." if len(tops) > 3 else "")
+        raise UserError(
+            f"{where} has {len(tops)} images outside any class sub-folder ({shown}): conditional=true needs every "
+            f"image in {layout}; move them into one, or train with conditional=false"
+        )
+    names = tuple(sorted(set(folders)))
+    if len(names) < 2:
+        raise UserError(
+            f"{where} has one class, {printable(names[0])}/: conditional=true needs at least 2 classes, {layout}; or "
+            "train with conditional=false"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    return names, np.array([index[folder] for folder in folders], dtype=np.int64)
+
+
+@labels_of("celeba")
+def celeba_labels(cfg: DatasetConfig) -> Labels:
+    """The 2^k combinations of the k dataset.attributes, from list_attr_celeba.txt."""
+    source = _find_celeba(cfg).first(cfg.max_images)
+    path = _celeba_attribute_file(cfg, source)
+    _require_images(source)
+    attributes = _attributes(cfg)
+    listed, present = read_attributes(path, attributes)
+    rows = _attribute_rows(listed, source.names, path)
+    kept = _decoded(source, cfg)[1]  # which files the cache holds: unreadable ones were skipped
+    return Labels(combination_indices(present[rows][kept]), combination_names(attributes))
+
+
+def _celeba_attribute_file(cfg: DatasetConfig | DictConfig, source: _Source) -> Path:
+    """list_attr_celeba.txt, where list_eval_partition.txt may be, once dataset.attributes are known to be in it."""
+    attributes = _attributes(cfg)
+    if not attributes:
+        raise UserError(
+            "dataset.name=celeba has no classes until you choose attributes: conditional=true needs e.g. "
+            "dataset.attributes=[Smiling,Male] (k attributes make 2^k classes; the names are on the second line of "
+            "list_attr_celeba.txt); or train with conditional=false"
+        )
+    root = Path(cfg.root).expanduser()
+    path = _celeba_list_file(source, root, "list_attr_celeba.txt")
+    if path is None:
+        folders = ", ".join(str(folder.resolve()) for folder in _celeba_list_folders(source, root))
+        raise UserError(
+            f"no list_attr_celeba.txt beside the CelebA images (looked in {folders}): dataset.attributes reads "
+            f"it; download it from {CELEBA_PAGE} (Google Drive links there) into {(root / 'celeba').resolve()}/, "
+            "or train with conditional=false"
+        )
+    check_attributes_known(attributes, path)
+    return path
+
+
+def _attribute_rows(listed: np.ndarray, names: Sequence[str], path: Path) -> np.ndarray:
+    """The row of list_attr_celeba.txt of each image (found by file name, as the zip holds img_align_celeba/...)."""
+    wanted = np.array([name.rpartition("/")[2] for name in names], dtype=str)
+    order = np.argsort(listed, kind="stable")
+    rows = order[np.minimum(np.searchsorted(listed, wanted, sorter=order), max(len(listed) - 1, 0))]
+    missing = wanted[listed[rows] != wanted] if len(listed) else wanted
+    if len(missing):
+        raise UserError(
+            f"{len(missing)} CelebA images have no line in {path} (e.g. {printable(str(missing[0]))}): it belongs "
+            "to another copy of CelebA or is damaged; download list_attr_celeba.txt again"
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,8 +770,32 @@ class _Decoder:
 
 
 def _cached_decode(source: _Source, cfg: DatasetConfig) -> torch.Tensor:
+    return _decoded(source, cfg)[0]
+
+
+def _decoded(source: _Source, cfg: DatasetConfig | DictConfig) -> Tuple[torch.Tensor, np.ndarray]:
+    """(the images of `source`, cut to dataset.max_images, from the cache, decoding them first where needed;
+    which of its files they are, bool per file: False for an unreadable one that was skipped)."""
     source = source.first(cfg.max_images)
     _require_images(source)
+    path = _cache_path(source, cfg)
+    cached = _open_cache(path, len(source.entries))
+    if cached is not None:
+        return cached
+    _make_folder(path.parent)
+    try:
+        _decode_into(path, source, cfg)
+    except OSError as error:  # bad image files are caught per file, so this is the cache itself
+        raise UserError(
+            f"cannot write the decoded-image cache {path} ({error}); free some disk space or set "
+            "dataset.cache_dir to another folder"
+        ) from None
+    cached = _open_cache(path, len(source.entries))
+    assert cached is not None, f"{path} was just written"
+    return cached
+
+
+def _cache_path(source: _Source, cfg: DatasetConfig | DictConfig) -> Path:
     key_fields = {
         "version": CACHE_FORMAT_VERSION,
         # Where the data is, and its fingerprint (names, sizes, mtimes or CRCs): two copies of one data set,
@@ -573,21 +810,13 @@ def _cached_decode(source: _Source, cfg: DatasetConfig) -> torch.Tensor:
         "on_bad_file": cfg.on_bad_file,  # an "error" run must not accept a cache that skipped bad files
     }
     key = hashlib.sha1(json.dumps(key_fields).encode()).hexdigest()
-    path = cache_folder(cfg) / f"{cfg.name}-{cfg.image_size}px-{cfg.channels}ch-{key[:16]}.npy"
-    cached = _open_cache(path)
-    if cached is not None:
-        return cached
-    _make_folder(path.parent)
-    try:
-        _decode_into(path, source, cfg)
-    except OSError as error:  # bad image files are caught per file, so this is the cache itself
-        raise UserError(
-            f"cannot write the decoded-image cache {path} ({error}); free some disk space or set "
-            "dataset.cache_dir to another folder"
-        ) from None
-    cached = _open_cache(path)
-    assert cached is not None, f"{path} was just written"
-    return cached
+    return cache_folder(cfg) / f"{cfg.name}-{cfg.image_size}px-{cfg.channels}ch-{key[:16]}.npy"
+
+
+def _kept_path(path: Path) -> Path:
+    """Beside each cached .npy: which files of the source its rows are (bool per file, as .npy data), so labels
+    line up with images when unreadable files were skipped."""
+    return path.with_suffix(".kept")
 
 
 def user_cache_dir() -> Path:
@@ -612,26 +841,45 @@ def _make_folder(folder: Path) -> None:
         raise UserError(f"cannot write the decoded-image cache to {folder}; set dataset.cache_dir to a writable folder")
 
 
-def _open_cache(path: Path) -> Optional[torch.Tensor]:
-    if not path.is_file():
+def _open_cache(path: Path, count: int) -> Optional[Tuple[torch.Tensor, np.ndarray]]:
+    """The cached images and which of the `count` files they are, or None when they must be decoded (again)."""
+    # A cache without its .kept file was made by an older version, which did not record skipped files.
+    if not path.is_file() or not _kept_path(path).is_file():
         return None
     try:
         # Copy-on-write mapping: pages are shared with the page cache, and the array is writable,
         # which torch.from_numpy wants (it warns about read-only arrays).
-        return torch.from_numpy(np.load(path, mmap_mode="c"))
+        images = torch.from_numpy(np.load(path, mmap_mode="c"))
+        kept = np.load(_kept_path(path))
     except (OSError, ValueError) as error:
         log.warning("ignoring unreadable cache %s (%s); decoding again", path, error)
         return None
+    if kept.dtype != np.bool_ or kept.shape != (count,) or int(kept.sum()) != len(images):
+        log.warning("ignoring cache %s: its .kept file does not match it; decoding again", path)
+        return None
+    return images, kept
 
 
 def _decode_into(path: Path, source: _Source, cfg: DatasetConfig) -> None:
     """Decode every image of `source` into the .npy file `path`, atomically: only a complete cache ever gets the
     name that is trusted. Two runs may decode one data set at once, so each writes a temporary file of its own."""
     log.info("decoding %d images from %s into %s (once; later runs reuse it)", len(source.names), source.location, path)
-    files.atomic_create(path, lambda temporary: _decode_to(temporary, source, cfg), unique=True)
+
+    def decode(temporary: Path) -> None:
+        kept = _decode_to(temporary, source, cfg)
+        # Given its final name before the images get theirs, so a cache that exists always has its .kept file.
+        files.atomic_create(_kept_path(path), lambda kept_temporary: _save_npy(kept_temporary, kept), unique=True)
+
+    files.atomic_create(path, decode, unique=True)
 
 
-def _decode_to(path: Path, source: _Source, cfg: DatasetConfig) -> None:
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as file:  # a file, not a name: np.save would append .npy to a name
+        np.save(file, array)
+
+
+def _decode_to(path: Path, source: _Source, cfg: DatasetConfig) -> np.ndarray:
+    """Decode `source` into the .npy file `path`; returns which files were decoded (bool per file)."""
     from tqdm import tqdm
 
     count = len(source.names)
@@ -643,23 +891,22 @@ def _decode_to(path: Path, source: _Source, cfg: DatasetConfig) -> None:
         array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, channels, size, size))
         # imap hands results back in order as they are ready, so memory holds only a few chunks.
         results = pool.imap(decoder, source.names, chunksize=64) if pool else map(decoder, source.names)
-        written, bad = 0, []
-        for name, (pixels, reason) in tqdm(
-            zip(source.names, results, strict=False),
-            total=count,
-            desc="decoding images",
-            disable=count < POOL_MIN_FILES,
-        ):
+        written, bad, kept = 0, [], np.zeros(count, dtype=bool)
+        pairs = zip(source.names, results, strict=False)
+        progress = tqdm(pairs, total=count, desc="decoding images", disable=count < POOL_MIN_FILES)
+        for row, (name, (pixels, reason)) in enumerate(progress):
             if pixels is None:
                 bad.append((name, reason))
             else:
                 array[written] = pixels
                 written += 1
+                kept[row] = True
         array.flush()
         del array
         _report_bad_files(bad, count, source.location, cfg.on_bad_file)
         if written < count:
             _shrink_npy(path, written)
+        return kept
     finally:
         if pool is not None:
             pool.terminate()
