@@ -271,7 +271,7 @@ def validate_conditioning(cfg: TrainConfig | DictConfig) -> None:
     settings = [
         ("generator.condition", cfg.generator.condition, models.GeneratorConfig().condition),
         ("discriminator.condition", cfg.discriminator.condition, models.DiscriminatorConfig().condition),
-        ("dataset.attributes", list(cfg.dataset.get("attributes", [])), []),
+        ("dataset.attributes", list(cfg.dataset.attributes), []),
     ]
     for key, value, default in settings:
         if value != default:

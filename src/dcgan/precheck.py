@@ -7,8 +7,9 @@ there. `PreCheck` (the first callback in configs/train.yaml) checks at that mome
 
   a run      config.validate_train (every key is one the schema knows: `+trainer.max_step=3` is
              refused, naming max_steps; then each module's checks); the data is there
-             (data.check_available); the run folder Hydra will use (rank 0's under torchrun), its one
-             owner and its one run (runfolder.take: the lock, resume or overwrite).
+             (data.check_available), and its classes with conditional=true; the run folder Hydra will
+             use (rank 0's under torchrun), its one owner and its one run (runfolder.take: the lock,
+             resume or overwrite).
   a sweep    the sweep folder can be made; a grid's jobs each compose, their data is there, and the
              folders they will use either hold nothing, or are continued (`trainer.resume=auto`), or
              are moved aside whole, Hydra's record and log included (`trainer.overwrite=true`);
@@ -74,7 +75,7 @@ def check_run(hydra_config: DictConfig) -> None:
     HydraConfig.instance().set_config(hydra_config)  # so ${hydra:...} in a user's config resolves, as in the run
     task = task_config(hydra_config)
     config.validate_train(task)
-    data.check_available(task.dataset)  # missing data is refused (or downloaded) before any run folder exists
+    check_data(task)  # missing data (or labels) is refused, or downloaded, before any run folder exists
     if distributed.world().enabled:  # under torchrun: join the job, and write into rank 0's run folder
         distributed.setup(task.trainer.device, task.trainer.dist_timeout_s)
         share_run_dir(hydra_config)
@@ -96,6 +97,13 @@ def share_run_dir(hydra_config: DictConfig) -> None:
 HYDRA_CONF = Path(sys.modules["hydra"].__file__).parent / "conf"
 
 
+def check_data(task: DictConfig) -> None:
+    """The images are there (data.check_available), and their classes too when the run is conditional."""
+    data.check_available(task.dataset)
+    if task.conditional:
+        data.check_labels_available(task.dataset)
+
+
 # ---------------------------------------------------------------- a sweep
 
 
@@ -103,8 +111,8 @@ def check_sweep(hydra_config: DictConfig) -> None:
     sweep_dir = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
     runcard.check_run_dir(str(sweep_dir), "hydra.sweep.dir")
     jobs = grid_jobs(hydra_config)
-    for dataset in {OmegaConf.to_yaml(task.dataset): task.dataset for _, task in jobs}.values():
-        data.check_available(dataset)  # each data set the grid trains on, before any job begins
+    for task in {OmegaConf.to_yaml(task.dataset) + str(task.conditional): task for _, task in jobs}.values():
+        check_data(task)  # each data set the grid trains on, before any job begins
     claimed = [folder_and_config for folder_and_config in jobs if RunFolder(folder_and_config[0]).holds_a_run()]
     refused = []
     for folder, task in claimed:
