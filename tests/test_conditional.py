@@ -1,0 +1,171 @@
+"""Class-conditional training and sampling (conditional=true), through the installed commands on real data.
+
+One conditional checkpoint is trained on the bundled MNIST digits (module fixture); the sampling, export and
+error tests share it. A folder of class sub-folders is trained on separately.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgan import checkpoint, cli
+from dcgan.sample import load_generator
+
+from conftest import FAST, assert_refused, run_cli
+
+CONDITIONAL = ["conditional=true", *FAST, "trainer.max_steps=6", "dataset.max_images=256"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("conditional")
+    run_cli("gan-train", [*CONDITIONAL, f"hydra.run.dir={root / 'run'}"], cwd=root)
+    return root / "run"
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def sample_args(run: Path, cwd: Path, args: List[str]) -> List[str]:
+    """gan-sample's arguments for the run's checkpoint, out= under `cwd`."""
+    args = [f"out={cwd / a[4:]}" if a.startswith("out=") else a for a in args]
+    return [f"ckpt={run / 'checkpoints' / 'last.pt'}", "device=cpu", *args]
+
+
+def sample(run: Path, cwd: Path, args: List[str]) -> None:
+    """gan-sample in this process (the command's own entry point): seconds cheaper than a new process each."""
+    cli.sample_main(sample_args(run, cwd, args))
+
+
+def refused(result, expected: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_a_conditional_run_records_its_classes_and_draws_a_row_per_class(run: Path):
+    card = json.loads((run / "run_card.json").read_text())
+    names = [str(digit) for digit in range(10)]
+    assert card["classes"]["names"] == names and sum(card["classes"]["images"].values()) == 256
+    assert "classes: 10 classes: 0 (" in (run / "train.log").read_text()
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["classes"] == names
+    grid = Image.open(run / "samples" / "step_000006.png")
+    assert grid.size == (2 + 8 * 30, 2 + 10 * 30)  # 8 columns, a row per class (28 px images, 2 px padding)
+
+
+def test_class_sampling_is_by_name_or_index_and_the_same_seed_gives_the_same_image(run: Path, tmp_path: Path):
+    sample(run, tmp_path, ["class=7", "n=8", "out=seven.png"])
+    sample(run, tmp_path, ["class=7", "n=8", "out=again.png"])
+    sample(run, tmp_path, ["class=3", "n=8", "out=three.png"])
+    assert np.array_equal(pixels(tmp_path / "seven.png"), pixels(tmp_path / "again.png"))
+    assert not np.array_equal(pixels(tmp_path / "seven.png"), pixels(tmp_path / "three.png"))
+
+    sample(run, tmp_path, ["mode=classes", "nrow=4", "out=classes.png"])
+    rows = pixels(tmp_path / "classes.png")
+    assert rows.shape[:2] == (2 + 10 * 30, 2 + 4 * 30)
+    assert json.loads((tmp_path / "classes.json").read_text())["rows"] == [str(d) for d in range(10)]
+    # Row 7 of the classes grid is class 7 from seeds 0-3: the first four images of the class=7 grid.
+    seven_first_four = pixels(tmp_path / "seven.png")[2:30, : 2 + 4 * 30]
+    assert np.array_equal(rows[2 + 7 * 30 : 30 + 7 * 30], seven_first_four)
+
+    sample(run, tmp_path, ["mode=interpolate", "class=[3,8]", "frames=4", "out=walk.png"])
+    walk = pixels(tmp_path / "walk.png")
+    assert walk.shape[:2] == (32, 2 + 5 * 30)  # one leg, 3 -> 8, both ends shown
+    assert np.array_equal(walk[2:30, 2:30], rows[2 + 3 * 30 : 30 + 3 * 30, 2:30])  # it starts at seed 0's 3
+
+
+def test_exports_take_the_label_as_an_input(run: Path, tmp_path: Path):
+    G, cfg, _ = load_generator(run / "checkpoints" / "last.pt", torch.device("cpu"))
+    z, labels = torch.randn(3, cfg.generator.z_dim), torch.tensor([7, 0, 9])
+    with torch.no_grad():
+        want = G(z, labels)
+
+    sample(run, tmp_path, ["mode=export", "out=g.pt"])
+    scripted = torch.jit.load(str(tmp_path / "g.pt"))
+    assert torch.allclose(scripted(z, labels), want, atol=1e-5)
+
+    sample(run, tmp_path, ["mode=export", "format=safetensors", "out=g.safetensors"])
+    assert json.loads((tmp_path / "g.json").read_text())["classes"] == [str(d) for d in range(10)]
+    cli.sample_main([f"ckpt={tmp_path / 'g.safetensors'}", "class=7", "n=8", f"out={tmp_path / 'from_export.png'}"])
+    sample(run, tmp_path, ["class=7", "n=8", "out=from_checkpoint.png"])
+    assert np.array_equal(pixels(tmp_path / "from_export.png"), pixels(tmp_path / "from_checkpoint.png"))
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    sample(run, tmp_path, ["mode=export", "format=onnx", "out=g.onnx"])
+    session = onnxruntime.InferenceSession(str(tmp_path / "g.onnx"))
+    (images,) = session.run(["images"], {"z": z.numpy(), "labels": labels.numpy()})
+    assert np.allclose(images, want.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["class=seven"], "no class 'seven'"),
+        (["class=10"], "no class 10: the 10 classes are numbered 0..9"),
+        (["mode=export", "class=3"], "class=3 would have no effect"),
+        (["class=[3,8]"], "mode=grid draws one"),
+    ],
+)
+def test_bad_class_requests_are_one_line(run: Path, tmp_path: Path, args: List[str], expected: str, capsys):
+    assert_refused(cli.sample_main, "gan-sample", sample_args(run, tmp_path, args), expected, capsys)
+
+
+def test_resume_continues_a_conditional_run_and_refuses_to_drop_its_classes(run: Path, tmp_path: Path):
+    again = run_cli(
+        "gan-train",
+        [*CONDITIONAL, "trainer.max_steps=8", "trainer.resume=auto", f"hydra.run.dir={run}"],
+        tmp_path,
+    )
+    assert "resumed from" in again.stderr + again.stdout
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 8
+    unconditional = [arg for arg in CONDITIONAL if arg != "conditional=true"]
+    result = run_cli(
+        "gan-train",
+        [*unconditional, "trainer.max_steps=10", "trainer.resume=auto", f"hydra.run.dir={run}"],
+        tmp_path,
+        check=False,
+    )
+    refused(result, "the checkpoint was trained with conditional=true, not false; resume with conditional=true")
+
+
+def test_class_of_an_unconditional_checkpoint_and_conditional_on_unlabelled_images_are_refused(tmp_path: Path, capsys):
+    plain = Path(__file__).parent / "fixtures" / "checkpoint_format1.pt"  # an unconditional run's checkpoint
+    args = [f"ckpt={plain}", "device=cpu", "class=3", f"out={tmp_path / 'g.png'}"]
+    assert_refused(cli.sample_main, "gan-sample", args, "was trained without classes (conditional=false)", capsys)
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8), "L").save(loose / f"{i}.png")
+    result = run_cli(
+        "gan-train",
+        [*CONDITIONAL, "dataset=folder", f"dataset.root={loose}", f"hydra.run.dir={tmp_path / 'r'}"],
+        tmp_path,
+        check=False,
+    )
+    refused(result, "conditional=true needs one sub-folder of images per class")
+    assert not (tmp_path / "r").exists()
+
+
+def test_conditional_training_on_a_folder_of_class_sub_folders(tmp_path: Path):
+    """The ImageFolder layout: each first-level sub-folder a class, named after it."""
+    rng = np.random.default_rng(0)
+    for name, level in (("cats", 60), ("dogs", 190)):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(16):
+            noisy = np.clip(level + rng.normal(0, 20, (32, 32)), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy, "L").save(tmp_path / "pets" / name / f"{i}.png")
+    args = [*CONDITIONAL, "dataset=folder", f"dataset.root={tmp_path / 'pets'}", "dataset.image_size=32"]
+    run_cli("gan-train", [*args, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    card = json.loads((tmp_path / "run" / "run_card.json").read_text())
+    assert card["classes"] == {"names": ["cats", "dogs"], "images": {"cats": 16, "dogs": 16}}
+    sample(tmp_path / "run", tmp_path, ["class=dogs", "n=4", "out=dogs.png"])
+    assert pixels(tmp_path / "dogs.png").shape[:2] == (2 + 32 + 2, 2 + 4 * 34)
