@@ -40,7 +40,7 @@ from dcgan.images import (
     to_pil,
     to_uint8,
 )
-from dcgan.state import CONFIG_YAML, STEP, sampling_weights
+from dcgan.state import CLASSES, CONFIG_YAML, STEP, sampling_weights
 
 
 @dataclass
@@ -141,7 +141,7 @@ def load_generator(path: str | Path, device: torch.device, use_ema: bool = True)
         cfg = config.train_config_from_yaml(saved[CONFIG_YAML])
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
-    G = models.build_generator(cfg, "cpu")
+    G = models.build_generator(cfg, "cpu", classes=len(saved.get(CLASSES) or ()))  # a conditional G for its classes
     weights, _ = sampling_weights(saved, use_ema)
     try:
         G.load_state_dict(weights)
