@@ -174,6 +174,8 @@ def generated_from_checkpoint(
     """The `n` generated images, the checkpoint's training config, and its class names (empty: not conditional)."""
     G, train_cfg, saved = load_generator(path, device, cfg.ema)
     classes = tuple(saved.get(CLASSES) or ())
+    if not classes:  # before the n images are made
+        intraclass.refuse_per_class_settings(cfg, "the checkpoint is not class-conditional", "remove it")
     images = generated_from_model(
         G, train_cfg.generator.z_dim, train_cfg.generator.z_distribution, cfg.n, cfg.seed, device
     )

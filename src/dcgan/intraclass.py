@@ -55,8 +55,8 @@ def refuse_per_class_settings(cfg: DictConfig, why: str, fix: str) -> None:
         if key == "per_class" and per_class_mode(value) != "true":
             continue  # auto and false both mean "not here"
         if value != default:
-            shown = f"[{','.join(value)}]" if key == "classes" else value
-            unused(key, shown, why, fix)
+            written = f"[{','.join(value)}]" if key == "classes" else "true" if key == "per_class" else value
+            unused(key, written, why, fix)
 
 
 @dataclass
@@ -83,8 +83,7 @@ def plan_for(
     `classes`: the checkpoint's class names (empty: not conditional); `dataset`: the reference data set (None: a
     folder, without labels); `reference_count`, `generated_count`: the overall sets' sizes."""
     mode = per_class_mode(cfg.per_class)
-    if not classes:
-        refuse_per_class_settings(cfg, "the checkpoint is not class-conditional", "remove it")
+    if not classes:  # per-class settings were refused as soon as the checkpoint was read
         return None
     if mode == "false":
         refuse_per_class_settings(cfg, "per_class=false", "remove it, or set per_class=auto")
