@@ -107,8 +107,8 @@ def test_per_class_settings_are_refused_where_they_mean_nothing(conditional_chec
         Image.new("L", (28, 28), 100 * i).save(folder / f"{i}.png")
     conditional = [f"ckpt={conditional_checkpoint}", f"n={N}", f"reference_n={REFERENCE_N}", "device=cpu"]
     cases = {
-        "unconditional": ([f"ckpt={plain}", "n=8", "per_class=true"], "per_class=true would have no effect: the checkpoint "
-                          "is not class-conditional"),
+        "unconditional": ([f"ckpt={plain}", "n=8", "per_class=true"], "per_class=true would have no effect: the "
+                          "checkpoint is not class-conditional"),
         "folder input": ([f"input1={folder}", "dataset=mnist_tiny", "n_per_class=5"], "n_per_class=5 would have no "
                          "effect: a folder's images have no class"),
         "off": ([*conditional, "per_class=false", "classes=[3]"], "classes=[3] would have no effect: per_class=false"),
