@@ -1,6 +1,7 @@
 """`gan-eval`: FID and KID of a checkpoint's generator, or of a folder of images, against a data set or a folder.
 
-How the scores are measured, and what every result is stamped with: metrics.py. Results are printed
+How the scores are measured, and what every result is stamped with: metrics.py. On a class-conditional
+checkpoint, the intra-class FID from the same features (each class against its own reference images): intraclass.py. Results are printed
 as a table and written as JSON (beside the checkpoint by default).
 """
 
@@ -243,7 +244,7 @@ def per_class_table(r: Dict[str, Any]) -> List[str]:
 
 
 def per_class_counts(per_class: List[Dict[str, Any]]) -> str:
-    """"500", or "480-530" when the classes' reference counts differ."""
+    """The reference images per class as the table shows them: "500", or "480-530" when the classes differ."""
     counts = [c["reference"] for c in per_class]
     return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
 
