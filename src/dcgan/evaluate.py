@@ -1,7 +1,8 @@
 """`gan-eval`: FID and KID of a checkpoint's generator, or of a folder of images, against a data set or a folder.
 
 How the scores are measured, and what every result is stamped with: metrics.py. On a class-conditional
-checkpoint, the intra-class FID from the same features (each class against its own reference images): intraclass.py. Results are printed
+checkpoint, the intra-class FID from the same features (each class against its own reference images):
+intraclass.py. Results are printed
 as a table and written as JSON (beside the checkpoint by default).
 """
 
