@@ -53,6 +53,8 @@ SHRINK: Dict[str, List[str]] = {
         "trainer.grid_size=16",
         "dataset.max_images=64",
     ],
+    # A conditional run's grids are one row per class at the default size, which a smaller grid_size would break.
+    r"^gan-train .*conditional=true": ["trainer.grid_size=64"],
     r"^gan-sample .*mode=seeds": ["seeds=0-7"],
     r"^gan-sample .*mode=neighbors": ["seeds=0-1", "k=2"],
     r"^gan-sample .*mode=interpolate": ["frames=2"],
