@@ -57,7 +57,9 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
 
 
 def test_two_ranks_match_one_process(tmp_path: Path):
-    torchrun([*SMALL, "trainer.max_steps=8"], cwd=tmp_path)
+    """Class-conditional (the unconditional step is the same loop without labels; the tests below run it): each rank
+    takes its slice of the batch's labels, as of its images, so two ranks train as one process does."""
+    torchrun([*SMALL, "trainer.max_steps=8", "conditional=true"], cwd=tmp_path)
     # Rank 0 chose the one run folder (Hydra's dated default) and every output is in it.
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, runs
@@ -67,8 +69,9 @@ def test_two_ranks_match_one_process(tmp_path: Path):
     assert [r["step"] for r in rows] == [2, 4, 6, 8]  # one writer: no duplicated rows
 
     single_dir = tmp_path / "single"
-    run_cli("gan-train", [*SMALL, "trainer.max_steps=8", f"hydra.run.dir={single_dir}"], cwd=tmp_path)
+    run_cli("gan-train", [*SMALL, "trainer.max_steps=8", "conditional=true", f"hydra.run.dir={single_dir}"], tmp_path)
     ddp = checkpoint.load(ddp_dir / "checkpoints" / "last.pt")
+    assert ddp["classes"] == [str(digit) for digit in range(10)]
     single = checkpoint.load(single_dir / "checkpoints" / "last.pt")
     # Both ranks held identical G, D and EMA weights at every checkpoint.
     assert len(ddp["replica_checksums"]) == 2 and len(set(ddp["replica_checksums"])) == 1
@@ -78,7 +81,7 @@ def test_two_ranks_match_one_process(tmp_path: Path):
         assert abs(a["loss_d"] - b["loss_d"]) < 1e-4 and abs(a["loss_g"] - b["loss_g"]) < 1e-4
 
     # The DDP checkpoint is an ordinary one: gan-sample reads it in a single process.
-    run_cli("gan-sample", [f"ckpt={ddp_dir / 'checkpoints' / 'last.pt'}", "n=4", "out=g.png"], cwd=tmp_path)
+    run_cli("gan-sample", [f"ckpt={ddp_dir / 'checkpoints' / 'last.pt'}", "n=4", "class=7", "out=g.png"], tmp_path)
     assert (tmp_path / "g.png").is_file()
 
 

@@ -221,8 +221,8 @@ def stops_cleanly(program: str) -> Callable[[Callable[..., None]], Callable[...,
 
 @stops_cleanly("gan-sample")
 def sample_main(argv: List[str] | None = None) -> None:
-    """`gan-sample ckpt=PATH [mode=grid|seeds|interpolate|neighbors|export] [n=64] [seeds=0-63] [truncation=0.7]
-    [out=...]`."""
+    """`gan-sample ckpt=PATH [mode=grid|seeds|interpolate|neighbors|export|classes] [n=64] [seeds=0-63]
+    [truncation=0.7] [class=NAME|INDEX] [out=...]`."""
     args = sys.argv[1:] if argv is None else argv
     # Hydra reads a,b as a sweep; for seeds it can only mean a list, so quote it on the user's behalf.
     args = [f"seeds='{a[6:]}'" if a.startswith("seeds=") and "," in a and a[6:7] not in "'\"[" else a for a in args]

@@ -965,8 +965,11 @@ class ImageBatches:
     Epoch e visits the images in the order torch.randperm(N) under seed (seed * 1_000_003 + e), in
     global batches of batch_size * world_size; rank r takes the r-th slice of each global batch. So N
     processes together train on exactly the batches one process would with the whole batch, and each
-    image is seen at most once per epoch (the last partial global batch is dropped). The images of a
-    batch are gathered in sorted order, which reads a memory-mapped cache sequentially.
+    image is seen at most once per epoch (the last partial global batch is dropped). Within a batch the
+    images keep the permutation's order, so N ranks' batches laid end to end are the one process's batch
+    image for image (a conditional run pairs the i-th image's class with the i-th latent: the pairs agree
+    too). Images held on the CPU are read in ascending order, which reads a memory-mapped cache
+    sequentially, and put back in the batch's order.
     """
 
     def __init__(
@@ -1003,7 +1006,7 @@ class ImageBatches:
         self._order = torch.empty(0, dtype=torch.long)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        """This rank's batches of epoch `epoch` as image indices [batches_per_epoch, batch_size], each row sorted.
+        """This rank's batches of epoch `epoch` as image indices [batches_per_epoch, batch_size].
 
         Drawn on the CPU (the same order on every device), then moved once to where the images are, so a
         step takes its batch with a device-side slice and gather: nothing crosses from host to device, and
@@ -1014,7 +1017,6 @@ class ImageBatches:
         permutation = torch.randperm(self.num_images, generator=generator)
         global_batches = permutation[: self.batches_per_epoch * self.batch_size * self.world_size]
         order = global_batches.view(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank]
-        order = order.sort(dim=1).values  # sorted rows read a memory-mapped cache sequentially
         return order.to(self.images.device, non_blocking=True) if self.on_device else order
 
     def next(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -1023,7 +1025,11 @@ class ImageBatches:
         if self._order_epoch != self.epoch:
             self._order, self._order_epoch = self.epoch_order(self.epoch), self.epoch
         rows = self._order[self.position]
-        batch = self.images[rows]  # on the GPU: a slice and a gather, no sync
+        if self.on_device:
+            batch = self.images[rows]  # on the GPU: a slice and a gather, no sync
+        else:  # read in ascending order (a memory-mapped cache reads sequentially), then put in the batch's order
+            ascending, places = rows.sort()
+            batch = self.images[ascending][places.argsort()]
         labels = self.labels[rows] if self.labels is not None else None
         self.position += 1
         if self.position == self.batches_per_epoch:

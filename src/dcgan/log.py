@@ -239,8 +239,11 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def log_summary(run_dir: Path, step: int, minutes: float, written: Sequence[Path]) -> None:
-    """The block gan-train ends with: where the run's files are, and the commands to run next (a log record)."""
+def log_summary(
+    run_dir: Path, step: int, minutes: float, written: Sequence[Path], classes: Sequence[str] = ()
+) -> None:
+    """The block gan-train ends with: where the run's files are, and the commands to run next (a log record);
+    `classes`: a conditional run's class names."""
     run = RunFolder(run_dir)
     last = run.checkpoints / LAST
     grids = run.grids()
@@ -254,6 +257,9 @@ def log_summary(run_dir: Path, step: int, minutes: float, written: Sequence[Path
     lines.append("next:")
     if last.is_file():
         lines.append(f"  gan-sample ckpt={shown(last)} scale=4 out=grid.png      # 64 new images")
+        if classes:
+            lines.append(f"  gan-sample ckpt={shown(last)} mode=classes out=classes.png      # a row per class")
+            lines.append(f"  gan-sample ckpt={shown(last)} class={shlex.quote(classes[-1])} out=one_class.png")
     lines.append(f"  gan-report run={shown(run.root)}      # the figures again, e.g. after a resume")
     # Logged, not printed: gan-train shows it (and keeps it in RUN_DIR/train.log); a script calling train() decides.
     log.info("%s", "\n".join(lines))

@@ -236,7 +236,7 @@ def end_run(
     """The run card's last word and the closing block; then Stopped on a signal, or the divergence if one came."""
     runcard.finish(run_dir, state.step, stop.signal, state.guard, out_of_time=clock.out_of_time)
     if distributed.world().is_main and stop.signal is None and state.guard.fault is None:
-        log_summary(run_dir, state.step, clock.minutes, written)  # where everything is, what to run next
+        log_summary(run_dir, state.step, clock.minutes, written, state.classes)  # where everything is, what next
     if clock.out_of_time and stop.signal is None:
         log.info(
             "trainer.max_minutes=%g reached at step %d; continue with trainer.resume=auto", max_minutes, state.step
