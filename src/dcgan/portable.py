@@ -27,7 +27,10 @@ from dcgan.errors import UserError
 from dcgan.state import CLASSES, CONFIG_YAML, GENERATOR, GENERATOR_EMA, STEP
 
 FORMAT = "dcgan-generator"
-FORMAT_VERSION = 1  # bump when a reader of this version would misread the JSON; readers refuse newer versions
+FORMAT_VERSION = 2  # bump when a reader of this version would misread the JSON; readers refuse newer versions
+# Version 2 added `classes` (a class-conditional generator): only such files are written as 2, so a reader of
+# version 1 still reads every unconditional export and refuses a conditional one it would build wrongly.
+CONDITIONAL_VERSION = 2
 METADATA_KEY = "dcgan"  # safetensors metadata values are strings: this one holds the JSON
 SUFFIX = ".safetensors"
 # The dataset settings that decide which images the run trained on (mode=neighbors loads them again); the
@@ -64,7 +67,7 @@ def describe(train_cfg: DictConfig, weights: str, step: int, classes: Sequence[s
     dataset = OmegaConf.to_container(train_cfg.dataset, resolve=True)
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": CONDITIONAL_VERSION if classes else 1,
         "generator": OmegaConf.to_container(train_cfg.generator, resolve=True),
         "dataset": {key: dataset[key] for key in DATASET_KEYS if key in dataset},
         "output": OUTPUT,
