@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan import cli
+from dcgan import cli, metrics
 
 from conftest import BIN, FAST, REPO, run_cli
 
@@ -109,12 +109,14 @@ def test_the_reference_feature_cache_on_a_full_disk(tmp_path: Path, monkeypatch,
     Inception on the CPU takes a minute, so it is stood in for by a function that saves the features as
     torch-fidelity does (its own torch_atomic_save), under a real file-size limit set in this process.
     """
-    import torch_fidelity
+    import torch_fidelity.utils
     from torch_fidelity.utils_torch import torch_atomic_save
 
     cache = tmp_path / "cache"
 
-    def save_features_on_a_full_disk(**settings):
+    def save_features_on_a_full_disk(side, extractor, **settings):
+        if side == 1:  # the generated images' features: never cached
+            return {metrics.FEATURE_LAYER: torch.zeros(4, 8)}
         Path(settings["cache_root"]).mkdir(parents=True, exist_ok=True)  # as torch-fidelity does before saving
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -125,7 +127,8 @@ def test_the_reference_feature_cache_on_a_full_disk(tmp_path: Path, monkeypatch,
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             signal.signal(signal.SIGXFSZ, handler)
 
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", save_features_on_a_full_disk)
+    monkeypatch.setattr(torch_fidelity.utils, "create_feature_extractor", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id_cached", save_features_on_a_full_disk)
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"stand-in")
     args = [
