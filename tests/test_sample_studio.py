@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageSequence
 
-from dcgan import cli, data, models
+from dcgan import cli, data, models, portable
 from dcgan.images import generate, latents, to_uint8
 from dcgan.sample import load_generator, nearest_neighbors
 
@@ -265,7 +265,11 @@ def rewritten(exported: Path, path: Path, change: Callable[[dict, dict], None]) 
 
 
 BAD_EXPORTS = {
-    "newer": (lambda t, a: a.update(format_version=2), [], "written by a newer version of dcgan"),
+    "newer": (
+        lambda t, a: a.update(format_version=portable.FORMAT_VERSION + 1),
+        [],
+        "written by a newer version of dcgan",
+    ),
     "missing tensor": (lambda t, a: t.pop(sorted(t)[0]), [], "does not match the generator its config describes"),
     "wrong shapes": (lambda t, a: a["generator"].update(width=0.5), [], "does not match the generator"),
     "no z_dim": (lambda t, a: a["generator"].pop("z_dim"), [], "lacks generator.z_dim"),
