@@ -147,12 +147,12 @@ VARIANTS = {
     "wgan-gp": ["loss=wgan_gp", "discriminator.norm=none"],
     "conditional: batchnorm G, projection D, DiffAugment, R1": [
         "conditional=true",
+        "generator.condition=batchnorm",
         "augment.policy=[translation]",
         "loss.r1_weight=1.0",
     ],
     "conditional: embedded labels in G and D, wgan-gp, d_steps=2": [
         "conditional=true",
-        "generator.condition=embed",
         "discriminator.condition=embed",
         "loss=wgan_gp",
         "discriminator.norm=none",
