@@ -52,6 +52,14 @@ VARIANTS = {
     "DiffAugment, ema_start=4": ["trainer.amp=off", "augment.policy=[color,translation,cutout]", "trainer.ema_start=4"],
     "no EMA": ["trainer.amp=off", "trainer.ema=0"],
     "keras_mnist networks (dropout)": ["trainer.amp=off", "preset=keras_mnist"],
+    # The labels are the captured step's static buffers beside the images.
+    "conditional (embed G, projection D)": ["trainer.amp=off", "conditional=true"],
+    "conditional (batchnorm G, label-plane D)": [
+        "trainer.amp=off",
+        "conditional=true",
+        "generator.condition=batchnorm",
+        "discriminator.condition=embed",
+    ],
 }
 # (label, image size, batch, overrides of each `ours` row); the reference loop runs beside each batch.
 BENCH = [
