@@ -114,7 +114,9 @@ def weights(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_job_of_every_study_composes_and_passes_the_checks(study: str, weights: Path):
     jobs = jobs_of([f"+study={study}", f"eval.inception_weights={weights}"])
-    expected = {"presets_28px": 12, "presets_native": 3, "ema": 4, "gpu_recipes": 6, "gpu_recipes_64px": 6}
+    expected = {
+        "presets_28px": 12, "presets_native": 3, "ema": 4, "gpu_recipes": 6, "gpu_recipes_64px": 6, "conditional": 4
+    }
     assert len(jobs) == expected[study]
     configs = [compose("train", job) for job in jobs]
     for cfg in configs:
@@ -128,6 +130,13 @@ def test_every_job_of_every_study_composes_and_passes_the_checks(study: str, wei
         assert all(c.trainer.max_minutes == 5 and c.trainer.eval_every_minutes == 1 for c in configs)
         assert all(c.eval.split == "test" and c.eval.n == 10000 for c in configs)
         assert {c.dataset.image_size for c in configs} == {64 if study.endswith("64px") else 28}
+    if study == "conditional":  # like for like: one seed, one budget of images, the same networks; one row without
+        assert {(c.trainer.max_images, c.trainer.seed, c.generator.width, c.trainer.batch_size) for c in configs} == {
+            (128000, 0, 1.0, 128)
+        }
+        ways = {(c.generator.condition, c.discriminator.condition) for c in configs if c.conditional}
+        assert ways == {("batchnorm", "projection"), ("embed", "projection"), ("embed", "embed")}
+        assert sum(not c.conditional for c in configs) == 1 and all(c.eval.split == "test" for c in configs)
 
 
 @pytest.fixture(scope="module")
