@@ -107,16 +107,17 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
 
-def slerp_legs(key_z: torch.Tensor, frames: int, closed: bool) -> torch.Tensor:
-    """Latents along great circles through the key latents: [legs, points per leg, z_dim].
+def walk(keys: torch.Tensor, frames: int, closed: bool, between=slerp) -> torch.Tensor:
+    """Points along a path through the key vectors: [legs, points per leg, features]. `between(a, b, t)` draws
+    each leg: slerp for latents (great circles, where Gaussian latents live), torch.lerp for class weights.
 
     A closed path (a looping movie) goes back to the first key, and each leg leaves its end to the
     next leg: `frames` points per leg. An open path (a grid, one row per leg) shows both ends.
     """
-    pairs = [(i, i + 1) for i in range(len(key_z) - 1)] + ([(len(key_z) - 1, 0)] if closed else [])
+    pairs = [(i, i + 1) for i in range(len(keys) - 1)] + ([(len(keys) - 1, 0)] if closed else [])
     points = frames if closed else frames + 1
     return torch.stack(
-        [torch.stack([slerp(key_z[a], key_z[b], step / frames) for step in range(points)]) for a, b in pairs]
+        [torch.stack([between(keys[a], keys[b], step / frames) for step in range(points)]) for a, b in pairs]
     )
 
 
@@ -255,31 +256,19 @@ def write_interpolation(studio: Studio) -> List[Path]:
     as_grid = out.suffix.lower() in GRID_SUFFIXES
     if len(studio.wanted) > 1:  # from class to class at one latent: the class weights move, z stays
         one_hot = torch.eye(len(studio.classes))[list(studio.wanted)]
-        path_labels = lerp_legs(one_hot, cfg.frames, closed=not as_grid)
-        z = studio.latents([cfg.seed]).expand(path_labels.shape[0] * path_labels.shape[1], -1)
-        images = to_uint8(generate(studio.G, z, path_labels.flatten(0, 1).to(studio.device)))
-        legs = path_labels
+        legs = walk(one_hot, cfg.frames, closed=not as_grid, between=torch.lerp)
+        z = studio.latents([cfg.seed]).expand(legs.shape[0] * legs.shape[1], -1)
+        images = to_uint8(generate(studio.G, z, legs.flatten(0, 1).to(studio.device)))
     else:
-        keys = interpolation_keys(cfg)
         # The path is computed on the CPU from CPU latents, so it is the same on every device.
-        legs = slerp_legs(studio.latents(keys, device="cpu"), cfg.frames, closed=not as_grid)
+        legs = walk(studio.latents(interpolation_keys(cfg), device="cpu"), cfg.frames, closed=not as_grid)
         z = legs.flatten(0, 1).to(studio.device)
         images = to_uint8(generate(studio.G, z, studio.labels(len(z))))
-    path_z = legs
     if as_grid:
-        save_grid(images, out, nrow=path_z.shape[1], scale=cfg.scale)
+        save_grid(images, out, nrow=legs.shape[1], scale=cfg.scale)
         return [out]
     save_gif([enlarge(to_pil(image), cfg.scale) for image in images], out, round(1000 / cfg.fps))
     return [out]
-
-
-def lerp_legs(keys: torch.Tensor, frames: int, closed: bool) -> torch.Tensor:
-    """Straight lines through the key vectors (class weights), laid out as slerp_legs lays out latents."""
-    pairs = [(i, i + 1) for i in range(len(keys) - 1)] + ([(len(keys) - 1, 0)] if closed else [])
-    points = frames if closed else frames + 1
-    return torch.stack(
-        [torch.stack([torch.lerp(keys[a], keys[b], step / frames) for step in range(points)]) for a, b in pairs]
-    )
 
 
 def interpolation_keys(cfg: SampleConfig) -> List[int]:
@@ -567,7 +556,8 @@ def images_requested(cfg: SampleConfig, classes: int = 1) -> int:
     if cfg.mode == "classes":
         return cfg.nrow * classes
     if cfg.mode == "interpolate":
-        keys = len(asked_classes(cfg)) if len(asked_classes(cfg)) > 1 else len(interpolation_keys(cfg))
+        walked_classes = len(asked_classes(cfg))
+        keys = walked_classes if walked_classes > 1 else len(interpolation_keys(cfg))
         closed = output_path(cfg).suffix.lower() not in GRID_SUFFIXES  # a movie loops back to its first key
         return (keys if closed else keys - 1) * (cfg.frames if closed else cfg.frames + 1)
     if cfg.mode == "grid" or not cfg.seeds:
