@@ -151,6 +151,18 @@ VARIANTS = {
         "augment.policy=[translation]",
         "loss.r1_weight=1.0",
     ],
+    "conditional: hinge, spectral norm, EMA start": [
+        "conditional=true",
+        "loss=hinge",
+        "discriminator.spectral_norm=true",
+        "trainer.ema_start=2",
+    ],
+    "conditional: lsgan, batchnorm G, no EMA": [
+        "conditional=true",
+        "loss=lsgan",
+        "generator.condition=batchnorm",
+        "trainer.ema=0",
+    ],
     "conditional: embedded labels in G and D, wgan-gp, d_steps=2": [
         "conditional=true",
         "discriminator.condition=embed",

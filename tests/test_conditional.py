@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan import checkpoint, cli
+from dcgan import checkpoint, cli, models, train
+from dcgan.config import compose
 from dcgan.sample import load_generator
 
 from conftest import FAST, assert_refused, run_cli
@@ -157,3 +158,27 @@ def test_conditional_training_on_a_folder_of_class_sub_folders(tmp_path: Path):
     assert card["classes"] == {"names": ["cats", "dogs"], "images": {"cats": 16, "dogs": 16}}
     sample(tmp_path / "run", tmp_path, ["class=dogs", "n=4", "out=dogs.png"])
     assert pixels(tmp_path / "dogs.png").shape[:2] == (2 + 32 + 2, 2 + 4 * 34)
+
+
+def test_the_ema_generators_batchnorm_is_measured_on_every_class_in_turn():
+    """The averaged G's conditional BatchNorm statistics come from latents drawn for classes 0, 1, ..., C-1, 0, ...:
+    the same as running the calibration's latents through it with those labels given explicitly."""
+    overrides = ["conditional=true", "generator.condition=batchnorm", "trainer.batch_size=16", "dataset.max_images=64"]
+    cfg = compose("train", [*overrides, "generator.width=0.25", "discriminator.width=0.25", "trainer.device=cpu"])
+    state, step, _ = train.build(cfg, torch.device("cpu"))
+    step()
+    calibrated = state.G_ema.calibrated()
+    norms = [m.norm for m in calibrated.modules() if isinstance(m, models.ConditionalBatchNorm)]
+    measured = [norm.running_mean.clone() for norm in norms]
+
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    generator = torch.Generator().manual_seed(0)  # the calibration's own latents (optim.EMA.calibrated)
+    calibrated.train()
+    with torch.no_grad():
+        for _ in range(state.G_ema.batches):
+            z = state.G_ema.latents(generator)
+            calibrated(z, torch.arange(len(z)) % 10)
+    calibrated.eval()
+    assert all(torch.allclose(a, norm.running_mean) for a, norm in zip(measured, norms, strict=True))
