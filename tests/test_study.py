@@ -115,7 +115,12 @@ def weights(tmp_path_factory) -> Path:
 def test_every_job_of_every_study_composes_and_passes_the_checks(study: str, weights: Path):
     jobs = jobs_of([f"+study={study}", f"eval.inception_weights={weights}"])
     expected = {
-        "presets_28px": 12, "presets_native": 3, "ema": 4, "gpu_recipes": 6, "gpu_recipes_64px": 6, "conditional": 4
+        "presets_28px": 12,
+        "presets_native": 3,
+        "ema": 4,
+        "gpu_recipes": 6,
+        "gpu_recipes_64px": 6,
+        "conditional": 4,
     }
     assert len(jobs) == expected[study]
     configs = [compose("train", job) for job in jobs]
@@ -208,12 +213,19 @@ def test_a_sweep_page_lists_failed_jobs_last_with_why(tmp_path: Path):
         record = {"job": name, "folder": str(folder), "overrides": overrides, "ended": time.time(), **job}
         (tmp_path / "sweep_jobs").mkdir(exist_ok=True)
         (tmp_path / "sweep_jobs" / f"{name}.json").write_text(json.dumps(record))
-    row = {"step": 4, "epoch": 0, "d_accuracy": 0.5, "minutes": 0.1}
-    (tmp_path / "1" / "metrics.jsonl").write_text(json.dumps(row))
+    # Two invocations (continued with trainer.resume=auto): each counts its own minutes from 0.
+    rows = [{"step": 2, "minutes": 0.06}, {"step": 3, "minutes": 0.02}, {"step": 4, "d_accuracy": 0.5, "minutes": 0.04}]
+    (tmp_path / "1" / "metrics.jsonl").write_text("".join(json.dumps({**row, "epoch": 0}) + "\n" for row in rows))
+    (tmp_path / "1" / "checkpoints").mkdir()
+    intra = {"metric": "intra_class_fid", "mean": 215.1, "worst": {"label": 9, "class": "Ankle boot", "value": 250.6}}
+    (tmp_path / "1" / "checkpoints" / "last.eval.json").write_text(json.dumps({"results": [intra]}))
     (tmp_path / "1" / ".hydra" / "config.yaml").write_text("trainer:\n  batch_size: 16\n  d_steps: 2\n")
     page = sweep_report.write_page(tmp_path)[0].read_text()
     rows = [line for line in page.splitlines() if re.match(r"\| \d ", line)]
-    assert rows[0].startswith("| 1 | `1` | `trainer.batch_size=16` | completed | loss_g 0.75 | - | 128 | 0.10 | 0.50")
+    assert rows[0].startswith(
+        "| 1 | `1` | `trainer.batch_size=16` | completed | loss_g 0.75 | - | 128 | 0.10 | 0.50 "
+        "| 215.10 (Ankle boot 250.60)"  # 0.10 min: 0.06 in the first invocation, 0.04 in the second
+    )
     assert "| failed |" in rows[1] and rows[1].endswith("trainer.batch_size must be >= 1, got -1 |")
     assert "| diverged |" in rows[2] and "NaN in D's loss at step 3" in rows[2]
     assert "**Jobs:** 3: 1 completed, 1 failed, 1 diverged" in page

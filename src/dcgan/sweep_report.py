@@ -6,8 +6,9 @@ measured here: every number on the page is read from those files, so the page ca
 time, for any sweep folder, ours or a user's.
 
   SWEEP_DIR/sweep_report.md    (or out=PATH)  the jobs best first: what differs between them, the objective,
-                               FID/KID at each evaluation, images seen, minutes of training, D's accuracy,
-                               how each ended (failed and diverged jobs with why); then the command, device,
+                               FID/KID at each evaluation, images seen, minutes of training (summed over
+                               a job's invocations), D's accuracy, a conditional job's intra-class FID, how
+                               each ended (failed and diverged jobs with why); then the command, device,
                                code revision and date
   sweep_fid.png  (beside the page, or results/<page>_fid.png beside out=)   FID against minutes of training
                                and against images seen, a line per job (needs matplotlib)
@@ -54,6 +55,7 @@ class Job:
     last: Dict[str, Any] = field(default_factory=dict)  # the last training row (step, minutes, d_accuracy, ...)
     images_per_step: int = 0
     card: Dict[str, Any] = field(default_factory=dict)
+    intra_class: Dict[str, Any] = field(default_factory=dict)  # a conditional job's intra-class FID (last.eval.json)
 
     @property
     def score(self) -> Tuple[str, Optional[float]]:
@@ -100,7 +102,7 @@ def read_job(folder: Path, record: Dict[str, Any]) -> Job:
     trainer = read_yaml(folder / ".hydra" / "config.yaml").get("trainer", {})
     per_step = int(trainer.get("batch_size", 0)) * int(trainer.get("d_steps", 1))
     rows = read_metrics(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
-    training = [row for row in rows if "sweep_objective" not in row]  # sweep.py's last row holds the score only
+    training = run_minutes([row for row in rows if "sweep_objective" not in row])  # sweep.py's last row: the score
     evaluations = [{**row, "images": row["step"] * per_step} for row in training if "fid" in row or "kid" in row]
     overrides = record.get("overrides") or read_yaml(folder / ".hydra" / "overrides.yaml") or []
     status = record.get("status") or card.get("status") or "no record"
@@ -116,7 +118,30 @@ def read_job(folder: Path, record: Dict[str, Any]) -> Job:
         last=training[-1] if training else {},
         images_per_step=per_step,
         card=card,
+        intra_class=intra_class_fid(folder / "checkpoints" / "last.eval.json"),
     )
+
+
+def run_minutes(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The rows with `minutes` counted from the run's start: a row's minutes are this invocation's training, so
+    a job continued with trainer.resume=auto (a later slot, a sweep run again) counts from 0 again; each earlier
+    invocation's last logged minutes are added to the rows after it."""
+    offset, previous, counted = 0.0, 0.0, []
+    for row in rows:
+        if "minutes" in row:
+            if row["minutes"] < previous:  # a new invocation began
+                offset += previous
+            previous = row["minutes"]
+            row = {**row, "minutes": row["minutes"] + offset}
+        counted.append(row)
+    return counted
+
+
+def intra_class_fid(stamp: Path) -> Dict[str, Any]:
+    """The intra-class FID result of gan-eval's stamp (a conditional job scored with sweep.objective=fid), or {}."""
+    content = read_json(stamp)
+    results = content.get("results") if isinstance(content, dict) else None
+    return next((r for r in results or [] if isinstance(r, dict) and r.get("metric") == "intra_class_fid"), {})
 
 
 def read_json(path: Path) -> Dict[str, Any]:
@@ -169,8 +194,8 @@ def table_lines(jobs: List[Job]) -> List[str]:
     varied = differing(jobs)
     lines = [
         "| rank | job | what differs | ended | objective | FID (KID) along the run: minutes, images seen: value "
-        "| images seen | minutes | D accuracy | why it failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| images seen | minutes | D accuracy | intra-class FID: mean (worst class) | why it failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rank, job in enumerate(jobs, 1):
         name, value = job.score
@@ -179,9 +204,17 @@ def table_lines(jobs: List[Job]) -> List[str]:
         accuracy = f"{job.last['d_accuracy']:.2f}" if "d_accuracy" in job.last else "-"
         minutes = f"{job.last['minutes']:.2f}" if "minutes" in job.last else "-"
         cells = [rank, f"`{job.folder.name}`", f"`{varied[job.folder]}`", job.status, shown, along_the_run(job)]
-        cells += [f"{images:,}", minutes, accuracy, job.reason or ""]
+        cells += [f"{images:,}", minutes, accuracy, intra_class_cell(job.intra_class), job.reason or ""]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return lines
+
+
+def intra_class_cell(result: Dict[str, Any]) -> str:
+    try:
+        worst = result["worst"]
+        return f"{result['mean']:.2f} ({worst['class']} {worst['value']:.2f})"
+    except (KeyError, TypeError):
+        return "-"
 
 
 def about_lines(sweep_dir: Path, jobs: List[Job]) -> List[str]:
