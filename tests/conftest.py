@@ -158,3 +158,16 @@ def assert_refused(main: Callable[[List[str]], None], program: str, args: List[s
     assert exit.value.code == 2, (args, err)
     assert len(lines) == 1 and lines[0].startswith(f"{program}: error: ") and expected in lines[0], (args, lines)
     assert "Traceback" not in err
+
+
+def assert_eval_refused(args: List[str], expected: str, capsys) -> None:
+    """gan-eval (in-process) exits 2 ending with one error line holding `expected`; what it measures (the counts)
+    may be said before it, nothing after, and no traceback."""
+    from dcgan import cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli.eval_main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2, (args, lines)
+    errors = [line for line in lines if line.startswith("gan-eval: error:")]
+    assert errors == lines[-1:] and expected in errors[0] and "Traceback" not in "".join(lines), (args, lines)
