@@ -8,6 +8,7 @@ started in a session of its own.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -168,11 +169,14 @@ def test_learning_rate_decay_follows_the_run_not_the_slot():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
 
 
-def test_a_run_cut_into_slots_decays_as_the_run_in_one_piece(tmp_path: Path):
+def test_a_run_cut_into_slots_decays_as_the_run_in_one_piece(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     settings = [*FAST, "trainer.max_steps=12", "trainer.log_every=4", "trainer.lr_decay=0.5", "trainer.ckpt_every=100"]
     whole = train.train(compose("train", settings), tmp_path / "whole")
+    caplog.set_level(logging.INFO, logger="dcgan.train")
     for _ in range(3):  # three slots of one log row each: trainer.max_minutes runs out at the first clock reading
         train.train(compose("train", [*settings, "trainer.max_minutes=1e-6", "trainer.resume=auto"]), tmp_path / "cut")
+    # The slot's last line says how to continue in this folder: the default folder is new on every run.
+    assert f"plus trainer.resume=auto hydra.run.dir={tmp_path / 'cut'}" in caplog.text
     rows = [
         [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         for run in ("whole", "cut")

@@ -116,6 +116,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path: Path, str
     code, output = stop_with_signal(args, tmp_path, run / "metrics.jsonl", 0, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM == 143, output[-3000:]
     assert "stopped by signal 15" in output and "Traceback" not in output
+    assert f"plus trainer.resume=auto hydra.run.dir={run}" in output  # the default folder is new on every run
     stopped = checkpoint.load(run / "checkpoints" / "last.pt")["step"]
     # The step it was in finished, logged a last row and was checkpointed.
     assert 0 < stopped < STEPS and logged_steps(run / "metrics.jsonl")[-1] == stopped

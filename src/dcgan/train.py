@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import signal
 import time
 from contextlib import contextmanager
@@ -237,16 +238,13 @@ def end_run(
     runcard.finish(run_dir, state.step, stop.signal, state.guard, out_of_time=clock.out_of_time)
     if distributed.world().is_main and stop.signal is None and state.guard.fault is None:
         log_summary(run_dir, state.step, clock.minutes, written, state.classes)  # where everything is, what next
+    # The folder is named because the default one (outputs/DATE/TIME) is new on every run: `resume=auto` alone would
+    # start afresh elsewhere. The last hydra.run.dir on a command line wins, so appending it is always right.
+    resume = f"continue with the same command plus trainer.resume=auto hydra.run.dir={shlex.quote(str(run_dir))}"
     if clock.out_of_time and stop.signal is None:
-        log.info(
-            "trainer.max_minutes=%g reached at step %d; continue with trainer.resume=auto", max_minutes, state.step
-        )
+        log.info("trainer.max_minutes=%g reached at step %d; %s", max_minutes, state.step, resume)
     if stop.signal is not None:
-        log.warning(
-            "stopped by signal %d at step %d; checkpoint saved, resume with trainer.resume=auto",
-            stop.signal,
-            state.step,
-        )
+        log.warning("stopped by signal %d at step %d; checkpoint saved; %s", stop.signal, state.step, resume)
         raise Stopped(stop.signal)
     state.guard.raise_if_diverged()  # supervise.py stops or rolls back (trainer.on_divergence)
 
