@@ -264,7 +264,7 @@ def test_help_prints_usage(program: str, main, capsys):
 @pytest.mark.parametrize("program", ["gan-sample", "gan-train"])
 def test_help_in_a_real_process(program: str, tmp_path: Path):
     result = run_cli(program, ["--help"], cwd=tmp_path)
-    assert "usage" in result.stdout.lower() or "Override anything" in result.stdout
+    assert result.stdout.startswith(f"usage: {program} ")  # gan-train's from Hydra's help header, in train.yaml
     assert not list(tmp_path.iterdir())
 
 
