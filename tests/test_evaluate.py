@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,7 +209,7 @@ def test_counts_name_what_was_asked_when_the_data_had_fewer():
     assert evaluate.counted(64, "checkpoint last.pt", 64) == "64 images of checkpoint last.pt"
 
 
-def test_a_long_cpu_evaluation_says_how_long_from_the_first_batch(tmp_path: Path, monkeypatch, caplog):
+def test_a_long_cpu_evaluation_says_how_long_from_the_first_batch(tmp_path: Path, monkeypatch, caplog, capsys):
     """The rate comes from timing the first batch: 8 images in 4 s here, so 2,992 more images take ~25 min."""
     images = torch.zeros(2000, 1, 8, 8, dtype=torch.uint8)
     generated = ImageSource(ImageSet(images[:1000]), {"count": 1000})
@@ -215,9 +217,16 @@ def test_a_long_cpu_evaluation_says_how_long_from_the_first_batch(tmp_path: Path
     generated, reference = metrics.with_progress(generated, reference, 8, torch.device("cpu"), tmp_path, "absent")
     clock = iter([100.0, 104.0])  # the first read, then the first read of the second batch
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
-    with caplog.at_level(logging.WARNING, logger="dcgan.metrics"):
-        for index in range(9):
-            generated.images[index]
+    on_stderr = logging.StreamHandler(sys.stderr)  # where gan-eval's lines go, beside the bar
+    logging.getLogger("dcgan.metrics").addHandler(on_stderr)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dcgan.metrics"):
+            for index in range(9):
+                generated.images[index]
+    finally:
+        logging.getLogger("dcgan.metrics").removeHandler(on_stderr)
     (warning,) = [record.getMessage() for record in caplog.records]
     assert warning.startswith("this takes about 25 min on the CPU: 3000 images through Inception at 2.0 images/s")
     assert "reference features included" in warning
+    # The bar drawn at 0% is cleared first, so the warning starts its own line rather than trailing the bar.
+    assert re.search(r"(^|[\r\n])this takes about", capsys.readouterr().err)

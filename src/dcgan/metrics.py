@@ -511,16 +511,19 @@ def with_progress(
     to_extract = len(generated.images) + (0 if cached else len(reference.images))
 
     def warn_if_long(images_per_s: float) -> None:
+        from tqdm import tqdm
+
         seconds = (to_extract - batch_size) / images_per_s
         if device.type == "cpu" and seconds > LONG_CPU_EVAL_S:
-            log.warning(
-                "this takes about %s on the CPU: %d images through Inception at %.1f images/s (measured on the "
-                "first batch)%s; lower n and reference_n for a quicker, noisier score, or use a GPU",
-                duration(seconds),
-                to_extract,
-                images_per_s,
-                "" if cached else ", reference features included (cached for next time)",
-            )
+            with tqdm.external_write_mode(file=sys.stderr):  # on a line of its own, not after the drawn bar
+                log.warning(
+                    "this takes about %s on the CPU: %d images through Inception at %.1f images/s (measured on the "
+                    "first batch)%s; lower n and reference_n for a quicker, noisier score, or use a GPU",
+                    duration(seconds),
+                    to_extract,
+                    images_per_s,
+                    "" if cached else ", reference features included (cached for next time)",
+                )
 
     return (
         replace(generated, images=FeatureProgress(generated.images, "generated", batch_size, warn_if_long)),
