@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from typing import Dict, List
 import pytest
 import torch
 
+from dcgan import __main__ as entry_points
 from dcgan import checkpoint, errors, schedule, train
 from dcgan.config import compose
 
@@ -119,6 +122,29 @@ def test_a_sweep_rerun_into_its_folder_keeps_its_scores(tmp_path: Path):
     (moved,) = (tmp_path / "0" / "replaced").iterdir()
     assert (moved / ".hydra" / "overrides.yaml").read_bytes() == hydra_record and (moved / "train.log").is_file()
     assert (moved / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_terminal_sees_a_note_while_torch_imports_and_a_pipe_does_not(capfd):
+    """Seconds pass before a command can say anything; at a terminal a note fills them, then erases itself."""
+    entry_points._note_while_starting("gan-sample")()  # stderr is pytest's capture file here, as a pipe would be
+    assert capfd.readouterr().err == ""  # so an error into a pipe or a log stays one line
+    terminal, screen = pty.openpty()
+    saved = os.dup(2)
+    os.dup2(screen, 2)
+    try:
+        erase = entry_points._note_while_starting("gan-sample")
+        erase()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(screen)
+    shown, deadline = b"", time.monotonic() + 10
+    while not shown.endswith(b"\x1b[K") and time.monotonic() < deadline:  # a pty may deliver it in pieces
+        if select.select([terminal], [], [], 0.1)[0]:
+            shown += os.read(terminal, 1000)
+    os.close(terminal)
+    # The note, then back to the line's start and cleared: the command's first line starts on a clean line.
+    assert shown.startswith(b"gan-sample: starting (importing PyTorch)...\r") and shown.endswith(b"\r\x1b[K")
 
 
 @pytest.mark.parametrize("delay_s", [0.3, 2.0])

@@ -2,9 +2,9 @@
 `python -m dcgan [overrides]`, which is gan-train in the form torchrun takes
 (`torchrun --nproc_per_node=N -m dcgan ...`).
 
-Importing torch and the package takes seconds, and nothing is written meanwhile: a stop signal then ends
-the command at once with one line and exit 128 + N, not a KeyboardInterrupt traceback. From the moment
-the command runs, cli.py owns the signals.
+Importing torch and the package takes seconds, and nothing is written meanwhile (at a terminal, a note that
+erases itself says so): a stop signal then ends the command at once with one line and exit 128 + N, not a
+KeyboardInterrupt traceback. From the moment the command runs, cli.py owns the signals.
 """
 
 import os
@@ -22,13 +22,28 @@ def _stop_while_starting(program: str) -> None:
         signal.signal(signum, stop)
 
 
+def _note_while_starting(program: str) -> Callable[[], None]:
+    """At a terminal, a note while torch imports (seconds of a blank screen otherwise, before even a usage error);
+    returns what erases it. Into a pipe or a file nothing is written, so an error stays one line there."""
+    if not os.isatty(2):
+        return lambda: None
+    os.write(2, f"{program}: starting (importing PyTorch)...\r".encode())  # \r: a stop line overwrites it
+
+    def erase() -> None:
+        os.write(2, b"\r\x1b[K")  # to the line's start, then clear to its end
+
+    return erase
+
+
 def _command(program: str, main: str) -> Callable[[], None]:
     """The entry point of `program`: signals owned while importing, then cli's `main`."""
 
     def run() -> None:
         _stop_while_starting(program)
+        erase_note = _note_while_starting(program)
         from dcgan import cli
 
+        erase_note()
         getattr(cli, main)()
 
     run.__name__ = program.replace("-", "_")
