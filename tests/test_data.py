@@ -159,12 +159,14 @@ def test_missing_mnist_without_download_explains_what_to_put_where(tmp_path):
 def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
     import torchvision
 
-    def offline(*args, **kwargs):
+    def offline(root, *args, **kwargs):
+        (Path(root) / "FashionMNIST" / "raw").mkdir(parents=True)  # as torchvision does before downloading
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     with pytest.raises(UserError, match="could not find or download Fashion-MNIST .*name resolution"):
-        load_images(DatasetConfig(name="fashion_mnist", root=str(tmp_path), download=True))
+        load_images(DatasetConfig(name="fashion_mnist", root=str(tmp_path / "data"), download=True))
+    assert not (tmp_path / "data").exists()  # a refused command makes no folder, torchvision's empty ones neither
 
 
 def test_mnist_rejects_celeba_splits(tmp_path):

@@ -25,6 +25,7 @@ Every problem with the user's files is raised as `UserError` with a sentence say
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -261,8 +262,7 @@ def _find_idx(cfg: DatasetConfig | DictConfig, part: str = "images") -> Optional
     """The split's IDX file of `part` (images or labels) under dataset.root (plain, torchvision's layout, or
     raw/), or None."""
     root, stem = Path(cfg.root).expanduser(), _idx_stem(cfg, part)
-    folder = "MNIST" if cfg.name == "mnist" else "FashionMNIST"
-    for directory in (root, root / folder / "raw", root / "raw"):
+    for directory in (root, _torchvision_raw(cfg), root / "raw"):
         # The uncompressed file, when torchvision left both, skips a gunzip.
         for path in (directory / stem, directory / f"{stem}.gz"):
             if path.is_file():
@@ -274,6 +274,11 @@ def _idx_stem(cfg: DatasetConfig | DictConfig, part: str = "images") -> str:
     """train-images-idx3-ubyte, t10k-labels-idx1-ubyte, ...: the names MNIST's files have everywhere."""
     dimensions = 3 if part == "images" else 1
     return f"{'train' if cfg.split == 'train' else 't10k'}-{part}-idx{dimensions}-ubyte"
+
+
+def _torchvision_raw(cfg: DatasetConfig | DictConfig) -> Path:
+    """Where torchvision keeps (and downloads) the IDX files: ROOT/MNIST/raw, ROOT/FashionMNIST/raw."""
+    return Path(cfg.root).expanduser() / ("MNIST" if cfg.name == "mnist" else "FashionMNIST") / "raw"
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -313,9 +318,14 @@ def _download_mnist_like(cfg: DatasetConfig | DictConfig, part: str = "images") 
     dataset_class, title = (
         (datasets.MNIST, "MNIST") if cfg.name == "mnist" else (datasets.FashionMNIST, "Fashion-MNIST")
     )
+    raw = _torchvision_raw(cfg)
+    made = [folder for folder in (root, raw.parent, raw) if not folder.exists()]
     try:
         downloaded = dataset_class(str(root), train=cfg.split == "train", download=cfg.download)
     except Exception as error:  # offline downloads fail as URLError, RuntimeError, socket errors...
+        for folder in reversed(made):  # the folders torchvision made for it: a refused command makes none
+            with contextlib.suppress(OSError):  # rmdir removes a folder only if it is empty
+                folder.rmdir()
         reason = " ".join(str(error).split()) or type(error).__name__
         what = f"{title}'s labels" if part == "labels" else title
         raise UserError(
