@@ -211,6 +211,20 @@ def test_a_run_cut_into_slots_decays_as_the_run_in_one_piece(tmp_path: Path, cap
     assert whole["step"] == rows[1][-1]["step"] == 12
 
 
+def test_a_resume_that_has_nothing_left_to_train_says_so(caplog: pytest.LogCaptureFixture):
+    """A branch from the 1,000-step quick start with the default trainer.epochs=5 ends where it starts."""
+    epochs = train.TrainerConfig(max_steps=0, epochs=5)
+    with caplog.at_level(logging.WARNING, logger="dcgan.train"):
+        train.warn_if_nothing_to_train(epochs, 0, 195)  # a fresh run
+        train.warn_if_nothing_to_train(epochs, 100, 195)  # a resume with steps left
+        assert not caplog.records
+        train.warn_if_nothing_to_train(epochs, 1000, 1000)
+        train.warn_if_nothing_to_train(train.TrainerConfig(max_steps=800), 1000, 800)
+    first, second = [record.getMessage() for record in caplog.records]
+    assert first.startswith("nothing to train: the checkpoint is at step 1000, where this run ends (trainer.epochs=5")
+    assert "(trainer.max_steps=800)" in second and second.endswith("set trainer.max_steps above 1000 to train on")
+
+
 def test_epochs_are_trained_as_asked_after_a_resume_with_another_batch_size(tmp_path: Path):
     settings = [*FAST, "trainer.max_steps=0", "trainer.epochs=2", "dataset.max_images=160", "trainer.log_every=5"]
     train.train(compose("train", [*settings, "trainer.max_minutes=1e-6"]), tmp_path)  # stops at step 5 of 20

@@ -280,6 +280,7 @@ def start_run(
     t = cfg.trainer
     changes = resume(state, t.resume, run.checkpoints, cfg)
     total_steps = planned_steps(t, state)
+    warn_if_nothing_to_train(t, state.step, total_steps)
     runcard.start(run.root, cfg, images, device, state.step, changes)  # run_card.json: command, versions, data, seed
     p = state.precision
     runcard.update(run.root, precision={"trainer.amp": p.setting, "chosen": p.mode, "why": p.reason})
@@ -294,6 +295,19 @@ def start_run(
     if (t.eval_every or t.eval_every_minutes) and distributed.world().is_main:
         return TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0), total_steps
     return None, total_steps
+
+
+def warn_if_nothing_to_train(t: TrainerConfig, step: int, total_steps: int) -> None:
+    """A resume whose checkpoint already reached this run's end trains nothing: say so, rather than only 'done'
+    (a branch from a longer run with the default trainer.epochs=5, say)."""
+    if step == 0 or step < total_steps:
+        return
+    if t.max_steps or t.max_images:
+        length = f"trainer.max_steps={t.max_steps}" if t.max_steps else f"trainer.max_images={t.max_images}"
+    else:
+        length = f"trainer.epochs={t.epochs}, already passed"
+    message = "nothing to train: the checkpoint is at step %d, where this run ends (%s); set trainer.max_steps above %d"
+    log.warning(message + " to train on", step, length, step)
 
 
 def planned_steps(t: TrainerConfig, state: TrainingState) -> int:
