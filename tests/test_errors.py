@@ -16,7 +16,8 @@ from conftest import FAST, run_cli
     [
         ("trainer.foo=1", "unknown config key trainer.foo"),
         ("trainer.batch_size=abc", "could not be converted to Integer"),
-        ("dataset=imagenet", "Available options in 'dataset'"),
+        ("dataset=imagenet", "dataset=imagenet: no such option; dataset is one of celeba, fashion_mnist, folder,"),
+        ("dataset=fashion-mnist", "did you mean dataset=fashion_mnist?"),
         ("trainer.batch_size=0", "trainer.batch_size must be >= 1"),
         ("optimizer.generator.lr=-1", "optimizer.generator.lr must be > 0"),
         ("dataset.image_size=30", "dataset.image_size=30"),

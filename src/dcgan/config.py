@@ -170,11 +170,21 @@ def describe_config_error(error: Exception, config_name: str = "train") -> str:
             return f"unknown config key {in_file.group(2)} in {in_file.group(1)}.yaml: check its spelling; {shown}"
         return unknown_key_message(key, config_name)
     if "Could not find" in message:
-        return (
-            f"{re.sub(r'In .[a-z_]+.: ', '', message)}; pick one of those, or add your own file "
-            "in a folder of your own and pass --config-dir FOLDER (docs/extending.md)"
-        )
+        return missing_option_message(message)
     return f"bad configuration: {message}"
+
+
+def missing_option_message(message: str) -> str:
+    """Hydra's "Could not find 'dataset/mnsit' Available options in 'dataset': celeba ..." as one sentence, with
+    the nearest option (a typo is the usual cause) and where a file of the user's own would go."""
+    own = "or add your own file in a folder of your own and pass --config-dir FOLDER (docs/extending.md)"
+    found = re.search(r"Could not find '(.+)/([^'/]+)'\s*Available options in '[^']+':\s*(.*)", message)
+    if not found:
+        return f"{re.sub(r'In .[a-z_]+.: ', '', message)}; {own}"
+    group, name, options = found[1], found[2], found[3].split()
+    nearest = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    hint = f"did you mean {group}={nearest[0]}? " if nearest else ""
+    return f"{group}={name}: no such option; {hint}{group} is one of {', '.join(options)}, {own}"
 
 
 def check_known_keys(task: DictConfig) -> None:
