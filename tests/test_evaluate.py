@@ -115,7 +115,8 @@ def test_gan_eval_end_to_end_writes_a_complete_protocol_stamp(tiny_checkpoint: P
     results = json.loads(written.read_text())["results"]
     assert [r["metric"] for r in results] == ["fid", "kid"]
     fid, kid = results
-    assert fid["value"] > 0 and kid["std"] is not None
+    assert fid["value"] > 0 and kid["std"] is None  # n = reference_n = kid_subset_size: one subset, no spread
+    assert table[2].split()[1:6] == [f"{kid['value']:.5f}", "(one", "subset:", "no", "spread)"]
     # The stamp: metric, both counts, the reference split, image sizes, the weights' hash, the library version.
     assert fid["generated"]["count"] == fid["reference"]["count"] == COUNT
     assert fid["generated"]["weights"] == "ema" and fid["generated"]["step"] == 4
@@ -204,9 +205,29 @@ def test_training_logs_fid_and_keeps_the_best_checkpoint(tmp_path: Path):
 
 
 def test_counts_name_what_was_asked_when_the_data_had_fewer():
-    assert evaluate.counted(5000, "mnist_tiny", 10000) == "5000 images of mnist_tiny (asked 10000)"
-    assert evaluate.counted(5000, "mnist_tiny", 0) == "5000 images of mnist_tiny"  # reference_n=0: all of them
-    assert evaluate.counted(64, "checkpoint last.pt", 64) == "64 images of checkpoint last.pt"
+    assert evaluate.counted(5000, "mnist_tiny", "n", 10000) == "5000 images of mnist_tiny (n=10000)"
+    assert evaluate.counted(5000, "mnist_tiny", "reference_n", 0) == "5000 images of mnist_tiny"  # 0: all of them
+    assert evaluate.counted(64, "checkpoint last.pt", "n", 64) == "64 images of checkpoint last.pt"
+
+
+def test_kid_of_every_image_in_one_subset_claims_no_spread(tmp_path: Path, monkeypatch):
+    """With as many images on each side as kid_subset_size, every subset is both sets whole: the std over subsets
+    is 0 whatever the images, so it is not reported as a spread; with more images, it is."""
+
+    def features(generated, reference, *args, **kwargs):  # stand-in features: no Inception needed
+        return generated.images.images.float().flatten(1)[:, :64], reference.images.images.float().flatten(1)[:, :64]
+
+    monkeypatch.setattr(metrics, "fidelity_features", features)
+    generated = torch.randint(0, 255, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = torch.randint(0, 255, (30, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    stamp = {"count": 12, "image_size": 8}
+    kid_settings = MetricsConfig(metrics=["kid"], kid_subsets=10, kid_subset_size=12, cache_dir=str(tmp_path))
+    whole = measure(ImageSource(ImageSet(generated), stamp), ImageSource(ImageSet(reference[:12]), stamp),
+                    kid_settings, torch.device("cpu"))[0]  # fmt: skip
+    assert whole["std"] is None and whole["protocol"]["kid_subsets"] == 1
+    drawn = measure(ImageSource(ImageSet(generated), stamp), ImageSource(ImageSet(reference), stamp),
+                    kid_settings, torch.device("cpu"))[0]  # fmt: skip
+    assert drawn["std"] > 0 and drawn["protocol"]["kid_subsets"] == 10
 
 
 def test_a_long_cpu_evaluation_says_how_long_from_the_first_batch(tmp_path: Path, monkeypatch, caplog, capsys):

@@ -107,12 +107,16 @@ def run(cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Path]:
     dataset = None
     if cfg.input2:
         reference = reference_from_folder(Path(cfg.input2), cfg.reference_n, cfg.seed)
-        log.info("reference: %s", counted(len(reference.images), f"folder {cfg.input2}", cfg.reference_n))
+        log.info(
+            "reference: %s", counted(len(reference.images), f"folder {cfg.input2}", "reference_n", cfg.reference_n)
+        )
     else:
         dataset = cfg.dataset if cfg.dataset is not None else default_reference
         reference = reference_from_dataset(dataset, cfg.reference_n, cfg.seed)
-        log.info("reference: %s", counted(len(reference.images), data.describe(dataset), cfg.reference_n))
-    log.info("generated: %s", counted(len(generated.images), generated.stamp["source"], cfg.n))
+        log.info(
+            "reference: %s", counted(len(reference.images), data.describe(dataset), "reference_n", cfg.reference_n)
+        )
+    log.info("generated: %s", counted(len(generated.images), generated.stamp["source"], "n", cfg.n))
     if generated.stamp["image_size"] != reference.stamp["image_size"]:
         log.warning(
             "generated images are %spx, reference images %spx: both are resized to 299px by the extractor, "
@@ -153,9 +157,10 @@ def write_fp16_copy(cfg: DictConfig) -> str:
     return f"wrote {out}: {stat.st_size:,} bytes, sha256 {file_sha256(str(out), stat.st_size, stat.st_mtime_ns)}"
 
 
-def counted(count: int, what: str, asked: int) -> str:
-    """ "5000 images of mnist_tiny (...) (asked 10000)": the count really used, and the setting when it differs."""
-    differs = f" (asked {asked})" if asked and count != asked else ""
+def counted(count: int, what: str, setting: str, asked: int) -> str:
+    """ "5000 images of mnist_tiny (...) (reference_n=10000)": the count really used, and the setting (an upper
+    bound) when it differs."""
+    differs = f" ({setting}={asked})" if asked and count != asked else ""
     return f"{count} images of {what}{differs}"
 
 
@@ -206,7 +211,11 @@ def format_table(results: List[Dict[str, Any]]) -> str:
     rows = [header]
     for r in results:
         g, ref, p = r["generated"], r["reference"], r["protocol"]
-        value = f"{r['value']:.3f}" if r["std"] is None else f"{r['value']:.5f} ± {r['std']:.5f}"
+        value = f"{r['value']:.5f}" if r["metric"] == "kid" else f"{r['value']:.3f}"
+        if r["std"] is not None:
+            value += f" ± {r['std']:.5f}"
+        elif r["metric"] == "kid":  # one subset of every image (n <= kid_subset_size): no spread to show
+            value += " (one subset: no spread)"
         count, ref_count = g["count"], ref["count"]
         if r["metric"] == intraclass.METRIC:  # the mean over classes, at these counts per class
             value = f"{value} (mean)"

@@ -481,7 +481,9 @@ def measure_with_features(
     when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     results = []
     for metric in settings.metrics:
-        value, spread, extra = read_score(metric, scores, settings.kid_subsets, kid_subset_size)
+        value, spread, extra = read_score(
+            metric, scores, settings.kid_subsets, kid_subset_size, whole_sets=count_1 == count_2 == kid_subset_size
+        )
         results.append(
             {
                 "metric": metric,
@@ -674,13 +676,17 @@ def measurement_protocol(weights: Weights, cached: bool, cache: Optional[Path]) 
 
 
 def read_score(
-    metric: str, scores: Dict[str, float], kid_subsets: int, kid_subset_size: int
+    metric: str, scores: Dict[str, float], kid_subsets: int, kid_subset_size: int, whole_sets: bool = False
 ) -> Tuple[float, Optional[float], Dict[str, int]]:
-    """(value, spread or None, the metric's own protocol fields) of one metric in torch-fidelity's scores."""
+    """(value, spread or None, the metric's own protocol fields) of one metric in torch-fidelity's scores;
+    `whole_sets`: KID's subsets were both image sets whole (as many images on each side as the subset size)."""
     if metric == "fid":
         return float(scores["frechet_inception_distance"]), None, {}
     extra = {"kid_subsets": int(kid_subsets), "kid_subset_size": int(kid_subset_size)}
-    return float(scores["kernel_inception_distance_mean"]), float(scores["kernel_inception_distance_std"]), extra
+    spread: Optional[float] = float(scores["kernel_inception_distance_std"])
+    if whole_sets:  # every subset held every image: the same MMD each time, so its std of 0 measures nothing
+        spread, extra["kid_subsets"] = None, 1
+    return float(scores["kernel_inception_distance_mean"]), spread, extra
 
 
 # ---------------------------------------------------------------- during training
