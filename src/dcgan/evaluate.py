@@ -1,9 +1,9 @@
 """`gan-eval`: FID and KID of a checkpoint's generator, or of a folder of images, against a data set or a folder.
 
-How the scores are measured, and what every result is stamped with: metrics.py. On a class-conditional
-checkpoint, the intra-class FID from the same features (each class against its own reference images):
-intraclass.py. Results are printed
-as a table and written as JSON (beside the checkpoint by default).
+On a class-conditional checkpoint, also the intra-class FID from the same features (each class against its own
+reference images). Results are printed as a table and written as JSON (beside the checkpoint by default). How
+the scores are measured, what every result is stamped with, and what n means for a score: docs/evaluation.md
+(the code: metrics.py and intraclass.py).
 """
 
 from __future__ import annotations
