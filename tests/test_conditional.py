@@ -106,6 +106,7 @@ def test_exports_take_the_label_as_an_input(run: Path, tmp_path: Path):
     [
         (["class=seven"], "no class 'seven'"),
         (["class=10"], "no class 10: the 10 classes are numbered 0..9"),
+        (["class=-1"], "no class -1: the 10 classes are numbered 0..9"),
         (["mode=export", "class=3"], "class=3 would have no effect"),
         (["class=[3,8]"], "mode=grid draws one"),
     ],
