@@ -127,6 +127,10 @@ def test_resume_continues_a_conditional_run_and_refuses_to_drop_its_classes(run:
     args = [*unconditional, "trainer.max_steps=10", "trainer.resume=auto", f"hydra.run.dir={run}"]
     expected = "the checkpoint was trained with conditional=true, not false; resume with conditional=true"
     assert_refused(cli.train_main, "gan-train", args, expected, capsys)
+    elsewhere = tmp_path / "elsewhere"  # refused before Hydra makes the new run folder or writes its record there
+    args[-2:] = [f"trainer.resume={run / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={elsewhere}"]
+    assert_refused(cli.train_main, "gan-train", args, expected, capsys)
+    assert not elsewhere.exists()
 
 
 def test_class_of_an_unconditional_checkpoint_and_conditional_on_unlabelled_images_are_refused(tmp_path: Path, capsys):

@@ -55,6 +55,11 @@ def describe_run(run: RunFolder) -> str:
 _held: Dict[Path, int] = {}  # folders whose lock this process holds -> the lock file's descriptor
 
 
+def held(folder: Path) -> bool:
+    """Whether this process holds `folder`'s lock already."""
+    return Path(os.path.abspath(folder.expanduser())) in _held
+
+
 def claim(folder: Path) -> bool:
     """Hold `folder`'s lock until `release_all` or the end of the process; False if this process holds it already.
 
@@ -115,6 +120,9 @@ def take(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
     error: Optional[str] = None
     if w.is_main:
         try:
+            resume = cfg.trainer.resume
+            if resume and resume != "auto" and not held(folder):  # read before the lock file (and its folder) is
+                check_resume(Path(resume), cfg)  # made, and before an overwrite moves anything: a refusal leaves none
             if claim(folder):  # main() takes the folder before Hydra; the task function then finds it taken
                 prepare(folder, cfg, keep)
         except UserError as refused:
@@ -151,9 +159,9 @@ def _now() -> str:
 def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
     """Refuse to mix two runs in one folder, or replace the old one when asked; call with the lock held.
 
-    A resume is checked against its checkpoint here too (checkpoint.changes_since), so a refused one
-    changes no file. `keep` names entries that belong to this invocation already (Hydra's record, in a
-    multirun job).
+    trainer.resume=auto is checked against its checkpoint here too (checkpoint.changes_since), so a refused
+    one changes no file (`take` checks trainer.resume=PATH before it makes the lock). `keep` names entries
+    that belong to this invocation already (Hydra's record, in a multirun job).
     """
     run, resume, overwrite = RunFolder(folder), cfg.trainer.resume, cfg.trainer.overwrite
     earlier = runcard.read(folder)
@@ -187,8 +195,6 @@ def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
         if found is not None:
             check_resume(found, cfg)
         return
-    if resume:
-        check_resume(Path(resume), cfg)
     if run.holds_a_run() and not (resume and _same_as_newest(Path(resume), run)):
         raise UserError(
             f"hydra.run.dir={folder} already holds {describe_run(run)}; continue it with trainer.resume=auto, "
