@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import shlex
 import struct
 import zipfile
 from pathlib import Path
@@ -20,6 +21,7 @@ from dcgan import data
 from dcgan.data import DatasetConfig, check_labels_available, class_index, load_images, load_labels, validate_dataset
 from dcgan.errors import UserError
 from dcgan.labels import DIGIT_CLASSES, FASHION_MNIST_CLASSES, Labels, combination_names
+from dcgan.log import class_argument
 
 from conftest import DEBIAN_FASHION_MNIST
 
@@ -339,6 +341,16 @@ def test_class_names_survive_hydra_override_parsing():
     for index, name in enumerate(names):
         typed = parser.parse_override(f"class={name}").value()
         assert typed == name and class_index(names, typed) == index
+
+
+def test_the_class_gan_train_suggests_sampling_reads_back_as_that_class():
+    """The closing block's `gan-sample ... class=...` line, pasted into a shell, names the class it shows: by
+    name where Hydra reads it unquoted, else by index (a folder named in another script, or with a comma)."""
+    parser = OverridesParser.create()
+    names = ("big cat", "狐", "chien ü", "a,b", "null", "T-shirt/top", "7")
+    for index in range(len(names)):
+        (word,) = shlex.split(class_argument(names, index))
+        assert class_index(names, str(parser.parse_override(word).value())) == index, word
 
 
 @pytest.mark.parametrize(
