@@ -405,7 +405,10 @@ def export_onnx(G: nn.Module, example: Tuple[torch.Tensor, ...], about: Dict[str
         verbose=False,
     )
     model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {key: str(value) for key, value in about.items()})
+    # Properties are strings: a list (the class names) as JSON, which any language reads back, not Python's repr.
+    onnx.helper.set_model_props(
+        model, {key: value if isinstance(value, str) else json.dumps(value) for key, value in about.items()}
+    )
     onnx.save(model, str(path))
 
 
