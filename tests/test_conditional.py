@@ -7,6 +7,7 @@ error tests share it. A folder of class sub-folders is trained on separately.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import List
 
@@ -15,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan import checkpoint, cli, models, train
+from dcgan import checkpoint, cli, data, models, train
 from dcgan.config import compose
+from dcgan.layout import RunFolder
 from dcgan.sample import load_generator
 
 from conftest import FAST, assert_refused, run_cli
 
-CONDITIONAL = ["conditional=true", *FAST, "trainer.max_steps=6", "dataset.max_images=256"]
+CONDITIONAL = ["conditional=true", *FAST, "trainer.max_steps=6"]  # all 5,000 digits: mnist_tiny is stored by digit
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,8 @@ def sample(run: Path, cwd: Path, args: List[str]) -> None:
 def test_a_conditional_run_records_its_classes_and_draws_a_row_per_class(run: Path):
     card = json.loads((run / "run_card.json").read_text())
     names = [str(digit) for digit in range(10)]
-    assert card["classes"]["names"] == names and sum(card["classes"]["images"].values()) == 256
-    assert "classes: 10 classes: 0 (" in (run / "train.log").read_text()
+    assert card["classes"] == {"names": names, "images": {name: 500 for name in names}}
+    assert "classes: 10 classes: 0 (500), 1 (500)," in (run / "train.log").read_text()
     assert checkpoint.load(run / "checkpoints" / "last.pt")["classes"] == names
     grid = Image.open(run / "samples" / "step_000006.png")
     assert grid.size == (2 + 8 * 30, 2 + 10 * 30)  # 8 columns, a row per class (28 px images, 2 px padding)
@@ -97,6 +99,8 @@ def test_exports_take_the_label_as_an_input(run: Path, tmp_path: Path):
     onnxruntime = pytest.importorskip("onnxruntime")
     sample(run, tmp_path, ["mode=export", "format=onnx", "out=g.onnx"])
     session = onnxruntime.InferenceSession(str(tmp_path / "g.onnx"))
+    properties = session.get_modelmeta().custom_metadata_map
+    assert json.loads(properties["classes"]) == [str(d) for d in range(10)] and properties["z_dim"] == "100"
     (images,) = session.run(["images"], {"z": z.numpy(), "labels": labels.numpy()})
     assert np.allclose(images, want.numpy(), atol=1e-4)
 
@@ -163,6 +167,19 @@ def test_conditional_training_on_a_folder_of_class_sub_folders(tmp_path: Path):
     assert card["classes"] == {"names": ["cats", "dogs"], "images": {"cats": 16, "dogs": 16}}
     sample(tmp_path / "run", tmp_path, ["class=dogs", "n=4", "out=dogs.png"])
     assert pixels(tmp_path / "dogs.png").shape[:2] == (2 + 32 + 2, 2 + 4 * 34)
+
+
+def test_classes_without_training_images_are_warned_about(tmp_path: Path, caplog):
+    """mnist_tiny is stored digit by digit: its first 64 images are all zeros, and G would never learn 1 to 9."""
+    cfg = compose("train", [*CONDITIONAL, "dataset.max_images=64"])
+    labels = data.load_labels(cfg.dataset)
+    with caplog.at_level(logging.WARNING, logger="dcgan.train"):
+        train.report_classes(labels, cfg.dataset, RunFolder(tmp_path))
+    (warning,) = caplog.messages
+    assert warning.startswith(
+        "9 of the 10 classes have no training images in the first 64 images (dataset.max_images): 1, 2, 3, 4, 5, 6, "
+        "7, 8, 9. The grids and gan-sample still draw them, but G never learns them"
+    )
 
 
 def test_the_ema_generators_batchnorm_is_measured_on_every_class_in_turn():
