@@ -79,6 +79,14 @@ def test_class_sampling_is_by_name_or_index_and_the_same_seed_gives_the_same_ima
     assert np.array_equal(walk[2:30, 2:30], rows[2 + 3 * 30 : 30 + 3 * 30, 2:30])  # it starts at seed 0's 3
 
 
+def test_without_a_class_each_seed_draws_its_own_class_whatever_is_drawn_beside_it(run: Path, tmp_path: Path):
+    sample(run, tmp_path, ["mode=seeds", "seeds=0-9", "out=all/"])
+    sample(run, tmp_path, ["mode=seeds", "seeds=5,17", "out=two/"])
+    sample(run, tmp_path, ["mode=seeds", "seeds=5", "class=5", "out=five/"])
+    assert np.array_equal(pixels(tmp_path / "all" / "seed0005.png"), pixels(tmp_path / "two" / "seed0005.png"))
+    assert np.array_equal(pixels(tmp_path / "two" / "seed0005.png"), pixels(tmp_path / "five" / "seed0005.png"))
+
+
 def test_exports_take_the_label_as_an_input(run: Path, tmp_path: Path):
     G, cfg, _ = load_generator(run / "checkpoints" / "last.pt", torch.device("cpu"))
     z, labels = torch.randn(3, cfg.generator.z_dim), torch.tensor([7, 0, 9])
