@@ -121,6 +121,7 @@ def test_exports_take_the_label_as_an_input(run: Path, tmp_path: Path):
         (["class=-1"], "no class -1: the 10 classes are numbered 0..9"),
         (["mode=export", "class=3"], "class=3 would have no effect"),
         (["class=[3,8]"], "mode=grid draws one"),
+        (["mode=interpolate", "class=[3,8]", "frames=0"], "interpolate needs frames >= 1 and fps >= 1, got frames=0"),
     ],
 )
 def test_bad_class_requests_are_one_line(run: Path, tmp_path: Path, args: List[str], expected: str, capsys):

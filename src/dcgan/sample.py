@@ -282,8 +282,10 @@ def write_interpolation(studio: Studio) -> List[Path]:
 def interpolation_keys(cfg: SampleConfig) -> List[int]:
     """The key seeds the walk passes through: seeds=, else seed and seed + 1."""
     keys = parse_seeds(cfg.seeds) if cfg.seeds else [cfg.seed, cfg.seed + 1]
-    if len(keys) < 2 or cfg.frames < 1 or cfg.fps < 1:
-        raise UserError("interpolate needs at least two seeds (seeds=0,1,2), frames >= 1 and fps >= 1")
+    if cfg.frames < 1 or cfg.fps < 1:  # a walk through classes too: said without naming seeds it does not read
+        raise UserError(f"interpolate needs frames >= 1 and fps >= 1, got frames={cfg.frames}, fps={cfg.fps}")
+    if len(keys) < 2:
+        raise UserError("interpolate needs at least two seeds (seeds=0,1,2), or two classes (class=[A,B])")
     return keys
 
 
