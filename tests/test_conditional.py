@@ -144,6 +144,14 @@ def test_resume_continues_a_conditional_run_and_refuses_to_drop_its_classes(run:
     args[-2:] = [f"trainer.resume={run / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={elsewhere}"]
     assert_refused(cli.train_main, "gan-train", args, expected, capsys)
     assert not elsewhere.exists()
+    for name in ("cats", "dogs"):  # other classes: refused as early
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((28, 28), np.uint8), "L").save(tmp_path / "pets" / name / "0.png")
+    folder = ["dataset=folder", f"dataset.root={tmp_path / 'pets'}", "dataset.image_size=28", "dataset.channels=1"]
+    args = [*CONDITIONAL, *folder, *args[-2:]]
+    expected = "the checkpoint's 10 classes (0, 1, 2, 3, 4, 5, ...) are not this data's 2 (cats, dogs)"
+    assert_refused(cli.train_main, "gan-train", args, expected, capsys)
+    assert not elsewhere.exists()
 
 
 def test_class_of_an_unconditional_checkpoint_and_conditional_on_unlabelled_images_are_refused(tmp_path: Path, capsys):

@@ -27,10 +27,10 @@ from typing import Dict, Iterable, List, Optional
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from dcgan import checkpoint, config, distributed, files, runcard
+from dcgan import checkpoint, config, data, distributed, files, runcard
 from dcgan.errors import UserError
 from dcgan.layout import RunFolder
-from dcgan.state import CONFIG_YAML, STEP
+from dcgan.state import CONFIG_YAML, STEP, check_same_classes
 
 try:
     import fcntl
@@ -204,13 +204,18 @@ def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
 
 
 def check_resume(path: Path, cfg: DictConfig) -> None:
-    """The checkpoint's config is one this version reads, and the run changes nothing a resume can't change."""
+    """The checkpoint's config is one this version reads, the run changes nothing a resume can't change, and a
+    conditional run's data has the checkpoint's classes."""
     saved = checkpoint.load(path)
     try:
         config.train_config_from_yaml(saved[CONFIG_YAML])
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
     checkpoint.changes_since(saved, cfg, path)
+    if cfg.conditional:  # label i must still mean class i: the data's classes, read without decoding an image
+        names = data.check_labels_available(cfg.dataset)
+        if names is not None:
+            check_same_classes(saved, tuple(names))
 
 
 def move_aside(run: RunFolder, keep: Iterable[str]) -> Path:
