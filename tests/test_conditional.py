@@ -7,6 +7,7 @@ error tests share it. A folder of class sub-folders is trained on separately.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import List
 
@@ -15,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan import checkpoint, cli, models, train
+from dcgan import checkpoint, cli, data, models, train
 from dcgan.config import compose
+from dcgan.layout import RunFolder
 from dcgan.sample import load_generator
 
 from conftest import FAST, assert_refused, run_cli
 
-CONDITIONAL = ["conditional=true", *FAST, "trainer.max_steps=6", "dataset.max_images=256"]
+CONDITIONAL = ["conditional=true", *FAST, "trainer.max_steps=6"]  # all 5,000 digits: mnist_tiny is stored by digit
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,8 @@ def sample(run: Path, cwd: Path, args: List[str]) -> None:
 def test_a_conditional_run_records_its_classes_and_draws_a_row_per_class(run: Path):
     card = json.loads((run / "run_card.json").read_text())
     names = [str(digit) for digit in range(10)]
-    assert card["classes"]["names"] == names and sum(card["classes"]["images"].values()) == 256
-    assert "classes: 10 classes: 0 (" in (run / "train.log").read_text()
+    assert card["classes"] == {"names": names, "images": {name: 500 for name in names}}
+    assert "classes: 10 classes: 0 (500), 1 (500)," in (run / "train.log").read_text()
     assert checkpoint.load(run / "checkpoints" / "last.pt")["classes"] == names
     grid = Image.open(run / "samples" / "step_000006.png")
     assert grid.size == (2 + 8 * 30, 2 + 10 * 30)  # 8 columns, a row per class (28 px images, 2 px padding)
@@ -77,6 +79,14 @@ def test_class_sampling_is_by_name_or_index_and_the_same_seed_gives_the_same_ima
     assert np.array_equal(walk[2:30, 2:30], rows[2 + 3 * 30 : 30 + 3 * 30, 2:30])  # it starts at seed 0's 3
 
 
+def test_without_a_class_each_seed_draws_its_own_class_whatever_is_drawn_beside_it(run: Path, tmp_path: Path):
+    sample(run, tmp_path, ["mode=seeds", "seeds=0-9", "out=all/"])
+    sample(run, tmp_path, ["mode=seeds", "seeds=5,17", "out=two/"])
+    sample(run, tmp_path, ["mode=seeds", "seeds=5", "class=5", "out=five/"])
+    assert np.array_equal(pixels(tmp_path / "all" / "seed0005.png"), pixels(tmp_path / "two" / "seed0005.png"))
+    assert np.array_equal(pixels(tmp_path / "two" / "seed0005.png"), pixels(tmp_path / "five" / "seed0005.png"))
+
+
 def test_exports_take_the_label_as_an_input(run: Path, tmp_path: Path):
     G, cfg, _ = load_generator(run / "checkpoints" / "last.pt", torch.device("cpu"))
     z, labels = torch.randn(3, cfg.generator.z_dim), torch.tensor([7, 0, 9])
@@ -97,6 +107,8 @@ def test_exports_take_the_label_as_an_input(run: Path, tmp_path: Path):
     onnxruntime = pytest.importorskip("onnxruntime")
     sample(run, tmp_path, ["mode=export", "format=onnx", "out=g.onnx"])
     session = onnxruntime.InferenceSession(str(tmp_path / "g.onnx"))
+    properties = session.get_modelmeta().custom_metadata_map
+    assert json.loads(properties["classes"]) == [str(d) for d in range(10)] and properties["z_dim"] == "100"
     (images,) = session.run(["images"], {"z": z.numpy(), "labels": labels.numpy()})
     assert np.allclose(images, want.numpy(), atol=1e-4)
 
@@ -106,8 +118,10 @@ def test_exports_take_the_label_as_an_input(run: Path, tmp_path: Path):
     [
         (["class=seven"], "no class 'seven'"),
         (["class=10"], "no class 10: the 10 classes are numbered 0..9"),
+        (["class=-1"], "no class -1: the 10 classes are numbered 0..9"),
         (["mode=export", "class=3"], "class=3 would have no effect"),
         (["class=[3,8]"], "mode=grid draws one"),
+        (["mode=interpolate", "class=[3,8]", "frames=0"], "interpolate needs frames >= 1 and fps >= 1, got frames=0"),
     ],
 )
 def test_bad_class_requests_are_one_line(run: Path, tmp_path: Path, args: List[str], expected: str, capsys):
@@ -126,6 +140,18 @@ def test_resume_continues_a_conditional_run_and_refuses_to_drop_its_classes(run:
     args = [*unconditional, "trainer.max_steps=10", "trainer.resume=auto", f"hydra.run.dir={run}"]
     expected = "the checkpoint was trained with conditional=true, not false; resume with conditional=true"
     assert_refused(cli.train_main, "gan-train", args, expected, capsys)
+    elsewhere = tmp_path / "elsewhere"  # refused before Hydra makes the new run folder or writes its record there
+    args[-2:] = [f"trainer.resume={run / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={elsewhere}"]
+    assert_refused(cli.train_main, "gan-train", args, expected, capsys)
+    assert not elsewhere.exists()
+    for name in ("cats", "dogs"):  # other classes: refused as early
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((28, 28), np.uint8), "L").save(tmp_path / "pets" / name / "0.png")
+    folder = ["dataset=folder", f"dataset.root={tmp_path / 'pets'}", "dataset.image_size=28", "dataset.channels=1"]
+    args = [*CONDITIONAL, *folder, *args[-2:]]
+    expected = "the checkpoint's 10 classes (0, 1, 2, 3, 4, 5, ...) are not this data's 2 (cats, dogs)"
+    assert_refused(cli.train_main, "gan-train", args, expected, capsys)
+    assert not elsewhere.exists()
 
 
 def test_class_of_an_unconditional_checkpoint_and_conditional_on_unlabelled_images_are_refused(tmp_path: Path, capsys):
@@ -158,6 +184,19 @@ def test_conditional_training_on_a_folder_of_class_sub_folders(tmp_path: Path):
     assert card["classes"] == {"names": ["cats", "dogs"], "images": {"cats": 16, "dogs": 16}}
     sample(tmp_path / "run", tmp_path, ["class=dogs", "n=4", "out=dogs.png"])
     assert pixels(tmp_path / "dogs.png").shape[:2] == (2 + 32 + 2, 2 + 4 * 34)
+
+
+def test_classes_without_training_images_are_warned_about(tmp_path: Path, caplog):
+    """mnist_tiny is stored digit by digit: its first 64 images are all zeros, and G would never learn 1 to 9."""
+    cfg = compose("train", [*CONDITIONAL, "dataset.max_images=64"])
+    labels = data.load_labels(cfg.dataset)
+    with caplog.at_level(logging.WARNING, logger="dcgan.train"):
+        train.report_classes(labels, cfg.dataset, RunFolder(tmp_path))
+    (warning,) = caplog.messages
+    assert warning.startswith(
+        "9 of the 10 classes have no training images in the first 64 images (dataset.max_images): 1, 2, 3, 4, 5, 6, "
+        "7, 8, 9. The grids and gan-sample still draw them, but G never learns them"
+    )
 
 
 def test_the_ema_generators_batchnorm_is_measured_on_every_class_in_turn():

@@ -18,6 +18,8 @@ from PIL import Image
 from dcgan import cli, data, metrics
 from dcgan.config import compose
 from dcgan.images import generate, latents, to_uint8
+from dcgan.intraclass import measured_labels
+from dcgan.labels import FASHION_MNIST_CLASSES
 from dcgan.metrics import ImageSet, frechet_distance, seeded_subset
 from dcgan.sample import load_generator
 from dcgan.train import train
@@ -117,12 +119,18 @@ def test_per_class_settings_are_refused_where_they_mean_nothing(conditional_chec
                                "than the 200 its intra-class FID needs"),
         "too few generated": ([*conditional, "n_per_class=8"], "n_per_class=8 needs 80 generated images (10 "
                               "classes), more than n=40"),
-        "no such class": ([*conditional, "classes=[3,cat]"], "the checkpoint has no class cat"),
+        "no such class": ([*conditional, "classes=[3,cat]"], "classes: no class 'cat'; classes: 0, 1, 2"),
+        "negative index": ([*conditional, "classes=[-1]"], "classes: no class -1: the 10 classes are numbered 0..9"),
         "unlabelled reference": ([*conditional, f"input2={folder}", "per_class=true"], "per_class=true cannot "
                                  "measure intra-class FID: the reference is a folder"),
     }  # fmt: skip
     for args, message in cases.values():
         assert_eval_refused(args, message, capsys)
+
+
+def test_classes_are_named_as_gan_sample_names_them():
+    """classes=[...] takes what class= takes: a loose spelling of a name, or an index, on any class names."""
+    assert measured_labels(["ankle_boot", "7", "Sneaker", "t-shirt"], FASHION_MNIST_CLASSES) == [0, 7, 9]
 
 
 @needs_weights

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import shlex
 import struct
 import zipfile
 from pathlib import Path
@@ -19,7 +20,8 @@ from PIL import Image
 from dcgan import data
 from dcgan.data import DatasetConfig, check_labels_available, class_index, load_images, load_labels, validate_dataset
 from dcgan.errors import UserError
-from dcgan.labels import FASHION_MNIST_CLASSES, Labels, combination_names
+from dcgan.labels import DIGIT_CLASSES, FASHION_MNIST_CLASSES, Labels, combination_names
+from dcgan.log import class_argument
 
 from conftest import DEBIAN_FASHION_MNIST
 
@@ -341,6 +343,16 @@ def test_class_names_survive_hydra_override_parsing():
         assert typed == name and class_index(names, typed) == index
 
 
+def test_the_class_gan_train_suggests_sampling_reads_back_as_that_class():
+    """The closing block's `gan-sample ... class=...` line, pasted into a shell, names the class it shows: by
+    name where Hydra reads it unquoted, else by index (a folder named in another script, or with a comma)."""
+    parser = OverridesParser.create()
+    names = ("big cat", "狐", "chien ü", "a,b", "null", "T-shirt/top", "7")
+    for index in range(len(names)):
+        (word,) = shlex.split(class_argument(names, index))
+        assert class_index(names, str(parser.parse_override(word).value())) == index, word
+
+
 @pytest.mark.parametrize(
     "attributes, message",
     [
@@ -418,6 +430,12 @@ def test_class_index_refuses_what_it_cannot_place(typed, message):
 def test_digits_name_classes_before_indices():
     names = ("10", "2", "7")
     assert class_index(names, "7") == 2 and class_index(names, "1") == 1
+
+
+def test_a_negative_index_is_refused_not_read_as_the_digit_without_its_sign():
+    with pytest.raises(UserError, match="no class -1: the 10 classes are numbered 0..9"):
+        class_index(DIGIT_CLASSES, "-1")
+    assert class_index(("-1", "1"), "-1") == 0  # a class that is named so
 
 
 def test_describe_shortens_many_classes_and_bad_labels_are_bugs():

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dcgan import files
 from dcgan.errors import UserError
 from dcgan.layout import RunFolder
-from dcgan.state import CONFIG_YAML, REQUIRED
+from dcgan.state import CONFIG_YAML, REQUIRED, conditional_changed
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
@@ -169,6 +169,7 @@ def find_latest(directory: Path) -> Tuple[Optional[Path], List[str]]:
 # change is allowed, logged as `key: old -> new` before training and recorded in the run card.
 REFUSED_ON_RESUME = (
     "dataset.image_size",
+    "dataset.attributes",  # CelebA's chosen attributes are a conditional run's classes
     "dataset.channels",
     "generator",
     "discriminator",
@@ -214,6 +215,8 @@ def changes_since(state: Dict[str, Any], current: DictConfig, path: Path) -> Dic
     now = _flat(OmegaConf.to_container(current, resolve=True))
     # A key only one side has is a setting added to (or dropped from) the tool since: not a change.
     changed = {key: [before[key], now[key]] for key in before if key in now and before[key] != now[key]}
+    if "conditional" in changed:  # checked with the others, before the run folder is touched
+        raise conditional_changed(bool(changed["conditional"][0]))
     refused = [key for key in changed if _under(key, REFUSED_ON_RESUME)]
     if refused:
         listed = ", ".join(f"{key}={changed[key][0]} (now {changed[key][1]})" for key in refused)

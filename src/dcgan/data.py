@@ -572,19 +572,23 @@ def load_labels(cfg: DatasetConfig) -> Labels:
     return Labels(_first(labels.indices, cfg.max_images), tuple(labels.names))
 
 
-def check_labels_available(cfg: DatasetConfig | DictConfig) -> None:
+def check_labels_available(cfg: DatasetConfig | DictConfig) -> Optional[Tuple[str, ...]]:
     """Raise the UserError load_labels would for missing or absent labels, without decoding any image (a missing
     MNIST label file is downloaded where dataset.download allows). gan-train calls it, as it calls
-    check_available, before the run folder exists. Data sets registered elsewhere are checked when they load."""
+    check_available, before the run folder exists. Returns the class names (what a resume must find again), or
+    None for data sets registered elsewhere: those are checked when they load."""
     _check_split(cfg)
     if _spec(cfg.name).labels is None:
         raise _no_classes(cfg)
     if cfg.name in ("mnist", "fashion_mnist"):
-        mnist_like_labels(cfg)  # a label file is 60 kB and the images' count is in their header: nothing decoded
-    elif cfg.name == "folder":
-        _folder_classes(_find_folder(cfg))
-    elif cfg.name == "celeba":
+        # A label file is 60 kB and the images' count is in their header: nothing decoded.
+        return mnist_like_labels(cfg).names
+    if cfg.name == "folder":
+        return _folder_classes(_find_folder(cfg))[0]
+    if cfg.name == "celeba":
         _celeba_attribute_file(cfg, _find_celeba(cfg))
+        return combination_names(_attributes(cfg))
+    return DIGIT_CLASSES if cfg.name == "mnist_tiny" else None
 
 
 def _no_classes(cfg: DatasetConfig | DictConfig) -> UserError:
@@ -1084,4 +1088,3 @@ def _fits_on_gpu(images: torch.Tensor, device: torch.device) -> bool:
     free, _total = torch.cuda.mem_get_info(device)
     # Half of what is free leaves room for the networks, their activations and optimizer state.
     return images.numel() * images.element_size() < free // 2
-

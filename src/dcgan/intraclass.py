@@ -162,10 +162,10 @@ def measured_labels(asked: Optional[List[str]], names: Tuple[str, ...]) -> List[
         return list(range(len(names)))
     if not asked:
         raise UserError("classes=[] measures no class; name some, e.g. classes=[" + ",".join(names[:2]) + "]")
-    unknown = [name for name in asked if str(name) not in names]
-    if unknown:
-        raise UserError(f"classes: the checkpoint has no class {unknown[0]} (its classes: {shown(names)})")
-    return sorted({names.index(str(name)) for name in asked})
+    try:  # each name as gan-sample's class= reads it: the name, a loose spelling of it, or the index
+        return sorted({data.class_index(names, str(name)) for name in asked})
+    except UserError as error:
+        raise UserError(f"classes: {error}") from None
 
 
 def intra_class_result(

@@ -87,6 +87,9 @@ def class_index(names: Sequence[str], wanted: str) -> int:
     names, wanted = list(names), str(wanted)
     if wanted in names:
         return names.index(wanted)
+    # An index below 0 is refused before the loose match, which drops the sign: "-1" would find class "1".
+    if re.fullmatch(r"-\d+", wanted.strip()):
+        raise _no_index(wanted.strip(), names)
     key, normals = _normal(wanted), [_normal(name) for name in names]
     same = [i for i, normal in enumerate(normals) if normal == key]
     if len(same) == 1:
@@ -95,9 +98,7 @@ def class_index(names: Sequence[str], wanted: str) -> int:
         index = int(wanted)
         if index < len(names):
             return index
-        raise UserError(
-            f"no class {index}: the {len(names)} classes are numbered 0..{len(names) - 1} ({listing(names)})"
-        )
+        raise _no_index(str(index), names)
     starting = same or [i for i, normal in enumerate(normals) if key and normal.startswith(key)]
     if len(starting) == 1:
         return starting[0]
@@ -107,6 +108,10 @@ def class_index(names: Sequence[str], wanted: str) -> int:
     nearest = difflib.get_close_matches(key, normals, n=3, cutoff=0.5)
     guess = f" did you mean {' or '.join(names[normals.index(n)] for n in nearest)}?" if nearest else ""
     raise UserError(f"no class {wanted!r};{guess} classes: {listing(names)}")
+
+
+def _no_index(typed: str, names: Sequence[str]) -> UserError:
+    return UserError(f"no class {typed}: the {len(names)} classes are numbered 0..{len(names) - 1} ({listing(names)})")
 
 
 def _normal(name: str) -> str:

@@ -25,6 +25,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from PIL import Image
 from tqdm import tqdm
 
@@ -239,9 +241,7 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def log_summary(
-    run_dir: Path, step: int, minutes: float, written: Sequence[Path], classes: Sequence[str] = ()
-) -> None:
+def log_summary(run_dir: Path, step: int, minutes: float, written: Sequence[Path], classes: Sequence[str] = ()) -> None:
     """The block gan-train ends with: where the run's files are, and the commands to run next (a log record);
     `classes`: a conditional run's class names."""
     run = RunFolder(run_dir)
@@ -259,10 +259,22 @@ def log_summary(
         lines.append(f"  gan-sample ckpt={shown(last)} scale=4 out=grid.png      # 64 new images")
         if classes:
             lines.append(f"  gan-sample ckpt={shown(last)} mode=classes out=classes.png      # a row per class")
-            lines.append(f"  gan-sample ckpt={shown(last)} class={shlex.quote(classes[-1])} out=one_class.png")
+            one_class = class_argument(classes, len(classes) - 1)
+            lines.append(f"  gan-sample ckpt={shown(last)} {one_class} out=one_class.png")
     lines.append(f"  gan-report run={shown(run.root)}      # the figures again, e.g. after a resume")
     # Logged, not printed: gan-train shows it (and keeps it in RUN_DIR/train.log); a script calling train() decides.
     log.info("%s", "\n".join(lines))
+
+
+def class_argument(classes: Sequence[str], index: int) -> str:
+    """gan-sample's `class=` for class `index`, as a shell word: by its name where Hydra reads the name back
+    unquoted as itself, else by its index (Hydra's unquoted values refuse letters outside ASCII, commas, ...)."""
+    name = classes[index]
+    try:
+        typed = OverridesParser.create().parse_override(f"class={name}").value()
+    except HydraException:
+        typed = None
+    return shlex.quote(f"class={name}") if str(typed) == name else f"class={index}"
 
 
 def shown(path: Path) -> str:

@@ -27,10 +27,10 @@ from typing import Dict, Iterable, List, Optional
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from dcgan import checkpoint, config, distributed, files, runcard
+from dcgan import checkpoint, config, data, distributed, files, runcard
 from dcgan.errors import UserError
 from dcgan.layout import RunFolder
-from dcgan.state import CONFIG_YAML, STEP
+from dcgan.state import CONFIG_YAML, STEP, check_same_classes
 
 try:
     import fcntl
@@ -53,6 +53,11 @@ def describe_run(run: RunFolder) -> str:
 # ---------------------------------------------------------------- ownership
 
 _held: Dict[Path, int] = {}  # folders whose lock this process holds -> the lock file's descriptor
+
+
+def held(folder: Path) -> bool:
+    """Whether this process holds `folder`'s lock already."""
+    return Path(os.path.abspath(folder.expanduser())) in _held
 
 
 def claim(folder: Path) -> bool:
@@ -115,6 +120,9 @@ def take(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
     error: Optional[str] = None
     if w.is_main:
         try:
+            resume = cfg.trainer.resume
+            if resume and resume != "auto" and not held(folder):  # read before the lock file (and its folder) is
+                check_resume(Path(resume), cfg)  # made, and before an overwrite moves anything: a refusal leaves none
             if claim(folder):  # main() takes the folder before Hydra; the task function then finds it taken
                 prepare(folder, cfg, keep)
         except UserError as refused:
@@ -151,9 +159,9 @@ def _now() -> str:
 def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
     """Refuse to mix two runs in one folder, or replace the old one when asked; call with the lock held.
 
-    A resume is checked against its checkpoint here too (checkpoint.changes_since), so a refused one
-    changes no file. `keep` names entries that belong to this invocation already (Hydra's record, in a
-    multirun job).
+    trainer.resume=auto is checked against its checkpoint here too (checkpoint.changes_since), so a refused
+    one changes no file (`take` checks trainer.resume=PATH before it makes the lock). `keep` names entries
+    that belong to this invocation already (Hydra's record, in a multirun job).
     """
     run, resume, overwrite = RunFolder(folder), cfg.trainer.resume, cfg.trainer.overwrite
     earlier = runcard.read(folder)
@@ -187,8 +195,6 @@ def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
         if found is not None:
             check_resume(found, cfg)
         return
-    if resume:
-        check_resume(Path(resume), cfg)
     if run.holds_a_run() and not (resume and _same_as_newest(Path(resume), run)):
         raise UserError(
             f"hydra.run.dir={folder} already holds {describe_run(run)}; continue it with trainer.resume=auto, "
@@ -198,13 +204,18 @@ def prepare(folder: Path, cfg: DictConfig, keep: Iterable[str] = ()) -> None:
 
 
 def check_resume(path: Path, cfg: DictConfig) -> None:
-    """The checkpoint's config is one this version reads, and the run changes nothing a resume can't change."""
+    """The checkpoint's config is one this version reads, the run changes nothing a resume can't change, and a
+    conditional run's data has the checkpoint's classes."""
     saved = checkpoint.load(path)
     try:
         config.train_config_from_yaml(saved[CONFIG_YAML])
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
     checkpoint.changes_since(saved, cfg, path)
+    if cfg.conditional:  # label i must still mean class i: the data's classes, read without decoding an image
+        names = data.check_labels_available(cfg.dataset)
+        if names is not None:
+            check_same_classes(saved, tuple(names))
 
 
 def move_aside(run: RunFolder, keep: Iterable[str]) -> Path:

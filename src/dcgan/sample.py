@@ -9,7 +9,8 @@
                (so a column keeps its style while the class changes)
 
 A class-conditional checkpoint (gan-train conditional=true) draws the class `class=` names (its name or index)
-in grid, seeds, interpolate and neighbors, and every class in turn without it; `class=[Sneaker,Bag]` with
+in grid, seeds, interpolate and neighbors; without it seed s draws class s mod C (a walk: its first key seed's
+class), so there too an image depends on its seed only; `class=[Sneaker,Bag]` with
 mode=interpolate walks from class to class at the latent of `seed=`. Its exports take the labels as a second
 input.
 
@@ -200,13 +201,18 @@ class Studio:
         g = self.train_cfg.generator
         return latents(seeds, g.z_dim, g.z_distribution, self.device if device is None else device, self.cfg.truncation)
 
-    def labels(self, count: int) -> Optional[torch.Tensor]:
-        """The class of each of `count` images: class= for all of them; None (every class in turn) without it."""
-        return torch.full((count,), self.wanted[0], device=self.device) if self.wanted else None
+    def labels(self, seeds: List[int]) -> Optional[torch.Tensor]:
+        """The class of each seed's image: class= for all of them; without it, seed s draws class s mod C (of a
+        conditional G), so an image depends on its seed alone, not on which seeds are drawn with it."""
+        if self.wanted:
+            return torch.full((len(seeds),), self.wanted[0], device=self.device)
+        if self.classes:
+            return torch.tensor(seeds, device=self.device) % len(self.classes)
+        return None
 
     def draw(self, seeds: List[int]) -> torch.Tensor:
         """Images in [-1, 1], one per seed, of the class asked for."""
-        return generate(self.G, self.latents(seeds), self.labels(len(seeds)))
+        return generate(self.G, self.latents(seeds), self.labels(seeds))
 
     def seeds(self) -> List[int]:
         """`seeds=` when given, else n seeds from `seed=`."""
@@ -261,9 +267,11 @@ def write_interpolation(studio: Studio) -> List[Path]:
         images = to_uint8(generate(studio.G, z, legs.flatten(0, 1).to(studio.device)))
     else:
         # The path is computed on the CPU from CPU latents, so it is the same on every device.
-        legs = walk(studio.latents(interpolation_keys(cfg), device="cpu"), cfg.frames, closed=not as_grid)
+        keys = interpolation_keys(cfg)
+        legs = walk(studio.latents(keys, device="cpu"), cfg.frames, closed=not as_grid)
         z = legs.flatten(0, 1).to(studio.device)
-        images = to_uint8(generate(studio.G, z, studio.labels(len(z))))
+        # One class for the whole walk (class=, else the first key seed's), so only the latent moves.
+        images = to_uint8(generate(studio.G, z, studio.labels(keys[:1] * len(z))))
     if as_grid:
         save_grid(images, out, nrow=legs.shape[1], scale=cfg.scale)
         return [out]
@@ -274,8 +282,10 @@ def write_interpolation(studio: Studio) -> List[Path]:
 def interpolation_keys(cfg: SampleConfig) -> List[int]:
     """The key seeds the walk passes through: seeds=, else seed and seed + 1."""
     keys = parse_seeds(cfg.seeds) if cfg.seeds else [cfg.seed, cfg.seed + 1]
-    if len(keys) < 2 or cfg.frames < 1 or cfg.fps < 1:
-        raise UserError("interpolate needs at least two seeds (seeds=0,1,2), frames >= 1 and fps >= 1")
+    if cfg.frames < 1 or cfg.fps < 1:  # a walk through classes too: said without naming seeds it does not read
+        raise UserError(f"interpolate needs frames >= 1 and fps >= 1, got frames={cfg.frames}, fps={cfg.fps}")
+    if len(keys) < 2:
+        raise UserError("interpolate needs at least two seeds (seeds=0,1,2), or two classes (class=[A,B])")
     return keys
 
 
@@ -405,7 +415,10 @@ def export_onnx(G: nn.Module, example: Tuple[torch.Tensor, ...], about: Dict[str
         verbose=False,
     )
     model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {key: str(value) for key, value in about.items()})
+    # Properties are strings: a list (the class names) as JSON, which any language reads back, not Python's repr.
+    onnx.helper.set_model_props(
+        model, {key: value if isinstance(value, str) else json.dumps(value) for key, value in about.items()}
+    )
     onnx.save(model, str(path))
 
 

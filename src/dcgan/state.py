@@ -133,13 +133,18 @@ def check_same_classes(saved: Dict[str, Any], classes: Tuple[str, ...]) -> None:
     if before == classes:
         return
     if not before or not classes:
-        was, now = ("true", "false") if before else ("false", "true")
-        raise UserError(f"the checkpoint was trained with conditional={was}, not {now}; resume with conditional={was}")
+        raise conditional_changed(bool(before))
     raise UserError(
         f"the checkpoint's {len(before)} classes ({', '.join(before[:6])}{', ...' if len(before) > 6 else ''}) are "
         f"not this data's {len(classes)} ({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); resume on "
         "the data set the run began with"
     )
+
+
+def conditional_changed(was_conditional: bool) -> UserError:
+    """The refusal of a resume that turns conditional training on or off: the networks' inputs would change."""
+    was, now = ("true", "false") if was_conditional else ("false", "true")
+    return UserError(f"the checkpoint was trained with conditional={was}, not {now}; resume with conditional={was}")
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> None:

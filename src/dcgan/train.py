@@ -37,6 +37,7 @@ from dcgan.errors import (
 )
 from dcgan.guard import Guard, HealthConfig
 from dcgan.images import generate, latents, save_grid
+from dcgan.labels import Labels, listing
 from dcgan.layout import RunFolder
 from dcgan.log import MetricsLog, last_training_row, log_summary
 from dcgan.losses import build_loss
@@ -288,10 +289,8 @@ def start_run(
     shape = tuple(images.shape[1:])
     message = "data: %d images %s; %d steps of batch %d on %s -> %s"
     log.info(message, len(images), shape, total_steps, t.batch_size, device, run.root)
-    if state.labels is not None:  # conditional=true: the classes and how many images each has
-        log.info("classes: %s", state.labels.describe())
-        counts = dict(zip(state.labels.names, state.labels.counts(), strict=True))
-        runcard.update(run.root, classes={"names": list(state.labels.names), "images": counts})
+    if state.labels is not None:  # conditional=true
+        report_classes(state.labels, cfg.dataset, run)
     if (t.eval_every or t.eval_every_minutes) and distributed.world().is_main:
         return TrainingEvaluator(cfg, images, device, run, resumed=state.step > 0), total_steps
     return None, total_steps
@@ -308,6 +307,23 @@ def warn_if_nothing_to_train(t: TrainerConfig, step: int, total_steps: int) -> N
         length = f"trainer.epochs={t.epochs}, already passed"
     message = "nothing to train: the checkpoint is at step %d, where this run ends (%s); set trainer.max_steps above %d"
     log.warning(message + " to train on", step, length, step)
+
+
+def report_classes(labels: Labels, dataset: DictConfig, run: RunFolder) -> None:
+    """The classes and how many images each has, in the log and the run card. A class without images is still
+    drawn (a row of every grid, gan-sample's class=) though G never learns it: a warning says which, and what
+    may have cut them (mnist_tiny is stored digit by digit, so its first images are all zeros)."""
+    log.info("classes: %s", labels.describe())
+    counts = dict(zip(labels.names, labels.counts(), strict=True))
+    runcard.update(run.root, classes={"names": list(labels.names), "images": counts})
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        cut = f" in the first {dataset.max_images} images (dataset.max_images)" if dataset.max_images else ""
+        log.warning(
+            "%d of the %d classes have no training images%s: %s. The grids and gan-sample still draw them, but G "
+            "never learns them: give them images, or choose classes that have some (CelebA: fewer dataset.attributes)",
+            len(empty), len(counts), cut, listing(empty),
+        )  # fmt: skip
 
 
 def planned_steps(t: TrainerConfig, state: TrainingState) -> int:
