@@ -51,6 +51,9 @@ CASES = [
     ("misspelt key", ["trainer.max_step=3", "hydra.run.dir=NEW"], "did you mean trainer.max_steps?"),
     ("wrong type", ["-cn", "train", "trainer.batch_size=abc", "hydra.run.dir=NEW"], "trainer.batch_size=abc"),
     ("unknown option", ["loss=hinje", "hydra.run.dir=NEW"], "hinge"),
+    # An error other than ours in the check (here OmegaConf's) must stop Hydra too, not become a warning.
+    ("unresolved interpolation", ["trainer.max_steps=${nope}", "hydra.run.dir=RUN"], "key 'nope' not found"),
+    ("unresolved run dir", ["hydra.run.dir=ROOT/${nope}"], "key 'nope' not found"),
     ("sweep under a file", ["-m", "loss=ns", "hydra.sweep.dir=ROOT/mnist_tiny/run_card.json/sweep"], "is a file"),
     ("sweep into a run", ["-m", "loss=ns", "hydra.sweep.dir=ROOT", "hydra.sweep.subdir=mnist_tiny"], "already hold"),
 ]

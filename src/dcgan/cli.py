@@ -134,7 +134,10 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     sys.argv = [sys.argv[0], *args]
     handlers = raise_on_stop_signals()  # start-up, scoring, a 2nd Ctrl-C: one line (train() checkpoints on the 1st)
     try:
-        _hydra_main()
+        try:
+            _hydra_main()
+        except precheck.Failed as failed:  # raised past Hydra's callback runner: handled below like any other
+            raise failed.error from None
     except Interrupted as interrupted:
         interrupted_exit(interrupted, "gan-train", STOPPED_HOW)
     except BrokenPipeError:  # gan-train --help | head (Hydra prints the help)

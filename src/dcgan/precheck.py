@@ -49,6 +49,16 @@ class PreCheck(Callback):
 checked = False  # set once PreCheck ran in this process: later errors are the run's, not the command line's
 
 
+class Failed(BaseException):
+    """Carries an error of a check past Hydra, which turns any Exception a callback raises into a warning and
+    goes on to write `.hydra/` and the log (an interpolation that does not resolve, a file-system error).
+    cli.train_main raises `error` again, and reports it as it reports the same error raised anywhere else."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
 def refuse_or_continue(check: Callable[[DictConfig], None], hydra_config: DictConfig) -> None:
     global checked
     try:
@@ -57,6 +67,10 @@ def refuse_or_continue(check: Callable[[DictConfig], None], hydra_config: DictCo
         runfolder.release_all()
         distributed.shutdown()
         exit_with(error, "gan-train")
+    except Exception as error:
+        runfolder.release_all()
+        distributed.shutdown()
+        raise Failed(error) from None
     checked = True
 
 
