@@ -181,6 +181,12 @@ def test_a_lock_that_is_a_symbolic_link_is_never_followed(target: str, tmp_path:
     assert not (tmp_path / target).exists() and [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
 
 
+def test_a_run_folder_that_is_a_dangling_link(tmp_path: Path, capsys):
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    refused_run(tmp_path, f"{tmp_path / 'run'} is a symbolic link to {tmp_path / 'gone'}, which does not exist", capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder: run the suite as another user for this")
 def test_a_run_folder_we_may_not_write(tmp_path: Path, capsys):
     (tmp_path / "run").mkdir()
