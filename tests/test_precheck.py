@@ -54,6 +54,7 @@ CASES = [
     # An error other than ours in the check (here OmegaConf's) must stop Hydra too, not become a warning.
     ("unresolved interpolation", ["trainer.max_steps=${nope}", "hydra.run.dir=RUN"], "key 'nope' not found"),
     ("unresolved run dir", ["hydra.run.dir=ROOT/${nope}"], "key 'nope' not found"),
+    ("sweep, + misspelt key", ["-m", "loss=ns,hinge", "+trainer.max_step=3", "hydra.sweep.dir=NEW"], "max_steps?"),
     ("sweep under a file", ["-m", "loss=ns", "hydra.sweep.dir=ROOT/mnist_tiny/run_card.json/sweep"], "is a file"),
     ("sweep into a run", ["-m", "loss=ns", "hydra.sweep.dir=ROOT", "hydra.sweep.subdir=mnist_tiny"], "already hold"),
 ]

@@ -10,7 +10,8 @@ there. `PreCheck` (the first callback in configs/train.yaml) checks at that mome
              (data.check_available), and its classes with conditional=true; the run folder Hydra will
              use (rank 0's under torchrun), its one owner and its one run (runfolder.take: the lock,
              resume or overwrite).
-  a sweep    the sweep folder can be made; a grid's jobs each compose, their data is there, and the
+  a sweep    the sweep folder can be made; a grid's jobs each compose, with no key the schema lacks
+             (a misspelt key is the command line's: every job would be wrong), their data is there, and the
              folders they will use either hold nothing, or are continued (`trainer.resume=auto`), or
              are moved aside whole, Hydra's record and log included (`trainer.overwrite=true`);
              otherwise nothing is touched.
@@ -125,6 +126,8 @@ def check_sweep(hydra_config: DictConfig) -> None:
     sweep_dir = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
     runcard.check_run_dir(str(sweep_dir), "hydra.sweep.dir")
     jobs = grid_jobs(hydra_config)
+    for task in [task_config(hydra_config), *(task for _, task in jobs)]:  # Optuna's jobs share the first's keys
+        config.check_known_keys(task)  # a misspelt key is the command line's, not one job's: no job would run right
     for task in {OmegaConf.to_yaml(task.dataset) + str(task.conditional): task for _, task in jobs}.values():
         check_data(task)  # each data set the grid trains on, before any job begins
     claimed = [folder_and_config for folder_and_config in jobs if RunFolder(folder_and_config[0]).holds_a_run()]
