@@ -109,6 +109,11 @@ SAMPLE_CASES = {
     "scale past what viewers open": (lambda f: ["n=1000", "scale=16"], "3872x60032 image, more than the 89,478,485"),
     # files read back
     "checkpoint from a newer version": (lambda f: [f"ckpt={f['newer']}"], "trainer.warp_drive"),
+    # the command line's spellings: nothing is taken without an effect, nothing ends in a traceback
+    "misspelt key added with +": (lambda f: ["+nn=3"], "unknown config key nn: did you mean n?"),
+    "interpolation that does not resolve": (lambda f: ["out=${nope}.png"], "key 'nope' not found"),
+    "a sweep flag": (lambda f: ["-m", "n=4"], "-m would have no effect: gan-sample takes KEY=VALUE settings only"),
+    "a Hydra setting": (lambda f: ["hydra.run.dir=x"], "hydra.run.dir=x would have no effect"),
 }
 
 
@@ -133,6 +138,10 @@ EVAL_CASES = {
     "checkpoint from a newer version": (
         lambda f: [f"ckpt={f['newer']}", f"out={f['root'] / 'newer.json'}"],
         "newer version",
+    ),
+    "misspelt key of a data set, added with +": (
+        lambda f: ["dataset=mnist_tiny", "+dataset.roott=x"],
+        "unknown config key dataset.roott: did you mean dataset.root?",
     ),
 }
 
