@@ -108,6 +108,13 @@ def test_a_sweep_rerun_into_its_folder_keeps_its_scores(tmp_path: Path):
     assert (tmp_path / "0" / ".hydra" / "overrides.yaml").read_bytes() == hydra_record
     assert json.loads((tmp_path / "sweep_summary.json").read_text()) == scores
 
+    # The grid in another order: folder 0 holds loss=ns's run, which must not be continued as loss=hinge's job.
+    reordered = [arg.replace("loss=ns,hinge", "loss=hinge,ns") for arg in grid]
+    refused = run_cli("gan-train", [*reordered, "trainer.resume=auto"], tmp_path, check=False)
+    assert refused.returncode == 2 and f"{tmp_path / '0'} holds the run of another job (loss=ns)" in refused.stderr
+    assert (tmp_path / "0" / ".hydra" / "overrides.yaml").read_bytes() == hydra_record
+    assert json.loads((tmp_path / "sweep_summary.json").read_text()) == scores
+
     continued = run_cli("gan-train", [*grid, "trainer.resume=auto"], tmp_path)  # finished: the stored scores
     assert (continued.stdout + continued.stderr).count("as measured before") == 2
     again = {r["job"]: r["value"] for r in json.loads((tmp_path / "sweep_summary.json").read_text())}

@@ -26,11 +26,11 @@ import copy
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from dcgan import config, data, distributed, runcard, runfolder
 from dcgan.errors import UserError, exit_with
@@ -126,19 +126,12 @@ def check_sweep(hydra_config: DictConfig) -> None:
     sweep_dir = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
     runcard.check_run_dir(str(sweep_dir), "hydra.sweep.dir")
     jobs = grid_jobs(hydra_config)
-    for task in [task_config(hydra_config), *(task for _, task in jobs)]:  # Optuna's jobs share the first's keys
+    for task in [task_config(hydra_config), *(job.task for job in jobs)]:  # Optuna's jobs share the first's keys
         config.check_known_keys(task)  # a misspelt key is the command line's, not one job's: no job would run right
-    for task in {OmegaConf.to_yaml(task.dataset) + str(task.conditional): task for _, task in jobs}.values():
+    for task in {OmegaConf.to_yaml(job.task.dataset) + str(job.task.conditional): job.task for job in jobs}.values():
         check_data(task)  # each data set the grid trains on, before any job begins
-    claimed = [folder_and_config for folder_and_config in jobs if RunFolder(folder_and_config[0]).holds_a_run()]
-    refused = []
-    for folder, task in claimed:
-        if task.trainer.overwrite:  # the job's whole old run moves aside, Hydra's record and log included
-            runfolder.claim(folder)
-            runfolder.move_aside(RunFolder(folder), keep=())
-            runfolder.release_all()
-        elif task.trainer.resume != "auto":
-            refused.append(folder)
+    claimed = [job for job in jobs if RunFolder(job.folder).holds_a_run()]
+    refused = [job.folder for job in claimed if not job.task.trainer.overwrite and job.task.trainer.resume != "auto"]
     if refused:
         listed = ", ".join(str(folder) for folder in refused[:5]) + (" ..." if len(refused) > 5 else "")
         raise UserError(
@@ -147,9 +140,71 @@ def check_sweep(hydra_config: DictConfig) -> None:
             f"the jobs' runs with trainer.overwrite=true (they move to each job's replaced/), or pick another "
             f"hydra.sweep.dir than {sweep_dir}"
         )
+    check_same_jobs(claimed, jobs)
+    for job in claimed:
+        if job.task.trainer.overwrite:  # the job's whole old run moves aside, Hydra's record and log included
+            runfolder.claim(job.folder)
+            runfolder.move_aside(RunFolder(job.folder), keep=())
+            runfolder.release_all()
 
 
-def grid_jobs(hydra_config: DictConfig) -> List[Tuple[Path, DictConfig]]:
+class Job(NamedTuple):
+    folder: Path
+    task: DictConfig  # the training config the job will run
+    overrides: List[str]  # the job's overrides, as Hydra records them in FOLDER/.hydra/overrides.yaml
+
+
+# How a job is continued, not which job it is.
+NOT_WHICH_JOB = ("trainer.resume", "trainer.overwrite")
+
+
+def check_same_jobs(claimed: List[Job], jobs: List[Job]) -> None:
+    """A continued job folder must hold a run of the same job: the same values of the keys the sweep varies
+    (now or when the folder's run was made). A grid listed in another order (loss=hinge,ns after loss=ns,hinge)
+    would continue each folder's run with the other job's settings and put its score under them. Settings
+    given to every job alike (a longer trainer.max_steps) may change, as in any resume."""
+    before = {job.folder: recorded_overrides(job.folder) for job in claimed}
+    before = {folder: settings(overrides) for folder, overrides in before.items() if overrides is not None}
+    now = {job.folder: settings(job.overrides) for job in jobs}
+    varied = varying(list(before.values())) | varying(list(now.values()))
+    for job in claimed:
+        if job.task.trainer.overwrite or job.folder not in before:
+            continue
+        changed = sorted(key for key in varied if before[job.folder].get(key) != now[job.folder].get(key))
+        if changed:
+            was, asked = (
+                [f"{key}={given.get(key, '(default)')}" for key in changed]
+                for given in (before[job.folder], now[job.folder])
+            )
+            raise UserError(
+                f"{job.folder} holds the run of another job ({' '.join(was)}) than this sweep's job there "
+                f"({' '.join(asked)}); nothing was changed. To continue a sweep, list its values in the order first "
+                "given (new ones at the end); or pick another hydra.sweep.dir"
+            )
+
+
+def recorded_overrides(folder: Path) -> Optional[List[str]]:
+    try:
+        recorded = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+    except Exception:  # no record (a job killed before Hydra wrote it), or a damaged one: nothing to compare
+        return None
+    return [str(override) for override in recorded] if isinstance(recorded, ListConfig) else None
+
+
+def settings(overrides: List[str]) -> Dict[str, str]:
+    """{key: value} of a job's overrides (`+key=v`, `++key=v` and `key=v` alike; `~key` as deleted)."""
+    pairs = (override.lstrip("+").split("=", 1) for override in overrides)
+    given = {pair[0]: pair[1] if len(pair) > 1 else "(deleted)" for pair in pairs}
+    return {key: value for key, value in given.items() if key not in NOT_WHICH_JOB}
+
+
+def varying(jobs: List[Dict[str, str]]) -> Set[str]:
+    """The keys whose value is not the same in every job."""
+    keys = {key for job in jobs for key in job}
+    return {key for key in keys if len({job.get(key) for job in jobs}) > 1}
+
+
+def grid_jobs(hydra_config: DictConfig) -> List[Job]:
     """The basic sweeper's jobs, each composed by Hydra as its launcher will compose it, with its folder.
 
     A value of the wrong type would otherwise end the sweep halfway, when Hydra composes that job. Values of
@@ -177,5 +232,5 @@ def grid_jobs(hydra_config: DictConfig) -> List[Tuple[Path, DictConfig]]:
             job_config.hydra.job.num = number
             job_config.hydra.job.id = number
         folder = Path(os.path.abspath(os.path.join(job_config.hydra.sweep.dir, str(job_config.hydra.sweep.subdir))))
-        jobs.append((folder, task_config(job_config)))
+        jobs.append(Job(folder, task_config(job_config), list(job)))
     return jobs
