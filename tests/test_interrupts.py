@@ -19,7 +19,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from dcgan import checkpoint, errors, schedule, train
+from dcgan import checkpoint, errors, report, schedule, supervise, train
 from dcgan.config import compose
 
 from conftest import BIN, FAST, run_cli
@@ -158,6 +158,23 @@ def test_a_second_signal_means_now_but_the_same_signal_twice_does_not():
             stop._handle(signal.SIGINT, None)
     finally:
         stop.restore()
+
+
+def test_a_second_signal_while_the_run_closes_leaves_its_card_interrupted(tmp_path: Path, monkeypatch):
+    """Real signals to this process, through train()'s own handler: the first stops, the second means now."""
+    monkeypatch.setattr(train, "SAME_SIGNAL_S", 0.0)  # no repeat is taken as the same Ctrl-C delivered twice
+    drawn = report.write_report
+
+    def ctrl_c_twice_while_drawing(run_dir: Path) -> list:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step (the loop has ended already)
+        os.kill(os.getpid(), signal.SIGINT)  # the second, while the figures are drawn: Interrupted
+        return drawn(run_dir)
+
+    monkeypatch.setattr(report, "write_report", ctrl_c_twice_while_drawing)
+    with pytest.raises(errors.Interrupted):
+        supervise.supervise(train.train, compose("train", [*FAST, "trainer.max_steps=2"]), tmp_path)
+    assert card(tmp_path)["status"] == "interrupted" and card(tmp_path)["signal"] == signal.SIGINT
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 2
 
 
 # ---------------------------------------------------------------- schedules over slots
