@@ -217,3 +217,12 @@ def test_epochs_are_trained_as_asked_after_a_resume_with_another_batch_size(tmp_
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert saved["data"]["epoch"] == 2 and saved["data"]["position"] == 0  # two epochs, not more, not fewer
     assert saved["step"] == 5 + (2 * 5 - 80 // 32)  # 80 of 160 images seen, then batches of 32
+
+
+def test_epochs_are_trained_as_asked_after_a_resume_with_another_d_steps(tmp_path: Path):
+    settings = [*FAST, "trainer.max_steps=0", "trainer.epochs=2", "dataset.max_images=160", "trainer.log_every=5"]
+    train.train(compose("train", [*settings, "trainer.max_minutes=1e-6"]), tmp_path)  # stops at step 5 of 20
+    train.train(compose("train", [*settings, "trainer.d_steps=2", "trainer.resume=auto"]), tmp_path)
+    saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    # 15 batches were left, two per step: 8 steps, the last one reading the first batch of a third pass
+    assert saved["step"] == 5 + 8 and (saved["data"]["epoch"], saved["data"]["position"]) == (2, 1)
