@@ -103,6 +103,13 @@ def test_the_lock_record_on_a_full_disk(tmp_path: Path):
     assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no .hydra/, no log: refused before Hydra wrote
 
 
+def test_hydra_record_on_a_full_disk_names_the_folder(tmp_path: Path):
+    """Room for the lock's record, not for Hydra's .hydra/config.yaml, whose failed write names no file."""
+    run = tmp_path / "run"
+    result = run_with_a_full_disk("gan-train", [*FAST, "trainer.max_steps=2", f"hydra.run.dir={run}"], tmp_path, 300)
+    assert_one_line(result, "gan-train", f"could not write a file in {run}: File too large; free some disk space")
+
+
 def test_the_reference_feature_cache_on_a_full_disk(tmp_path: Path, monkeypatch, capsys):
     """torch-fidelity saves reference features with torch.save, whose failed write is a RuntimeError.
 

@@ -120,7 +120,7 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     """`gan-train [overrides]`: Hydra composes the config from the command line; PreCheck (precheck.py) checks it
     and takes the run folder before Hydra writes anything; then Hydra calls train()."""
     args = sys.argv[1:] if argv is None else argv
-    precheck.checked = False  # this invocation's checks are still to come
+    precheck.checked, precheck.folder = False, None  # this invocation's checks are still to come
     if "--hydra-help" in args:
         try:
             print(HYDRA_HELP, flush=True)
@@ -152,7 +152,11 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     except OSError as error:  # e.g. Hydra's own record (.hydra/, the log) on a full or read-only disk
         if error.errno not in USER_FILE_ERRORS:
             raise
-        exit_with(UserError(f"could not write {error.filename or 'a file'}: {error.strerror}"), "gan-train")
+        # A write that fails at flush or close names no file: the folder Hydra was writing in does.
+        where = error.filename or (f"a file in {precheck.folder}" if precheck.folder else "a file")
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        advice = "free some disk space or" if full else "check its permissions, or"
+        exit_with(UserError(f"could not write {where}: {error.strerror}; {advice} pick another folder"), "gan-train")
     except Exception:
         if sweep.stop_signal() is None:
             raise

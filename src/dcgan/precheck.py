@@ -48,6 +48,7 @@ class PreCheck(Callback):
 
 
 checked = False  # set once PreCheck ran in this process: later errors are the run's, not the command line's
+folder: Optional[Path] = None  # the run or sweep folder checked: where Hydra writes its record next
 
 
 class Failed(BaseException):
@@ -94,7 +95,8 @@ def check_run(hydra_config: DictConfig) -> None:
     if distributed.world().enabled:  # under torchrun: join the job, and write into rank 0's run folder
         distributed.setup(task.trainer.device, task.trainer.dist_timeout_s)
         share_run_dir(hydra_config)
-    run_dir = Path(os.path.abspath(str(hydra_config.hydra.run.dir)))
+    global folder
+    run_dir = folder = Path(os.path.abspath(str(hydra_config.hydra.run.dir)))
     runcard.check_run_dir(str(run_dir))  # Hydra would fail on it with a traceback
     runfolder.take(run_dir, task)  # one owner, one run: decided before Hydra writes there
 
@@ -123,7 +125,8 @@ def check_data(task: DictConfig) -> None:
 
 
 def check_sweep(hydra_config: DictConfig) -> None:
-    sweep_dir = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
+    global folder
+    sweep_dir = folder = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
     runcard.check_run_dir(str(sweep_dir), "hydra.sweep.dir")
     jobs = grid_jobs(hydra_config)
     for task in [task_config(hydra_config), *(job.task for job in jobs)]:  # Optuna's jobs share the first's keys
