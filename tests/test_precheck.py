@@ -87,6 +87,17 @@ def test_no_traceback_reaches_the_user(run: Path, tmp_path: Path):
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
 
 
+def test_an_optuna_search_with_no_trial_to_run_is_refused(tmp_path: Path, capsys, monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install '.[sweep]'")
+    monkeypatch.chdir(tmp_path)
+    args = ["-m", "hparams_search=fashion_optuna", *FAST, "hydra.sweeper.n_trials=0", f"hydra.sweep.dir={tmp_path}/s"]
+    with pytest.raises(SystemExit) as exit:
+        cli.train_main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err.startswith("gan-train: error: hydra.sweeper.n_trials=0 runs no trial"), err
+    assert list(tmp_path.iterdir()) == []  # no study database, no sweep folder
+
+
 def test_a_user_config_dir_adds_a_preset_and_its_values_are_checked(tmp_path: Path, capsys, monkeypatch):
     """--config-dir: a preset of the user's own, composed and checked like ours."""
     monkeypatch.chdir(tmp_path)

@@ -128,6 +128,12 @@ def check_sweep(hydra_config: DictConfig) -> None:
     global folder
     sweep_dir = folder = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
     runcard.check_run_dir(str(sweep_dir), "hydra.sweep.dir")
+    trials = hydra_config.hydra.sweeper.get("n_trials")  # Optuna's; with none to run it ends in a traceback
+    if trials is not None and trials < 1:
+        raise UserError(
+            f"hydra.sweeper.n_trials={trials} runs no trial; give 1 or more (the same command again continues "
+            "the study with that many more)"
+        )
     jobs = grid_jobs(hydra_config)
     for task in [task_config(hydra_config), *(job.task for job in jobs)]:  # Optuna's jobs share the first's keys
         config.check_known_keys(task)  # a misspelt key is the command line's, not one job's: no job would run right
