@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import pytest
 
-from dcgan import cli
+from dcgan import cli, config
 
 from conftest import FAST, run_cli
 
@@ -54,6 +54,7 @@ CASES = [
     # An error other than ours in the check (here OmegaConf's) must stop Hydra too, not become a warning.
     ("unresolved interpolation", ["trainer.max_steps=${nope}", "hydra.run.dir=RUN"], "key 'nope' not found"),
     ("unresolved run dir", ["hydra.run.dir=ROOT/${nope}"], "key 'nope' not found"),
+    ("the check removed", ["~hydra.callbacks.precheck", "hydra.run.dir=RUN"], "already holds a run at step 2"),
     ("sweep, + misspelt key", ["-m", "loss=ns,hinge", "+trainer.max_step=3", "hydra.sweep.dir=NEW"], "max_steps?"),
     ("sweep under a file", ["-m", "loss=ns", "hydra.sweep.dir=ROOT/mnist_tiny/run_card.json/sweep"], "is a file"),
     ("sweep into a run", ["-m", "loss=ns", "hydra.sweep.dir=ROOT", "hydra.sweep.subdir=mnist_tiny"], "already hold"),
@@ -85,6 +86,28 @@ def test_no_traceback_reaches_the_user(run: Path, tmp_path: Path):
         result = run_cli("gan-train", args, tmp_path, check=False)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+
+
+def test_a_primary_config_of_the_users_own_is_checked_before_hydra_writes(run: Path, tmp_path: Path, capsys):
+    """-cp/-cn: the user's primary config names none of our Hydra callbacks; gan-train adds its check."""
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - train_schema\n  - dataset: mnist_tiny\n  - _self_\n")
+    before = snapshot(run.parent)
+    with pytest.raises(SystemExit) as exit:
+        cli.train_main(
+            [
+                "-cp",
+                str(tmp_path),
+                "-cn",
+                "mine",
+                "--config-dir",
+                str(config.config_dir()),
+                *FAST,
+                f"hydra.run.dir={run}",
+            ]
+        )
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and "already holds a run at step 2" in err and len(err.splitlines()) == 1, err
+    assert snapshot(run.parent) == before  # Hydra's .hydra/ record of the run as it was, no cli.log beside it
 
 
 def test_an_optuna_search_with_no_trial_to_run_is_refused(tmp_path: Path, capsys, monkeypatch):

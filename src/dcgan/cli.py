@@ -131,7 +131,7 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     # it hands them to us, and they become one line and exit 2 like ours. A user's HYDRA_FULL_ERROR wins.
     earlier = os.environ.get("HYDRA_FULL_ERROR")
     wants_traceback, os.environ["HYDRA_FULL_ERROR"] = earlier == "1", "1"
-    sys.argv = [sys.argv[0], *args]
+    sys.argv = [sys.argv[0], *precheck.with_precheck(args)]
     handlers = raise_on_stop_signals()  # start-up, scoring, a 2nd Ctrl-C: one line (train() checkpoints on the 1st)
     try:
         try:

@@ -61,8 +61,30 @@ class Failed(BaseException):
         self.error = error
 
 
+# PreCheck among Hydra's callbacks whatever the primary config: a config of the user's own (-cp/-cn) may lack it.
+ALWAYS = "++hydra.callbacks.precheck._target_=dcgan.precheck.PreCheck"
+# Hydra's flags that take the next word as their value; `--info` and `-sc` (no run) are left as they are.
+VALUED_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p", "--package")
+NO_RUN = ("-sc", "--shell-completion", "--info", "-h", "--help", "--hydra-help")
+
+
+def with_precheck(args: List[str]) -> List[str]:
+    """gan-train's words for Hydra's parser, with ALWAYS last among the overrides (after a user's own
+    `~hydra.callbacks.precheck`). Hydra's parser takes the overrides as one run of words between its flags,
+    so ALWAYS goes at the end of that run. refuse_or_continue takes it out of sys.argv again (the run card
+    and the data's messages quote the user's command)."""
+    if any(arg.split("=")[0] in NO_RUN for arg in args):
+        return args
+    start = 0
+    while start < len(args) and args[start].startswith("-"):
+        start += 2 if args[start] in VALUED_FLAGS else 1
+    end = next((i for i in range(start, len(args)) if args[i].startswith("-")), len(args))
+    return [*args[:end], ALWAYS, *args[end:]]
+
+
 def refuse_or_continue(check: Callable[[DictConfig], None], hydra_config: DictConfig) -> None:
     global checked
+    sys.argv = [arg for arg in sys.argv if arg != ALWAYS]
     try:
         check(hydra_config)
     except UserError as error:
