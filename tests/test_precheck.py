@@ -54,6 +54,7 @@ CASES = [
     # An error other than ours in the check (here OmegaConf's) must stop Hydra too, not become a warning.
     ("unresolved interpolation", ["trainer.max_steps=${nope}", "hydra.run.dir=RUN"], "key 'nope' not found"),
     ("unresolved run dir", ["hydra.run.dir=ROOT/${nope}"], "key 'nope' not found"),
+    ("Hydra's rerun", ["--experimental-rerun=ROOT/config.pickle"], "would run without gan-train's checks"),
     ("the check removed", ["~hydra.callbacks.precheck", "hydra.run.dir=RUN"], "already holds a run at step 2"),
     ("sweep, + misspelt key", ["-m", "loss=ns,hinge", "+trainer.max_step=3", "hydra.sweep.dir=NEW"], "max_steps?"),
     ("sweep under a file", ["-m", "loss=ns", "hydra.sweep.dir=ROOT/mnist_tiny/run_card.json/sweep"], "is a file"),

@@ -121,6 +121,9 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     and takes the run folder before Hydra writes anything; then Hydra calls train()."""
     args = sys.argv[1:] if argv is None else argv
     precheck.checked, precheck.folder = False, None  # this invocation's checks are still to come
+    if any(arg.split("=")[0] == "--experimental-rerun" for arg in args):
+        # Hydra calls the task with a pickled config, skipping every check, the lock and Hydra's own run setup.
+        exit_with(UserError(RERUN_REFUSED), "gan-train")
     if "--hydra-help" in args:
         try:
             print(HYDRA_HELP, flush=True)
@@ -171,6 +174,12 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         else:
             os.environ["HYDRA_FULL_ERROR"] = earlier
 
+
+RERUN_REFUSED = (
+    "--experimental-rerun would run without gan-train's checks or its run-folder lock, and gan-train writes no "
+    "config.pickle for it: run the same command again (its overrides are in RUN_DIR/.hydra/overrides.yaml), "
+    "or continue the run with trainer.resume=auto"
+)
 
 # What a file system can do to any write: full, over quota, too large, read-only, not ours.
 USER_FILE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
