@@ -17,7 +17,8 @@ there. `PreCheck` (the first callback in configs/train.yaml) checks at that mome
              otherwise nothing is touched.
 
 A refusal is one line on stderr and exit code 2 (cli.py turns Hydra's own composition errors into the
-same line). No argument is read here: only what Hydra composed.
+same line). No override is read here: only what Hydra composed. gan-train puts PreCheck among Hydra's callbacks on
+the command line itself (with_precheck), so a primary config of the user's own (`-cp`/`-cn`) is checked too.
 """
 
 from __future__ import annotations
