@@ -103,6 +103,13 @@ def test_the_lock_record_on_a_full_disk(tmp_path: Path):
     assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no .hydra/, no log: refused before Hydra wrote
 
 
+def test_hydra_record_on_a_full_disk_names_the_folder(tmp_path: Path):
+    """Room for the lock's record, not for Hydra's .hydra/config.yaml, whose failed write names no file."""
+    run = tmp_path / "run"
+    result = run_with_a_full_disk("gan-train", [*FAST, "trainer.max_steps=2", f"hydra.run.dir={run}"], tmp_path, 300)
+    assert_one_line(result, "gan-train", f"could not write a file in {run}: File too large; free some disk space")
+
+
 def test_the_reference_feature_cache_on_a_full_disk(tmp_path: Path, monkeypatch, capsys):
     """torch-fidelity saves reference features with torch.save, whose failed write is a RuntimeError.
 
@@ -179,6 +186,12 @@ def test_a_lock_that_is_a_symbolic_link_is_never_followed(target: str, tmp_path:
     (tmp_path / "run" / ".lock").symlink_to(tmp_path / target)
     refused_run(tmp_path, f"is a symbolic link (to {tmp_path / target}), not gan-train's lock file", capsys)
     assert not (tmp_path / target).exists() and [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+
+
+def test_a_run_folder_that_is_a_dangling_link(tmp_path: Path, capsys):
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    refused_run(tmp_path, f"{tmp_path / 'run'} is a symbolic link to {tmp_path / 'gone'}, which does not exist", capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder: run the suite as another user for this")

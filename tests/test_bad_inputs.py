@@ -63,8 +63,10 @@ def files(run: Path, tmp_path_factory) -> Dict[str, Path]:
     (images / "1.png").write_bytes((images / "1.png").read_bytes()[:60])
     (root / "a_file").write_text("not a folder")
     (root / "a_folder").mkdir()
+    (root / "a_dangling_link").symlink_to(root / "gone")
     return {
         "root": root,
+        "link": root / "a_dangling_link",
         "newer": root / "newer.pt",
         "images": images,
         "file": root / "a_file",
@@ -94,6 +96,7 @@ SAMPLE_CASES = {
     "out without a suffix": (lambda f: [f"out={f['root'] / 'grid'}"], "has no suffix"),
     "out with an unknown suffix": (lambda f: [f"out={f['root'] / 'grid.xyz'}"], "has the suffix .xyz"),
     "out inside a file": (lambda f: [f"out={f['file'] / 'grid.png'}"], "is a file, not a folder"),
+    "out under a dangling link": (lambda f: [f"out={f['link'] / 'grid.png'}"], "which does not exist; make that"),
     "out cannot be written": (lambda f: [f"out={NOT_WRITABLE}.png"], "cannot write in"),
     "seeds into a file": (lambda f: ["mode=seeds", "out=faces.png"], "into a folder"),
     "movie with an unknown suffix": (lambda f: ["mode=interpolate", "out=walk.mp4"], "has the suffix .mp4"),
@@ -109,6 +112,11 @@ SAMPLE_CASES = {
     "scale past what viewers open": (lambda f: ["n=1000", "scale=16"], "3872x60032 image, more than the 89,478,485"),
     # files read back
     "checkpoint from a newer version": (lambda f: [f"ckpt={f['newer']}"], "trainer.warp_drive"),
+    # the command line's spellings: nothing is taken without an effect, nothing ends in a traceback
+    "misspelt key added with +": (lambda f: ["+nn=3"], "unknown config key nn: did you mean n?"),
+    "interpolation that does not resolve": (lambda f: ["out=${nope}.png"], "key 'nope' not found"),
+    "a sweep flag": (lambda f: ["-m", "n=4"], "-m would have no effect: gan-sample takes KEY=VALUE settings only"),
+    "a Hydra setting": (lambda f: ["hydra.run.dir=x"], "hydra.run.dir=x would have no effect"),
 }
 
 
@@ -128,11 +136,18 @@ EVAL_CASES = {
     "out is not json": (lambda f: [f"out={f['root'] / 'scores.txt'}"], "has the suffix .txt"),
     "out inside a file": (lambda f: [f"out={f['file'] / 'scores.json'}"], "is a file, not a folder"),
     "out cannot be written": (lambda f: [f"out={NOT_WRITABLE}.json"], "cannot write in"),
+    # the feature cache is written after minutes of measuring: its folder is checked before
+    "cache_dir is a file": (lambda f: [f"cache_dir={f['file']}"], "cache_dir: "),
+    "cache_dir a dangling link": (lambda f: [f"cache_dir={f['link']}"], "is a symbolic link to"),
     "seeds past 64 bits": (lambda f: [f"seed={HUGE_SEED}"], "64-bit"),
     "truncated PNG in a folder": (lambda f: [f"input1={f['images']}", f"input2={f['images']}"], "cannot read image"),
     "checkpoint from a newer version": (
         lambda f: [f"ckpt={f['newer']}", f"out={f['root'] / 'newer.json'}"],
         "newer version",
+    ),
+    "misspelt key of a data set, added with +": (
+        lambda f: ["dataset=mnist_tiny", "+dataset.roott=x"],
+        "unknown config key dataset.roott: did you mean dataset.root?",
     ),
 }
 

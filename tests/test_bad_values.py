@@ -174,3 +174,13 @@ def test_gan_report_refuses_a_frame_rate_a_gif_cannot_play(run_folder: Path, cap
     before = sorted(p.name for p in run_folder.iterdir())
     assert_refused(cli.report_main, "gan-report", [f"run={run_folder}", "fps=120"], "the 50 allowed", capsys)
     assert sorted(p.name for p in run_folder.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "spelling, expected",
+    [("+fpss=3", "unknown config key fpss: did you mean fps?"), ("out=${nope}", "key 'nope' not found")],
+)
+def test_gan_report_refuses_what_it_would_not_read(spelling: str, expected: str, run_folder: Path, capsys):
+    before = sorted(p.name for p in run_folder.iterdir())
+    assert_refused(cli.report_main, "gan-report", [f"run={run_folder}", spelling], expected, capsys)
+    assert sorted(p.name for p in run_folder.iterdir()) == before

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dcgan import __main__ as entry_points
-from dcgan import checkpoint, errors, schedule, train
+from dcgan import checkpoint, errors, report, schedule, supervise, train
 from dcgan.config import compose
 
 from conftest import BIN, FAST, run_cli
@@ -112,6 +112,13 @@ def test_a_sweep_rerun_into_its_folder_keeps_its_scores(tmp_path: Path):
     assert (tmp_path / "0" / ".hydra" / "overrides.yaml").read_bytes() == hydra_record
     assert json.loads((tmp_path / "sweep_summary.json").read_text()) == scores
 
+    # The grid in another order: folder 0 holds loss=ns's run, which must not be continued as loss=hinge's job.
+    reordered = [arg.replace("loss=ns,hinge", "loss=hinge,ns") for arg in grid]
+    refused = run_cli("gan-train", [*reordered, "trainer.resume=auto"], tmp_path, check=False)
+    assert refused.returncode == 2 and f"{tmp_path / '0'} holds the run of another job (loss=ns)" in refused.stderr
+    assert (tmp_path / "0" / ".hydra" / "overrides.yaml").read_bytes() == hydra_record
+    assert json.loads((tmp_path / "sweep_summary.json").read_text()) == scores
+
     continued = run_cli("gan-train", [*grid, "trainer.resume=auto"], tmp_path)  # finished: the stored scores
     assert (continued.stdout + continued.stderr).count("as measured before") == 2
     again = {r["job"]: r["value"] for r in json.loads((tmp_path / "sweep_summary.json").read_text())}
@@ -180,6 +187,23 @@ def test_a_second_signal_means_now_but_the_same_signal_twice_does_not():
         stop.restore()
 
 
+def test_a_second_signal_while_the_run_closes_leaves_its_card_interrupted(tmp_path: Path, monkeypatch):
+    """Real signals to this process, through train()'s own handler: the first stops, the second means now."""
+    monkeypatch.setattr(train, "SAME_SIGNAL_S", 0.0)  # no repeat is taken as the same Ctrl-C delivered twice
+    drawn = report.write_report
+
+    def ctrl_c_twice_while_drawing(run_dir: Path) -> list:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step (the loop has ended already)
+        os.kill(os.getpid(), signal.SIGINT)  # the second, while the figures are drawn: Interrupted
+        return drawn(run_dir)
+
+    monkeypatch.setattr(report, "write_report", ctrl_c_twice_while_drawing)
+    with pytest.raises(errors.Interrupted):
+        supervise.supervise(train.train, compose("train", [*FAST, "trainer.max_steps=2"]), tmp_path)
+    assert card(tmp_path)["status"] == "interrupted" and card(tmp_path)["signal"] == signal.SIGINT
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 2
+
+
 # ---------------------------------------------------------------- schedules over slots
 
 
@@ -237,3 +261,12 @@ def test_epochs_are_trained_as_asked_after_a_resume_with_another_batch_size(tmp_
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert saved["data"]["epoch"] == 2 and saved["data"]["position"] == 0  # two epochs, not more, not fewer
     assert saved["step"] == 5 + (2 * 5 - 80 // 32)  # 80 of 160 images seen, then batches of 32
+
+
+def test_epochs_are_trained_as_asked_after_a_resume_with_another_d_steps(tmp_path: Path):
+    settings = [*FAST, "trainer.max_steps=0", "trainer.epochs=2", "dataset.max_images=160", "trainer.log_every=5"]
+    train.train(compose("train", [*settings, "trainer.max_minutes=1e-6"]), tmp_path)  # stops at step 5 of 20
+    train.train(compose("train", [*settings, "trainer.d_steps=2", "trainer.resume=auto"]), tmp_path)
+    saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    # 15 batches were left, two per step: 8 steps, the last one reading the first batch of a third pass
+    assert saved["step"] == 5 + 8 and (saved["data"]["epoch"], saved["data"]["position"]) == (2, 1)

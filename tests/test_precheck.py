@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import pytest
 
-from dcgan import cli
+from dcgan import cli, config
 
 from conftest import FAST, run_cli
 
@@ -51,6 +51,12 @@ CASES = [
     ("misspelt key", ["trainer.max_step=3", "hydra.run.dir=NEW"], "did you mean trainer.max_steps?"),
     ("wrong type", ["-cn", "train", "trainer.batch_size=abc", "hydra.run.dir=NEW"], "trainer.batch_size=abc"),
     ("unknown option", ["loss=hinje", "hydra.run.dir=NEW"], "hinge"),
+    # An error other than ours in the check (here OmegaConf's) must stop Hydra too, not become a warning.
+    ("unresolved interpolation", ["trainer.max_steps=${nope}", "hydra.run.dir=RUN"], "key 'nope' not found"),
+    ("unresolved run dir", ["hydra.run.dir=ROOT/${nope}"], "key 'nope' not found"),
+    ("Hydra's rerun", ["--experimental-rerun=ROOT/config.pickle"], "would run without gan-train's checks"),
+    ("the check removed", ["~hydra.callbacks.precheck", "hydra.run.dir=RUN"], "already holds a run at step 2"),
+    ("sweep, + misspelt key", ["-m", "loss=ns,hinge", "+trainer.max_step=3", "hydra.sweep.dir=NEW"], "max_steps?"),
     ("sweep under a file", ["-m", "loss=ns", "hydra.sweep.dir=ROOT/mnist_tiny/run_card.json/sweep"], "is a file"),
     ("sweep into a run", ["-m", "loss=ns", "hydra.sweep.dir=ROOT", "hydra.sweep.subdir=mnist_tiny"], "already hold"),
 ]
@@ -81,6 +87,39 @@ def test_no_traceback_reaches_the_user(run: Path, tmp_path: Path):
         result = run_cli("gan-train", args, tmp_path, check=False)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+
+
+def test_a_primary_config_of_the_users_own_is_checked_before_hydra_writes(run: Path, tmp_path: Path, capsys):
+    """-cp/-cn: the user's primary config names none of our Hydra callbacks; gan-train adds its check."""
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - train_schema\n  - dataset: mnist_tiny\n  - _self_\n")
+    before = snapshot(run.parent)
+    with pytest.raises(SystemExit) as exit:
+        cli.train_main(
+            [
+                "-cp",
+                str(tmp_path),
+                "-cn",
+                "mine",
+                "--config-dir",
+                str(config.config_dir()),
+                *FAST,
+                f"hydra.run.dir={run}",
+            ]
+        )
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and "already holds a run at step 2" in err and len(err.splitlines()) == 1, err
+    assert snapshot(run.parent) == before  # Hydra's .hydra/ record of the run as it was, no cli.log beside it
+
+
+def test_an_optuna_search_with_no_trial_to_run_is_refused(tmp_path: Path, capsys, monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install '.[sweep]'")
+    monkeypatch.chdir(tmp_path)
+    args = ["-m", "hparams_search=fashion_optuna", *FAST, "hydra.sweeper.n_trials=0", f"hydra.sweep.dir={tmp_path}/s"]
+    with pytest.raises(SystemExit) as exit:
+        cli.train_main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err.startswith("gan-train: error: hydra.sweeper.n_trials=0 runs no trial"), err
+    assert list(tmp_path.iterdir()) == []  # no study database, no sweep folder
 
 
 def test_a_user_config_dir_adds_a_preset_and_its_values_are_checked(tmp_path: Path, capsys, monkeypatch):

@@ -81,6 +81,18 @@ def test_a_diverged_or_failed_job_returns_the_worst_score(tmp_path: Path, monkey
     assert record["status"] == "diverged" and "NaN in D's loss" in record["error"]
 
 
+def test_a_stored_fid_is_reported_again_only_if_measured_the_same_way(tmp_path: Path, monkeypatch):
+    """A continued sweep's finished job: its stored FID stands for the same eval.*, not for another eval.n."""
+    measured = []
+    monkeypatch.setattr(sweep, "final_score", lambda cfg, run, name: measured.append(cfg.eval.n) or (1.0, "again"))
+    row = {"step": 4, "epoch": 0}
+    first = compose("train", [*TINY, "eval.n=40"])
+    _, stored = sweep.objective(first, tmp_path, row, {})
+    assert sweep.objective(first, tmp_path, row, {**stored, "value": 7.0})[0] == 7.0 and measured == [40]
+    more = compose("train", [*TINY, "eval.n=50"])
+    assert sweep.objective(more, tmp_path, row, {**stored, "value": 7.0})[0] == 1.0 and measured == [40, 50]
+
+
 @needs_weights
 def test_the_default_objective_is_the_final_fid_by_gan_evals_protocol(tmp_path: Path):
     measure = ["eval.n=100", "eval.reference_n=100", "eval.metrics=[fid]", f"eval.inception_weights={WEIGHTS}"]

@@ -120,7 +120,10 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     """`gan-train [overrides]`: Hydra composes the config from the command line; PreCheck (precheck.py) checks it
     and takes the run folder before Hydra writes anything; then Hydra calls train()."""
     args = sys.argv[1:] if argv is None else argv
-    precheck.checked = False  # this invocation's checks are still to come
+    precheck.checked, precheck.folder = False, None  # this invocation's checks are still to come
+    if any(arg.split("=")[0] == "--experimental-rerun" for arg in args):
+        # Hydra calls the task with a pickled config, skipping every check, the lock and Hydra's own run setup.
+        exit_with(UserError(RERUN_REFUSED), "gan-train")
     if "--hydra-help" in args:
         try:
             print(HYDRA_HELP, flush=True)
@@ -131,10 +134,13 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     # it hands them to us, and they become one line and exit 2 like ours. A user's HYDRA_FULL_ERROR wins.
     earlier = os.environ.get("HYDRA_FULL_ERROR")
     wants_traceback, os.environ["HYDRA_FULL_ERROR"] = earlier == "1", "1"
-    sys.argv = [sys.argv[0], *args]
+    sys.argv = [sys.argv[0], *precheck.with_precheck(args)]
     handlers = raise_on_stop_signals()  # start-up, scoring, a 2nd Ctrl-C: one line (train() checkpoints on the 1st)
     try:
-        _hydra_main()
+        try:
+            _hydra_main()
+        except precheck.Failed as failed:  # raised past Hydra's callback runner: handled below like any other
+            raise failed.error from None
     except Interrupted as interrupted:
         interrupted_exit(interrupted, "gan-train", STOPPED_HOW)
     except BrokenPipeError:  # gan-train --help | head (Hydra prints the help)
@@ -149,7 +155,11 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     except OSError as error:  # e.g. Hydra's own record (.hydra/, the log) on a full or read-only disk
         if error.errno not in USER_FILE_ERRORS:
             raise
-        exit_with(UserError(f"could not write {error.filename or 'a file'}: {error.strerror}"), "gan-train")
+        # A write that fails at flush or close names no file: the folder Hydra was writing in does.
+        where = error.filename or (f"a file in {precheck.folder}" if precheck.folder else "a file")
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        advice = "free some disk space or" if full else "check its permissions, or"
+        exit_with(UserError(f"could not write {where}: {error.strerror}; {advice} pick another folder"), "gan-train")
     except Exception:
         if sweep.stop_signal() is None:
             raise
@@ -164,6 +174,12 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         else:
             os.environ["HYDRA_FULL_ERROR"] = earlier
 
+
+RERUN_REFUSED = (
+    "--experimental-rerun would run without gan-train's checks or its run-folder lock, and gan-train writes no "
+    "config.pickle for it: run the same command again (its overrides are in RUN_DIR/.hydra/overrides.yaml), "
+    "or continue the run with trainer.resume=auto"
+)
 
 # What a file system can do to any write: full, over quota, too large, read-only, not ours.
 USER_FILE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)

@@ -98,19 +98,31 @@ def compose(config_name: str, overrides: List[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     # Keep only config overrides and the search path; Hydra's other settings (hydra.run.dir=...) don't change it.
-    config_overrides = [
-        o for o in with_config_dir(overrides) if is_search_path(o) or not o.lstrip("+~").startswith(("hydra.", "-"))
-    ]
+    given = with_config_dir(overrides)
+    config_overrides = [o for o in given if is_search_path(o) or not o.lstrip("+~").startswith(("hydra.", "-"))]
+    if config_name != "train" and len(config_overrides) < len(given):  # gan-train's are Hydra's, read by Hydra
+        raise UserError(not_a_setting(next(o for o in given if o not in config_overrides), config_name))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=config_overrides)
+            composed = hydra_compose(config_name=config_name, overrides=config_overrides)
+        check_known_keys(composed, config_name)  # `+key=...` adds a key the schema lacks, which nothing would read
+        OmegaConf.to_container(composed, resolve=True)  # an interpolation that can't resolve fails here, as one line
+        return composed
     except UserError:
         raise
     except Exception as error:  # Hydra and OmegaConf report bad overrides with their own exception types
         raise UserError(describe_config_error(error, config_name)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def not_a_setting(arg: str, config_name: str) -> str:
+    """gan-sample, gan-eval and gan-report have no run folder, no sweep and one config: Hydra's options do nothing."""
+    return (
+        f"{arg} would have no effect: gan-{config_name} takes KEY=VALUE settings only (`gan-{config_name} --help` "
+        "lists them, and --config-dir adds config folders); Hydra's options (-m, -cn, hydra.*) are gan-train's"
+    )
 
 
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
@@ -187,11 +199,12 @@ def missing_option_message(message: str) -> str:
     return f"{group}={name}: no such option; {hint}{group} is one of {', '.join(options)}, {own}"
 
 
-def check_known_keys(task: DictConfig) -> None:
+def check_known_keys(task: DictConfig, config_name: str = "train") -> None:
     """A key the schema lacks (added with `+`, which Hydra allows) would be ignored: refuse it, naming the nearest."""
-    unknown = next(unknown_keys(task, OmegaConf.structured(TrainConfig), ""), None)
+    schema = ConfigStore.instance().load(f"{config_name}_schema.yaml").node
+    unknown = next(unknown_keys(task, schema, ""), None)
     if unknown is not None:
-        raise UserError(unknown_key_message(unknown))
+        raise UserError(unknown_key_message(unknown, config_name))
 
 
 def unknown_keys(given: DictConfig, schema: DictConfig, prefix: str) -> Iterator[str]:
@@ -202,9 +215,16 @@ def unknown_keys(given: DictConfig, schema: DictConfig, prefix: str) -> Iterator
             if structured:
                 yield f"{prefix}{key}"
             continue
-        inner, inner_schema = given._get_node(key), schema._get_node(key)
+        inner, inner_schema = given._get_node(key), section_schema(schema._get_node(key))
         if isinstance(inner, DictConfig) and isinstance(inner_schema, DictConfig) and not inner_schema._is_none():
             yield from unknown_keys(inner, inner_schema, f"{prefix}{key}.")
+
+
+def section_schema(node: Any) -> Any:
+    """A section's schema; for an optional section that is None by default (gan-eval's dataset), its dataclass's."""
+    if isinstance(node, DictConfig) and node._is_none() and dataclasses.is_dataclass(node._metadata.ref_type):
+        return OmegaConf.structured(node._metadata.ref_type)
+    return node
 
 
 def unknown_key_message(key: str, config_name: str = "train") -> str:
@@ -228,7 +248,7 @@ def known_keys(config_name: str) -> List[str]:
     def walk(node: Any, prefix: str) -> Iterable[str]:
         for key in node.keys():
             yield prefix + str(key)
-            value = node._get_node(key)
+            value = section_schema(node._get_node(key))
             if isinstance(value, DictConfig) and not value._is_missing() and not value._is_none():
                 yield from walk(value, f"{prefix}{key}.")
 

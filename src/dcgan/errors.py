@@ -8,6 +8,7 @@ USAGE_EXIT. Tracebacks are for bugs. This module imports nothing from the packag
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -142,7 +143,7 @@ def check_output_file(key: str, path: Path, suffixes: tuple, what: str) -> None:
 def check_writable_folder(key: str, folder: Path) -> None:
     """`folder` exists and takes new files, or can be made inside a folder that does."""
     folder = Path(folder)
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    existing = nearest_existing(key, folder)
     if not existing.is_dir():
         raise UserError(
             f"{key}: {existing} is a file, not a folder, so nothing can be written under it; pick another path"
@@ -155,3 +156,15 @@ def check_writable_folder(key: str, folder: Path) -> None:
         raise UserError(
             f"{key}: cannot write in {existing} ({error.strerror or error}); pick a folder you can write to"
         ) from None
+
+
+def nearest_existing(key: str, path: Path) -> Path:
+    """`path` or its nearest parent that exists. A link to nothing on the way is refused: making the folder
+    would fail on it with "File exists", which names neither the link nor what to do."""
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.exists():
+        raise UserError(
+            f"{key}={path} can't be created: {existing} is a symbolic link to {os.readlink(existing)}, which does "
+            f"not exist; make that folder or pick another {key}"
+        )
+    return existing

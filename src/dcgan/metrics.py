@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from dcgan import checkpoint, data, files
 from dcgan.data import DatasetConfig
-from dcgan.errors import UserError, at_least, at_most, check_seeds, one_of, unused
+from dcgan.errors import UserError, at_least, at_most, check_seeds, check_writable_folder, one_of, unused
 from dcgan.images import generate, latents, to_uint8
 from dcgan.layout import RunFolder
 from dcgan.log import duration
@@ -121,6 +121,8 @@ def validate_metrics(prefix: str, m: MetricsConfig | DictConfig) -> None:
     at_least(f"{prefix}kid_subset_size", m.kid_subset_size, 2)
     check_metric_sizes(prefix, m)
     check_seeds(f"{prefix}seed", m.seed, m.seed + m.n - 1)  # generated image i comes from seed + i
+    if m.cache_dir:  # written after the reference's features are measured: minutes of work lost if it can't be
+        check_writable_folder(f"{prefix}cache_dir", Path(m.cache_dir).expanduser())
     if m.inception_weights and not Path(m.inception_weights).expanduser().is_file():
         raise UserError(
             f"{prefix}inception_weights={m.inception_weights} is not a file; point it at a torch-fidelity Inception "

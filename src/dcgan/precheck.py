@@ -10,13 +10,15 @@ there. `PreCheck` (the first callback in configs/train.yaml) checks at that mome
              (data.check_available), and its classes with conditional=true; the run folder Hydra will
              use (rank 0's under torchrun), its one owner and its one run (runfolder.take: the lock,
              resume or overwrite).
-  a sweep    the sweep folder can be made; a grid's jobs each compose, their data is there, and the
+  a sweep    the sweep folder can be made; a grid's jobs each compose, with no key the schema lacks
+             (a misspelt key is the command line's: every job would be wrong), their data is there, and the
              folders they will use either hold nothing, or are continued (`trainer.resume=auto`), or
              are moved aside whole, Hydra's record and log included (`trainer.overwrite=true`);
              otherwise nothing is touched.
 
 A refusal is one line on stderr and exit code 2 (cli.py turns Hydra's own composition errors into the
-same line). No argument is read here: only what Hydra composed.
+same line). No override is read here: only what Hydra composed. gan-train puts PreCheck among Hydra's callbacks on
+the command line itself (with_precheck), so a primary config of the user's own (`-cp`/`-cn`) is checked too.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import copy
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from dcgan import config, data, distributed, runcard, runfolder
 from dcgan.errors import UserError, exit_with
@@ -47,16 +49,53 @@ class PreCheck(Callback):
 
 
 checked = False  # set once PreCheck ran in this process: later errors are the run's, not the command line's
+folder: Optional[Path] = None  # the run or sweep folder checked: where Hydra writes its record next
+
+
+class Failed(BaseException):
+    """Carries an error of a check past Hydra, which turns any Exception a callback raises into a warning and
+    goes on to write `.hydra/` and the log (an interpolation that does not resolve, a file-system error).
+    cli.train_main raises `error` again, and reports it as it reports the same error raised anywhere else."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+# PreCheck among Hydra's callbacks whatever the primary config: a config of the user's own (-cp/-cn) may lack it.
+ALWAYS = "++hydra.callbacks.precheck._target_=dcgan.precheck.PreCheck"
+# Hydra's flags that take the next word as their value; `--info` and `-sc` (no run) are left as they are.
+VALUED_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p", "--package")
+NO_RUN = ("-sc", "--shell-completion", "--info", "-h", "--help", "--hydra-help")
+
+
+def with_precheck(args: List[str]) -> List[str]:
+    """gan-train's words for Hydra's parser, with ALWAYS last among the overrides (after a user's own
+    `~hydra.callbacks.precheck`). Hydra's parser takes the overrides as one run of words between its flags,
+    so ALWAYS goes at the end of that run. refuse_or_continue takes it out of sys.argv again (the run card
+    and the data's messages quote the user's command)."""
+    if any(arg.split("=")[0] in NO_RUN for arg in args):
+        return args
+    start = 0
+    while start < len(args) and args[start].startswith("-"):
+        start += 2 if args[start] in VALUED_FLAGS else 1
+    end = next((i for i in range(start, len(args)) if args[i].startswith("-")), len(args))
+    return [*args[:end], ALWAYS, *args[end:]]
 
 
 def refuse_or_continue(check: Callable[[DictConfig], None], hydra_config: DictConfig) -> None:
     global checked
+    sys.argv = [arg for arg in sys.argv if arg != ALWAYS]
     try:
         check(hydra_config)
     except UserError as error:
         runfolder.release_all()
         distributed.shutdown()
         exit_with(error, "gan-train")
+    except Exception as error:
+        runfolder.release_all()
+        distributed.shutdown()
+        raise Failed(error) from None
     checked = True
 
 
@@ -79,7 +118,8 @@ def check_run(hydra_config: DictConfig) -> None:
     if distributed.world().enabled:  # under torchrun: join the job, and write into rank 0's run folder
         distributed.setup(task.trainer.device, task.trainer.dist_timeout_s)
         share_run_dir(hydra_config)
-    run_dir = Path(os.path.abspath(str(hydra_config.hydra.run.dir)))
+    global folder
+    run_dir = folder = Path(os.path.abspath(str(hydra_config.hydra.run.dir)))
     runcard.check_run_dir(str(run_dir))  # Hydra would fail on it with a traceback
     runfolder.take(run_dir, task)  # one owner, one run: decided before Hydra writes there
 
@@ -108,20 +148,22 @@ def check_data(task: DictConfig) -> None:
 
 
 def check_sweep(hydra_config: DictConfig) -> None:
-    sweep_dir = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
+    global folder
+    sweep_dir = folder = Path(os.path.abspath(str(hydra_config.hydra.sweep.dir)))
     runcard.check_run_dir(str(sweep_dir), "hydra.sweep.dir")
+    trials = hydra_config.hydra.sweeper.get("n_trials")  # Optuna's; with none to run it ends in a traceback
+    if trials is not None and trials < 1:
+        raise UserError(
+            f"hydra.sweeper.n_trials={trials} runs no trial; give 1 or more (the same command again continues "
+            "the study with that many more)"
+        )
     jobs = grid_jobs(hydra_config)
-    for task in {OmegaConf.to_yaml(task.dataset) + str(task.conditional): task for _, task in jobs}.values():
+    for task in [task_config(hydra_config), *(job.task for job in jobs)]:  # Optuna's jobs share the first's keys
+        config.check_known_keys(task)  # a misspelt key is the command line's, not one job's: no job would run right
+    for task in {OmegaConf.to_yaml(job.task.dataset) + str(job.task.conditional): job.task for job in jobs}.values():
         check_data(task)  # each data set the grid trains on, before any job begins
-    claimed = [folder_and_config for folder_and_config in jobs if RunFolder(folder_and_config[0]).holds_a_run()]
-    refused = []
-    for folder, task in claimed:
-        if task.trainer.overwrite:  # the job's whole old run moves aside, Hydra's record and log included
-            runfolder.claim(folder)
-            runfolder.move_aside(RunFolder(folder), keep=())
-            runfolder.release_all()
-        elif task.trainer.resume != "auto":
-            refused.append(folder)
+    claimed = [job for job in jobs if RunFolder(job.folder).holds_a_run()]
+    refused = [job.folder for job in claimed if not job.task.trainer.overwrite and job.task.trainer.resume != "auto"]
     if refused:
         listed = ", ".join(str(folder) for folder in refused[:5]) + (" ..." if len(refused) > 5 else "")
         raise UserError(
@@ -130,9 +172,71 @@ def check_sweep(hydra_config: DictConfig) -> None:
             f"the jobs' runs with trainer.overwrite=true (they move to each job's replaced/), or pick another "
             f"hydra.sweep.dir than {sweep_dir}"
         )
+    check_same_jobs(claimed, jobs)
+    for job in claimed:
+        if job.task.trainer.overwrite:  # the job's whole old run moves aside, Hydra's record and log included
+            runfolder.claim(job.folder)
+            runfolder.move_aside(RunFolder(job.folder), keep=())
+            runfolder.release_all()
 
 
-def grid_jobs(hydra_config: DictConfig) -> List[Tuple[Path, DictConfig]]:
+class Job(NamedTuple):
+    folder: Path
+    task: DictConfig  # the training config the job will run
+    overrides: List[str]  # the job's overrides, as Hydra records them in FOLDER/.hydra/overrides.yaml
+
+
+# How a job is continued, not which job it is.
+NOT_WHICH_JOB = ("trainer.resume", "trainer.overwrite")
+
+
+def check_same_jobs(claimed: List[Job], jobs: List[Job]) -> None:
+    """A continued job folder must hold a run of the same job: the same values of the keys the sweep varies
+    (now or when the folder's run was made). A grid listed in another order (loss=hinge,ns after loss=ns,hinge)
+    would continue each folder's run with the other job's settings and put its score under them. Settings
+    given to every job alike (a longer trainer.max_steps) may change, as in any resume."""
+    before = {job.folder: recorded_overrides(job.folder) for job in claimed}
+    before = {folder: settings(overrides) for folder, overrides in before.items() if overrides is not None}
+    now = {job.folder: settings(job.overrides) for job in jobs}
+    varied = varying(list(before.values())) | varying(list(now.values()))
+    for job in claimed:
+        if job.task.trainer.overwrite or job.folder not in before:
+            continue
+        changed = sorted(key for key in varied if before[job.folder].get(key) != now[job.folder].get(key))
+        if changed:
+            was, asked = (
+                [f"{key}={given.get(key, '(default)')}" for key in changed]
+                for given in (before[job.folder], now[job.folder])
+            )
+            raise UserError(
+                f"{job.folder} holds the run of another job ({' '.join(was)}) than this sweep's job there "
+                f"({' '.join(asked)}); nothing was changed. To continue a sweep, list its values in the order first "
+                "given (new ones at the end); or pick another hydra.sweep.dir"
+            )
+
+
+def recorded_overrides(folder: Path) -> Optional[List[str]]:
+    try:
+        recorded = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+    except Exception:  # no record (a job killed before Hydra wrote it), or a damaged one: nothing to compare
+        return None
+    return [str(override) for override in recorded] if isinstance(recorded, ListConfig) else None
+
+
+def settings(overrides: List[str]) -> Dict[str, str]:
+    """{key: value} of a job's overrides (`+key=v`, `++key=v` and `key=v` alike; `~key` as deleted)."""
+    pairs = (override.lstrip("+").split("=", 1) for override in overrides)
+    given = {pair[0]: pair[1] if len(pair) > 1 else "(deleted)" for pair in pairs}
+    return {key: value for key, value in given.items() if key not in NOT_WHICH_JOB}
+
+
+def varying(jobs: List[Dict[str, str]]) -> Set[str]:
+    """The keys whose value is not the same in every job."""
+    keys = {key for job in jobs for key in job}
+    return {key for key in keys if len({job.get(key) for job in jobs}) > 1}
+
+
+def grid_jobs(hydra_config: DictConfig) -> List[Job]:
     """The basic sweeper's jobs, each composed by Hydra as its launcher will compose it, with its folder.
 
     A value of the wrong type would otherwise end the sweep halfway, when Hydra composes that job. Values of
@@ -160,5 +264,5 @@ def grid_jobs(hydra_config: DictConfig) -> List[Tuple[Path, DictConfig]]:
             job_config.hydra.job.num = number
             job_config.hydra.job.id = number
         folder = Path(os.path.abspath(os.path.join(job_config.hydra.sweep.dir, str(job_config.hydra.sweep.subdir))))
-        jobs.append((folder, task_config(job_config)))
+        jobs.append(Job(folder, task_config(job_config), list(job)))
     return jobs

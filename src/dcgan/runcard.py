@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dcgan import distributed, files
-from dcgan.errors import UserError
+from dcgan.errors import UserError, nearest_existing
 from dcgan.layout import RunFolder
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def git_revision(folder: Path) -> Optional[Dict[str, Any]]:
 def check_run_dir(run_dir: str, key: str = "hydra.run.dir") -> None:
     """Fail with one line, before Hydra tries, when the folder `key` names can't be created or written."""
     path = Path(run_dir).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = nearest_existing(key, path)
     if not existing.is_dir():
         raise UserError(f"{key}={run_dir} can't be created: {existing} is a file, not a folder; pick another {key}")
     if not os.access(existing, os.W_OK | os.X_OK):

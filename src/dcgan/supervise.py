@@ -22,7 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from dcgan import checkpoint, distributed, runcard, state
-from dcgan.errors import UserError
+from dcgan.errors import Interrupted, UserError
 from dcgan.guard import Diverged, Fault
 from dcgan.layout import RunFolder
 
@@ -36,7 +36,8 @@ class DivergedAndStopped(Exception):
 def supervise(train_fn: Callable[[DictConfig, Path], Dict[str, Any]], cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     """Run `train_fn(cfg, run_dir)`; on a divergence roll back or raise DivergedAndStopped (`trainer.on_divergence`).
 
-    Also turns an OSError (a full disk, a read-only or vanished folder) into a UserError naming the
+    A second stop signal (Interrupted) leaves the run card `interrupted`, as the first does. Also turns an
+    OSError (a full disk, a read-only or vanished folder) into a UserError naming the
     path: checkpoints are written atomically, so the ones already there are intact.
     """
     while True:
@@ -46,6 +47,9 @@ def supervise(train_fn: Callable[[DictConfig, Path], Dict[str, Any]], cfg: DictC
             cfg = recover(diverged, cfg, run_dir)
         except UserError as error:
             runcard.update(run_dir, status="failed", error=str(error))
+            raise
+        except Interrupted as interrupted:  # a second signal: now, from wherever it came (a step, the figures)
+            runcard.update(run_dir, status="interrupted", signal=interrupted.signal)
             raise
         except OSError as error:
             message = describe_os_error(error)

@@ -201,7 +201,10 @@ def objective(
     name, run = cfg.sweep.objective, RunFolder(run_dir)
     if name == "none":
         return None, {"objective": name}
-    if earlier.get("objective") == name and earlier.get("step") == row["step"] and "value" in earlier:
+    measured_by = measurement(cfg)
+    # A record from before measured_by was kept counts as measured the same way.
+    same = earlier.get("objective") == name and earlier.get("measured_by", measured_by) == measured_by
+    if same and earlier.get("step") == row["step"] and "value" in earlier:
         log.info("sweep.objective %s = %.6g, as measured before (%s)", name, earlier["value"], earlier["protocol"])
         runcard.update(run_dir, objective=earlier)
         return float(earlier["value"]), earlier
@@ -210,7 +213,13 @@ def objective(
     else:
         value = float(row[name])
         protocol = f"mean of {name} over the last {cfg.trainer.log_every} steps (step {row['step']})"
-    measured = {"objective": name, "value": value, "protocol": protocol, "step": row["step"]}
+    measured = {
+        "objective": name,
+        "value": value,
+        "protocol": protocol,
+        "step": row["step"],
+        "measured_by": measured_by,
+    }
     with open(run.metrics, "a") as file:  # the run's last row: the score at its final step
         file.write(
             json.dumps({"step": row["step"], "epoch": row["epoch"], "sweep_objective": name, name: value}) + "\n"
@@ -218,6 +227,15 @@ def objective(
     runcard.update(run_dir, objective=measured)
     log.info("sweep.objective %s = %.6g (%s)", name, value, protocol)
     return value, measured
+
+
+def measurement(cfg: DictConfig) -> Dict[str, Any]:
+    """What an FID/KID objective depends on (eval.n, the weights, ...): a stored score measured otherwise is
+    measured again, or eval.n=10000 on a continued sweep would silently report the eval.n=2000 score. The
+    cache's folder changes no score. A loss objective is read from the metrics rows, whatever the settings."""
+    if cfg.sweep.objective not in metrics.METRICS:
+        return {}
+    return {key: value for key, value in OmegaConf.to_container(cfg.eval).items() if key != "cache_dir"}
 
 
 def final_score(cfg: DictConfig, run: RunFolder, name: str) -> Tuple[float, str]:

@@ -336,7 +336,7 @@ def planned_steps(t: TrainerConfig, state: TrainingState) -> int:
         return -(-t.max_images // (t.batch_size * t.d_steps))
     batches = state.batches
     remaining = (t.epochs - batches.epoch) * batches.batches_per_epoch - batches.position
-    return max(1, state.step + max(0, remaining) // t.d_steps)
+    return max(1, state.step + -(-max(0, remaining) // t.d_steps))  # rounded up: every batch of the epochs is read
 
 
 def build(
