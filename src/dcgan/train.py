@@ -219,6 +219,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         if step % t.log_every == 0 or last or evaluating:
             row = metrics.write(step, state.batches.epoch, {**scores, "minutes": clock.minutes})
             state.guard.check_row(step, row)
+        if last and world.is_main:  # else seconds of silence: the EMA's BatchNorm measured, the figures drawn
+            log.info("step %d: writing the last grid, checkpoint and report", step)
         if world.is_main and (step % t.sample_every == 0 or last):
             draw_grid(state, grid, run, metrics)
         checkpointing = step % t.ckpt_every == 0 or last or timed_checkpoint or evaluating
