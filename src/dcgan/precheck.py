@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
@@ -195,8 +196,8 @@ def check_same_jobs(claimed: List[Job], jobs: List[Job]) -> None:
     (now or when the folder's run was made). A grid listed in another order (loss=hinge,ns after loss=ns,hinge)
     would continue each folder's run with the other job's settings and put its score under them. Settings
     given to every job alike (a longer trainer.max_steps) may change, as in any resume."""
-    before = {job.folder: recorded_overrides(job.folder) for job in claimed}
-    before = {folder: settings(overrides) for folder, overrides in before.items() if overrides is not None}
+    before = {job.folder: recorded_settings(job.folder) for job in claimed}
+    before = {folder: given for folder, given in before.items() if given is not None}
     now = {job.folder: settings(job.overrides) for job in jobs}
     varied = varying(list(before.values())) | varying(list(now.values()))
     for job in claimed:
@@ -215,18 +216,22 @@ def check_same_jobs(claimed: List[Job], jobs: List[Job]) -> None:
             )
 
 
-def recorded_overrides(folder: Path) -> Optional[List[str]]:
+def recorded_settings(folder: Path) -> Optional[Dict[str, str]]:
+    """The settings a job folder's run was made with, from Hydra's record of its overrides."""
     try:
         recorded = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+        return settings([str(override) for override in recorded]) if isinstance(recorded, ListConfig) else None
     except Exception:  # no record (a job killed before Hydra wrote it), or a damaged one: nothing to compare
         return None
-    return [str(override) for override in recorded] if isinstance(recorded, ListConfig) else None
 
 
 def settings(overrides: List[str]) -> Dict[str, str]:
-    """{key: value} of a job's overrides (`+key=v`, `++key=v` and `key=v` alike; `~key` as deleted)."""
-    pairs = (override.lstrip("+").split("=", 1) for override in overrides)
-    given = {pair[0]: pair[1] if len(pair) > 1 else "(deleted)" for pair in pairs}
+    """{key: value} of a job's overrides, read by Hydra's own parser (`+key=v`, `++key=v` and `key=v` alike,
+    quoting as Hydra reads it; `~key` as deleted)."""
+    given = {
+        o.key_or_group: "(deleted)" if o.is_delete() else o.get_value_element_as_str()
+        for o in OverridesParser.create().parse_overrides(overrides)
+    }
     return {key: value for key, value in given.items() if key not in NOT_WHICH_JOB}
 
 
