@@ -62,12 +62,14 @@ def files(run: Path, tmp_path_factory) -> Dict[str, Path]:
         Image.fromarray(np.full((28, 28), 60 * i, np.uint8), "L").save(images / f"{i}.png")
     (images / "1.png").write_bytes((images / "1.png").read_bytes()[:60])
     (root / "a_file").write_text("not a folder")
+    (root / "empty.pt").touch()  # a checkpoint write cut off at its start
     (root / "a_folder").mkdir()
     (root / "a_dangling_link").symlink_to(root / "gone")
     return {
         "root": root,
         "link": root / "a_dangling_link",
         "newer": root / "newer.pt",
+        "empty": root / "empty.pt",
         "images": images,
         "file": root / "a_file",
         "folder": root / "a_folder",
@@ -112,6 +114,8 @@ SAMPLE_CASES = {
     "scale past what viewers open": (lambda f: ["n=1000", "scale=16"], "3872x60032 image, more than the 89,478,485"),
     # files read back
     "checkpoint from a newer version": (lambda f: [f"ckpt={f['newer']}"], "trainer.warp_drive"),
+    "empty checkpoint": (lambda f: [f"ckpt={f['empty']}"], "is unreadable (an empty file)"),
+    "checkpoint that is a device": (lambda f: ["ckpt=/dev/null"], "/dev/null is not a regular file"),
     # the command line's spellings: nothing is taken without an effect, nothing ends in a traceback
     "misspelt key added with +": (lambda f: ["+nn=3"], "unknown config key nn: did you mean n?"),
     "interpolation that does not resolve": (lambda f: ["out=${nope}.png"], "key 'nope' not found"),

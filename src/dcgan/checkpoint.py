@@ -114,12 +114,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str
         if found is None:
             raise UserError(f"{path} is a folder with no checkpoints in it; pass a .pt file")
         path = found
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; check the path (checkpoints are in RUN_DIR/checkpoints/)")
+    if not path.is_file():  # a device or a pipe: reading it would block or make no sense
+        raise UserError(f"checkpoint {path} is not a regular file; pass a .pt file (in RUN_DIR/checkpoints/)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, wrong format, pickled code: all mean "not our checkpoint"
-        reason = " ".join(str(error).split())[:200]
+        # An empty file (a write cut off at its start) makes torch raise with no message.
+        reason = " ".join(str(error).split())[:200] or (
+            "an empty file" if path.stat().st_size == 0 else type(error).__name__
+        )
         raise Unreadable(
             f"checkpoint {path} is unreadable ({reason}); it may be truncated or not a checkpoint of this tool: "
             "use another one, e.g. an earlier step_NNNNNN.pt beside it",
