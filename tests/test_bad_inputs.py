@@ -106,6 +106,7 @@ SAMPLE_CASES = {
     # numbers at their limits
     "reversed seed range": (lambda f: ["mode=seeds", "seeds=5-2"], "runs backwards"),
     "empty seed list": (lambda f: ["mode=seeds", "seeds=,"], "names no seeds"),
+    "walk standing still": (lambda f: ["mode=interpolate", "seeds=1,1,2"], "1 then 1 is the same seed twice in a row"),
     "seed beyond 64 bits": (lambda f: ["mode=seeds", f"seeds={HUGE_SEED + 1}"], "64-bit"),
     "grid running past 64 bits": (lambda f: [f"seed={HUGE_SEED}", "n=2"], "64-bit"),
     "absurd seed range": (lambda f: ["mode=seeds", "seeds=0-99999999999"], "at most 1,000,000"),

@@ -122,6 +122,7 @@ def test_exports_take_the_label_as_an_input(run: Path, tmp_path: Path):
         (["mode=export", "class=3"], "class=3 would have no effect"),
         (["class=[3,8]"], "mode=grid draws one"),
         (["mode=interpolate", "class=[3,8]", "frames=0"], "interpolate needs frames >= 1 and fps >= 1, got frames=0"),
+        (["mode=interpolate", "class=[3,8,8]"], "class=[3,8,8]: 8 then 8 is the same class twice in a row"),
     ],
 )
 def test_bad_class_requests_are_one_line(run: Path, tmp_path: Path, args: List[str], expected: str, capsys):

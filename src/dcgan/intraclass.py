@@ -148,7 +148,8 @@ def class_plan(cfg: DictConfig, names: Tuple[str, ...], reference_labels: torch.
             raise UserError(
                 f"class {names[label]} has {len(rows)} reference images, fewer than the {max(wanted, 2)} its "
                 f"intra-class FID needs{' (reference_n_per_class)' if wanted > 2 else ''}; raise reference_n (0 = "
-                "the whole data set), lower reference_n_per_class, or leave the class out with classes=[...]"
+                "the whole data set) or the data set's dataset.max_images where one is set, lower "
+                "reference_n_per_class, or leave the class out with classes=[...]"
             )
         reference_rows[label] = rows[seeded_subset(len(rows), wanted, cfg.seed + label)] if wanted else rows
         generated_rows[label] = torch.arange(label, n_per_class * count, count)

@@ -286,7 +286,20 @@ def interpolation_keys(cfg: SampleConfig) -> List[int]:
         raise UserError(f"interpolate needs frames >= 1 and fps >= 1, got frames={cfg.frames}, fps={cfg.fps}")
     if len(keys) < 2:
         raise UserError("interpolate needs at least two seeds (seeds=0,1,2), or two classes (class=[A,B])")
+    check_walk("seeds", keys, keys)
     return keys
+
+
+def check_walk(key: str, asked: Sequence[Any], keys: Sequence[int]) -> None:
+    """A walk's legs each go somewhere: the same key twice in a row would be frames of one unchanging image."""
+    repeated = next((i for i in range(1, len(keys)) if keys[i] == keys[i - 1]), None)
+    if repeated is not None:
+        listed = ",".join(str(a) for a in asked)
+        given, what = (f"[{listed}]", "class") if key == CLASS_KEY else (listed, "seed")
+        raise UserError(
+            f"{key}={given}: {asked[repeated - 1]} then {asked[repeated]} is the same {what} twice in a row, a leg "
+            "of the walk that goes nowhere; name different ones in turn"
+        )
 
 
 def write_neighbors(studio: Studio) -> List[Path]:
@@ -559,7 +572,9 @@ def wanted_classes(cfg: SampleConfig, classes: Sequence[str]) -> Tuple[int, ...]
             f"{cfg.ckpt} was trained without classes (conditional=false): mode=classes needs a checkpoint trained "
             "with conditional=true"
         )
-    return tuple(data.class_index(classes, str(name)) for name in asked)
+    wanted = tuple(data.class_index(classes, str(name)) for name in asked)
+    check_walk(CLASS_KEY, asked, wanted)
+    return wanted
 
 
 def images_requested(cfg: SampleConfig, classes: int = 1) -> int:
