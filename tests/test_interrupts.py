@@ -82,6 +82,9 @@ def test_ctrl_c_to_a_sweep_checkpoints_every_started_job_and_resume_continues(la
     _, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("gan-train: stopped by SIGINT"), err
+    assert "hydra.run.dir=" not in err  # a job is continued by its sweep, named by its folder, not by a run folder
+    if launcher == "basic":  # the jobs' own lines (the other launchers' workers may keep theirs)
+        assert f"trainer.resume=auto hydra.sweep.dir={tmp_path}" in err
     for folder in started:  # each started job: checkpointed, and its run card says so
         assert (folder / "checkpoints" / "last.pt").is_file() and card(folder)["status"] == "interrupted"
     if begun < 3:

@@ -79,8 +79,9 @@ def run_job(cfg: DictConfig, run_dir: Path, job: str, overrides: List[str], keep
             value = train_and_score(cfg, run_dir, job, keep, record)
     except (train.Stopped, Interrupted) as stopped:
         mark_stopped(sweep_dir, stopped.signal)
-        print(f"gan-train: job {job}: {stopped}; continue it with trainer.resume=auto", file=sys.stderr, flush=True)
-        record.update(status="interrupted", error=f"{stopped}; continue it with trainer.resume=auto")
+        how = train.continue_hint(run_dir)  # the sweep's folder: the default one is new on every run
+        print(f"gan-train: job {job}: {stopped}; {how}", file=sys.stderr, flush=True)
+        record.update(status="interrupted", error=f"{stopped}; {how}")
     finally:
         runfolder.release_all()
         distributed.shutdown()

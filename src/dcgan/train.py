@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shlex
 import signal
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch import nn
 
@@ -241,15 +244,23 @@ def end_run(
     runcard.finish(run_dir, state.step, stop.signal, state.guard, out_of_time=clock.out_of_time)
     if distributed.world().is_main and stop.signal is None and state.guard.fault is None:
         log_summary(run_dir, state.step, clock.minutes, written, state.classes)  # where everything is, what next
-    # The folder is named because the default one (outputs/DATE/TIME) is new on every run: `resume=auto` alone would
-    # start afresh elsewhere. The last hydra.run.dir on a command line wins, so appending it is always right.
-    resume = f"continue with the same command plus trainer.resume=auto hydra.run.dir={shlex.quote(str(run_dir))}"
+    resume = continue_hint(run_dir)
     if clock.out_of_time and stop.signal is None:
         log.info("trainer.max_minutes=%g reached at step %d; %s", max_minutes, state.step, resume)
     if stop.signal is not None:
         log.warning("stopped by signal %d at step %d; checkpoint saved; %s", stop.signal, state.step, resume)
         raise Stopped(stop.signal)
     state.guard.raise_if_diverged()  # supervise.py stops or rolls back (trainer.on_divergence)
+
+
+def continue_hint(run_dir: Path) -> str:
+    """How to continue this run. The folder is named because the default one (outputs/DATE/TIME) is new on every
+    run: `resume=auto` alone would start afresh elsewhere. The last setting of a key on a command line wins, so
+    appending it is always right; a sweep's job is continued by the sweep, in its folder."""
+    key, folder = "hydra.run.dir", run_dir
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        key, folder = "hydra.sweep.dir", Path(HydraConfig.get().sweep.dir)
+    return f"continue with the same command plus trainer.resume=auto {key}={shlex.quote(os.path.abspath(folder))}"
 
 
 NOT_DUE = (False, False, False)  # Schedule.read_clock between log rows, where the clock is not read
